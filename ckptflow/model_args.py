@@ -1,0 +1,59 @@
+"""ModelArgs: the hyper-parameters of ckptflow's one decoder, free of torch so the CLI stays light."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelArgs:
+    dim: int
+    n_layers: int
+    n_heads: int
+    vocab_size: int
+    hidden_dim: int                     # SwiGLU inner size (HF intermediate_size)
+    n_kv_heads: int | None = None       # None means n_heads
+    head_dim: int | None = None         # None means dim // n_heads
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    # None, or {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    # "original_max_position_embeddings"} (also "linear" with "factor").
+    rope_scaling: dict | None = None
+    rope_interleaved: bool = True       # tune layout of q/k rows: Meta (interleaved) or HF (rotate-half)
+    max_seq_len: int = 2048
+    qkv_bias: bool = False
+    attn_out_bias: bool = False
+    mlp_bias: bool = False
+    tie_embeddings: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.dim // self.n_heads
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelArgs":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown model_args keys: {sorted(unknown)}")
+        return cls(**d)
+
+    def num_params(self) -> int:
+        hd, kv = self.hd, self.kv_heads
+        attn = self.dim * hd * (self.n_heads * 2 + kv * 2)
+        if self.qkv_bias:
+            attn += hd * (self.n_heads + 2 * kv)
+        if self.attn_out_bias:
+            attn += self.dim
+        mlp = 3 * self.dim * self.hidden_dim + (2 * self.hidden_dim + self.dim if self.mlp_bias else 0)
+        layer = attn + mlp + 2 * self.dim
+        head = 0 if self.tie_embeddings else self.vocab_size * self.dim
+        return self.vocab_size * self.dim + self.n_layers * layer + self.dim + head

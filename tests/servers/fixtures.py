@@ -1,0 +1,1 @@
+"""pytest fixtures that start real servers on loopback (filled in by the servers work)."""
