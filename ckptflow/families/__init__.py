@@ -1,0 +1,172 @@
+"""The family registry and the helpers that map keys through a family's literal tables.
+
+A family is a module (see docs/adding-a-family.md) with:
+NAME, MODEL_TYPES, ROPE_INTERLEAVED, HF_TO_TUNE ({}-templated keys, None = drop),
+PEFT_TARGETS (tune module -> HF module), args_from_hf(config), hf_config(args, like, dtype).
+Dispatch is on config.json `model_type`, never on key or repository names.
+"""
+from __future__ import annotations
+
+import functools
+import re
+from types import ModuleType
+
+from ckptflow.errors import CkptError
+from ckptflow.model_args import ModelArgs
+
+FAMILIES: dict[str, ModuleType] = {}
+
+REQUIRED = ("NAME", "MODEL_TYPES", "ROPE_INTERLEAVED", "HF_TO_TUNE", "PEFT_TARGETS", "args_from_hf", "hf_config")
+
+# Tune keys whose rows follow the q/k head layout (weights and biases). The tune names are the
+# model's own and the same for every family; n_heads rows for "q", n_kv_heads rows for "k".
+QK_ROWS = {
+    "layers.{}.attn.q_proj.weight": "q",
+    "layers.{}.attn.q_proj.bias": "q",
+    "layers.{}.attn.k_proj.weight": "k",
+    "layers.{}.attn.k_proj.bias": "k",
+}
+
+_INDEX = re.compile(r"(?<=\.)\d+(?=\.)")
+
+
+class UnknownKeyError(CkptError, ValueError):
+    """A checkpoint key that the family's table does not map."""
+
+    def __init__(self, key: str, family: str, where: str | None = None):
+        self.key, self.family, self.where = key, family, where
+        place = f" in {where}" if where else ""
+        super().__init__(f"key {key!r}{place} is not in the {family} key table")
+
+
+class UnknownFamilyError(CkptError, KeyError):
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0])
+
+
+def register(module) -> None:
+    """Add a family (replacing one of the same NAME); its model_types must not clash with another's."""
+    missing = [a for a in REQUIRED if not hasattr(module, a)]
+    if missing:
+        raise CkptError(f"family module {getattr(module, '__name__', module)!r} lacks {missing}")
+    for other in FAMILIES.values():
+        clash = set(other.MODEL_TYPES) & set(module.MODEL_TYPES)
+        if other.NAME != module.NAME and clash:
+            raise CkptError(f"family {module.NAME!r}: model_type {sorted(clash)} already belongs to {other.NAME!r}")
+    FAMILIES[module.NAME] = module
+
+
+def get(name: str) -> ModuleType:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise UnknownFamilyError(f"unknown model family {name!r} (known: {sorted(FAMILIES)})") from None
+
+
+def for_hf_config(config: dict, where: str = "config.json") -> ModuleType:
+    model_type = config.get("model_type")
+    for family in FAMILIES.values():
+        if model_type in family.MODEL_TYPES:
+            return family
+    known = sorted(t for f in FAMILIES.values() for t in f.MODEL_TYPES)
+    raise UnknownFamilyError(f"{where}: model_type {model_type!r} is not supported (known: {known})")
+
+
+def _template(key: str) -> tuple[str, list[str]]:
+    return _INDEX.sub("{}", key), _INDEX.findall(key)
+
+
+@functools.lru_cache(maxsize=None)
+def _tune_to_hf_table(family) -> dict[str, str]:
+    return {tune: hf for hf, tune in family.HF_TO_TUNE.items() if tune is not None}
+
+
+def _lookup(table: dict, key: str, family, where: str | None):
+    template, index = _template(key)
+    if template not in table:
+        raise UnknownKeyError(key, family.NAME, where)
+    target = table[template]
+    return None if target is None else target.format(*index)
+
+
+def hf_key_to_tune(family, key: str, where: str | None = None) -> tuple[str | None, str | None]:
+    """(tune key or None to drop, transform): transform "q"/"k" means permute_hf_to_tune the rows."""
+    tune = _lookup(family.HF_TO_TUNE, key, family, where)
+    if tune is None:
+        return None, None
+    return tune, _transform(family, tune)
+
+
+def tune_key_to_hf(family, key: str, where: str | None = None) -> tuple[str, str | None]:
+    """(HF key, transform): transform "q"/"k" means permute_tune_to_hf the rows."""
+    return _lookup(_tune_to_hf_table(family), key, family, where), _transform(family, key)
+
+
+def _transform(family, tune_key: str) -> str | None:
+    if not family.ROPE_INTERLEAVED:
+        return None
+    return QK_ROWS.get(_template(tune_key)[0])
+
+
+def _permute(x, n_heads: int, forward: bool):
+    rows = x.shape[0]
+    if n_heads <= 0 or rows % n_heads or (rows // n_heads) % 2:
+        raise CkptError(f"cannot permute {rows} rows into {n_heads} heads of even size")
+    half, rest = rows // n_heads // 2, tuple(x.shape[1:])
+    inner = (n_heads, 2, half) if forward else (n_heads, half, 2)
+    y = x.reshape(inner + rest).swapaxes(1, 2).reshape((rows,) + rest)
+    if hasattr(y, "contiguous"):  # torch
+        return y.contiguous()
+    import numpy as np
+
+    return np.ascontiguousarray(y)
+
+
+def permute_hf_to_tune(x, n_heads: int):
+    """Rows of q/k (or their bias, or a raw byte view [rows, row_bytes]): HF rotate-half -> Meta interleaved.
+
+    Works on torch tensors and numpy arrays; a pure index permutation, so bit-exact in any dtype.
+    """
+    return _permute(x, n_heads, forward=True)
+
+
+def permute_tune_to_hf(x, n_heads: int):
+    """Inverse of permute_hf_to_tune: Meta interleaved -> HF rotate-half."""
+    return _permute(x, n_heads, forward=False)
+
+
+def _heads(args: ModelArgs, transform: str) -> int:
+    return args.n_heads if transform == "q" else args.kv_heads
+
+
+def hf_state_dict_to_tune(sd: dict, family, args: ModelArgs, where: str | None = None) -> dict:
+    """An HF state dict (torch tensors) in tune names and layout; the tied head is dropped."""
+    out = {}
+    for key, value in sd.items():
+        tune, transform = hf_key_to_tune(family, key, where)
+        if tune is None or (args.tie_embeddings and tune == "output.weight"):
+            continue
+        out[tune] = permute_hf_to_tune(value, _heads(args, transform)) if transform else value
+    return out
+
+
+def tune_state_dict_to_hf(sd: dict, family, args: ModelArgs, where: str | None = None) -> dict:
+    """A tune state dict in HF names and layout, as save_pretrained stores it (no tied lm_head)."""
+    out = {}
+    for key, value in sd.items():
+        if args.tie_embeddings and key == "output.weight":
+            continue
+        hf, transform = tune_key_to_hf(family, key, where)
+        out[hf] = permute_tune_to_hf(value, _heads(args, transform)) if transform else value
+    return out
+
+
+def hf_dtype(config: dict) -> str | None:
+    """The weights' dtype a config.json declares: "dtype" (transformers >= 4.56) or "torch_dtype"."""
+    return config.get("dtype") or config.get("torch_dtype")
+
+
+from ckptflow.families import llama, mistral, qwen2  # noqa: E402  (they need nothing from here)
+
+for _family in (llama, mistral, qwen2):
+    register(_family)

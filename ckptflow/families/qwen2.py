@@ -1,0 +1,54 @@
+"""Qwen2 and Qwen2.5 (HF model_type "qwen2"): q/k/v always have a bias, o and the MLP never.
+
+Tune layout keeps HF's rotate-half rows (torchtune's Qwen2 converter does not permute).
+"""
+from __future__ import annotations
+
+from ckptflow.errors import CkptError
+from ckptflow.families import _hf
+from ckptflow.model_args import ModelArgs
+
+NAME = "qwen2"
+MODEL_TYPES = ("qwen2",)
+ROPE_INTERLEAVED = False
+
+HF_TO_TUNE = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.layers.{}.input_layernorm.weight": "layers.{}.sa_norm.scale",
+    "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attn.q_proj.weight",
+    "model.layers.{}.self_attn.q_proj.bias": "layers.{}.attn.q_proj.bias",
+    "model.layers.{}.self_attn.k_proj.weight": "layers.{}.attn.k_proj.weight",
+    "model.layers.{}.self_attn.k_proj.bias": "layers.{}.attn.k_proj.bias",
+    "model.layers.{}.self_attn.v_proj.weight": "layers.{}.attn.v_proj.weight",
+    "model.layers.{}.self_attn.v_proj.bias": "layers.{}.attn.v_proj.bias",
+    "model.layers.{}.self_attn.o_proj.weight": "layers.{}.attn.output_proj.weight",
+    "model.layers.{}.self_attn.rotary_emb.inv_freq": None,
+    "model.layers.{}.post_attention_layernorm.weight": "layers.{}.mlp_norm.scale",
+    "model.layers.{}.mlp.gate_proj.weight": "layers.{}.mlp.w1.weight",
+    "model.layers.{}.mlp.down_proj.weight": "layers.{}.mlp.w2.weight",
+    "model.layers.{}.mlp.up_proj.weight": "layers.{}.mlp.w3.weight",
+    "model.norm.weight": "norm.scale",
+    "lm_head.weight": "output.weight",
+}
+
+PEFT_TARGETS = {
+    "q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "output_proj": "o_proj",
+    "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj", "output": "lm_head",
+}
+
+
+def args_from_hf(config: dict, where: str = "config.json") -> ModelArgs:
+    if config.get("use_sliding_window"):
+        raise CkptError(f"{where}: qwen2 with use_sliding_window=true is not supported")
+    return _hf.args_from_config(config, where, qkv_bias=True, rope_interleaved=ROPE_INTERLEAVED)
+
+
+def hf_config(args: ModelArgs, like: dict | None = None, dtype: str | None = None) -> dict:
+    if not args.qkv_bias or args.attn_out_bias or args.mlp_bias:
+        raise CkptError("qwen2 config.json implies qkv_bias=True, attn_out_bias=False, mlp_bias=False; "
+                        f"got {args.qkv_bias}, {args.attn_out_bias}, {args.mlp_bias}")
+    if like is not None:
+        return _hf.update_config(like, args_from_hf(like), args, dtype=dtype, fields={})
+    fields = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": args.n_layers}
+    return _hf.new_config(args, model_type="qwen2", architecture="Qwen2ForCausalLM", dtype=dtype,
+                          fields=fields, head_dim=False)

@@ -1,0 +1,271 @@
+"""One decoder for every family, driven by ModelArgs, with torchtune ("tune") parameter names.
+
+Llama 2/3.x, Mistral and Qwen2/2.5 differ only in ModelArgs: biases, tied embeddings, RoPE
+scaling and the q/k row layout (`rope_interleaved`). Numerics follow HF transformers (RMSNorm in
+float32, cos/sin in float32) so logits match an HF model of the same weights to ~1e-6 in float32.
+
+`args.extra["sliding_window"]` (Mistral v0.1) limits attention to the last N keys, as HF does.
+
+The projections are plain `nn.Linear` attributes named q_proj, k_proj, v_proj, output_proj, w1,
+w2, w3 and output: ckptflow.lora swaps them for LoRA-wrapped modules by those names.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ckptflow.errors import CkptError
+from ckptflow.model_args import ModelArgs
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Inverse frequencies [hd/2] in float32, with the llama3 or linear scaling applied."""
+    hd = args.hd
+    # Explicitly on CPU: a meta-device build (from_state_dict) must still get real frequencies.
+    steps = torch.arange(0, hd, 2, dtype=torch.int64, device="cpu").float()
+    inv_freq = 1.0 / (args.rope_theta ** (steps / hd))
+    scaling = args.rope_scaling or {}
+    kind = scaling.get("rope_type", "default")
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        return _llama3_scale(inv_freq, scaling)
+    raise CkptError(f"rope_type {kind!r} is not supported (default, linear, llama3)")
+
+
+def _llama3_scale(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
+    # Long wavelengths are slowed down by `factor`, short ones kept, the band between blended.
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    ctx = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > ctx / low, inv_freq / factor, inv_freq)
+    smooth = (ctx / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= ctx / high) & (wavelen <= ctx / low)
+    return torch.where(medium, blended, scaled)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotate x [B, T, heads, hd] by cos/sin [T, hd/2] (float32), computed in float32."""
+    xf = x.float()
+    c, s = cos[:, None, :], sin[:, None, :]
+    if interleaved:  # Meta layout: pairs (2j, 2j+1)
+        x1, x2 = xf.unflatten(-1, (-1, 2)).unbind(-1)
+        out = torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
+    else:  # HF rotate-half layout: pairs (j, j + hd/2)
+        x1, x2 = xf.chunk(2, dim=-1)
+        out = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    return out.type_as(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.scale = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Same order as HF: normalise in float32, cast back, then scale in the input dtype.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.scale * x32.to(x.dtype)
+
+
+class KVCache:
+    """Per-layer key/value buffers [B, kv_heads, max_len, hd], filled in place as positions advance."""
+
+    def __init__(self, args: ModelArgs, batch: int, max_len: int, device=None, dtype=None):
+        shape = (batch, args.kv_heads, max_len, args.hd)
+        self.max_len = max_len
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(args.n_layers)]
+
+    def update(self, layer: int, input_pos: int, k: torch.Tensor, v: torch.Tensor):
+        end = input_pos + k.shape[2]
+        if end > self.max_len:
+            raise CkptError(f"KV cache holds {self.max_len} positions, asked for {end}")
+        self.k[layer][:, :, input_pos:end] = k
+        self.v[layer][:, :, input_pos:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.layer, self.n_heads, self.n_kv, self.hd = layer, args.n_heads, args.kv_heads, args.hd
+        self.interleaved = args.rope_interleaved
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.hd, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(args.dim, args.kv_heads * args.hd, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(args.dim, args.kv_heads * args.hd, bias=args.qkv_bias)
+        self.output_proj = nn.Linear(args.n_heads * args.hd, args.dim, bias=args.attn_out_bias)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, input_pos: int):
+        B, T, _ = x.shape
+        q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.hd), cos, sin, self.interleaved)
+        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv, self.hd), cos, sin, self.interleaved)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(self.layer, input_pos, k, v)
+        k, v = self._expand(k), self._expand(v)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        return self.output_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+    def _expand(self, t: torch.Tensor) -> torch.Tensor:
+        # Grouped-query attention: query head h reads kv head h // (n_heads / n_kv), as HF repeat_kv.
+        rep = self.n_heads // self.n_kv
+        if rep == 1:
+            return t
+        B, n, S, hd = t.shape
+        return t[:, :, None].expand(B, n, rep, S, hd).reshape(B, n * rep, S, hd)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)  # gate
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=args.mlp_bias)  # down
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)  # up
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.sa_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attn = Attention(args, layer)
+        self.mlp_norm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, cos, sin, mask, cache, input_pos):
+        h = x + self.attn(self.sa_norm(x), cos, sin, mask, cache, input_pos)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        # Tied: the head reads tok_embeddings.weight, so output.weight is absent from state_dict.
+        self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        # A plain attribute, not a buffer: model.to(bfloat16) must not round the frequencies,
+        # and a meta-device build must not leave them unmaterialised.
+        self._inv_freq = rope_inv_freq(args)
+        self._inv_freq_on: dict[torch.device, torch.Tensor] = {}
+
+    @classmethod
+    def from_state_dict(cls, args: ModelArgs, sd: dict, *, device=None, dtype=None) -> "Transformer":
+        """Build on the meta device and adopt the tensors of `sd` (strict, assign=True)."""
+        with torch.device("meta"):
+            model = cls(args)
+        check_state_dict(model, sd)
+        sd = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in sd.items()}
+        model.load_state_dict(sd, strict=True, assign=True)
+        return model
+
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Deterministic random init (normal(0, std) matrices, zero biases, unit norms)."""
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith(".scale"):
+                    p.fill_(1.0)
+                elif name.endswith(".bias"):
+                    p.zero_()
+                else:
+                    p.normal_(0.0, std, generator=generator)
+
+    def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> KVCache:
+        w = self.tok_embeddings.weight
+        return KVCache(self.args, batch, max_len, device or w.device, dtype or w.dtype)
+
+    def forward(self, tokens: torch.Tensor, *, input_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab] in float32 for tokens at positions input_pos .. input_pos+T-1."""
+        T = tokens.shape[1]
+        h = self.tok_embeddings(tokens)
+        cos, sin = self._rope(input_pos, T, h.device)
+        mask = self._mask(input_pos, T, cache is not None, h.device)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, cache, input_pos)
+        h = self.norm(h)
+        logits = self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)
+        return logits.float()
+
+    def _rope(self, input_pos: int, T: int, device: torch.device):
+        inv_freq = self._inv_freq_on.get(device)
+        if inv_freq is None:
+            inv_freq = self._inv_freq_on[device] = self._inv_freq.to(device)
+        pos = torch.arange(input_pos, input_pos + T, device=device, dtype=torch.float32)
+        freqs = pos[:, None] * inv_freq[None, :]
+        return freqs.cos(), freqs.sin()
+
+    def _mask(self, input_pos: int, T: int, cached: bool, device):
+        """None for plain causal attention (SDPA's is_causal); else a bool [T, S] mask."""
+        window = self.args.extra.get("sliding_window")
+        if not cached and (window is None or window >= T):
+            return None
+        q_pos = torch.arange(input_pos, input_pos + T, device=device)[:, None]
+        # With a cache the keys are positions 0 .. input_pos+T-1; without one, only these T tokens.
+        k_pos = torch.arange(0 if cached else input_pos, input_pos + T, device=device)[None, :]
+        allowed = k_pos <= q_pos
+        if window is not None:
+            allowed &= (q_pos - k_pos) < window
+        return allowed
+
+
+def check_state_dict(model: nn.Module, sd: dict) -> None:
+    """One clear error for a missing, unexpected or mis-shaped key, before anything is loaded."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    if missing or unexpected:
+        raise CkptError(f"state dict does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for k, t in expected.items():
+        if tuple(sd[k].shape) != tuple(t.shape):
+            raise CkptError(f"{k}: shape {tuple(sd[k].shape)} does not match the config's {tuple(t.shape)}")
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> int:
+    if temperature <= 0:
+        return int(logits.argmax(-1))
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[..., -1, None]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.inference_mode()
+def generate(model: Transformer, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
+             top_k: int | None = None, eos_id: int | Iterable[int] | None = None,
+             generator: torch.Generator | None = None) -> list[int]:
+    """The new tokens after prompt_ids (not the prompt), greedy when temperature is 0.
+
+    Stops after max_new_tokens or right after emitting an eos id (included in the result).
+    """
+    if not prompt_ids:
+        raise CkptError("generate needs at least one prompt token")
+    eos = {eos_id} if isinstance(eos_id, int) else set(eos_id or ())
+    device = model.tok_embeddings.weight.device
+    cache = model.new_cache(1, len(prompt_ids) + max_new_tokens)
+    logits = model(torch.tensor([prompt_ids], device=device), input_pos=0, cache=cache)[0, -1]
+    pos, out = len(prompt_ids), []
+    while len(out) < max_new_tokens:
+        token = _pick(logits, temperature, top_k, generator)
+        out.append(token)
+        if token in eos or len(out) == max_new_tokens:
+            break
+        logits = model(torch.tensor([[token]], device=device), input_pos=pos, cache=cache)[0, -1]
+        pos += 1
+    return out

@@ -1,0 +1,185 @@
+"""ckptflow.model against transformers: same weights, same logits (float32, atol 1e-5)."""
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from ckptflow import families
+from ckptflow.errors import CkptError
+from ckptflow.model import Transformer, generate
+
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=256, intermediate_size=128)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               # 16 (not 8192) so that, with head_dim 16, the scaled, kept and blended bands all occur.
+               "original_max_position_embeddings": 16}
+CONFIGS = {
+    "llama": ("llama", {}),
+    "llama3_rope": ("llama", {"rope_theta": 500000.0, "rope_scaling": LLAMA3_ROPE}),
+    "llama_linear_rope": ("llama", {"rope_scaling": {"type": "linear", "factor": 4.0}}),
+    "llama_bias": ("llama", {"attention_bias": True, "mlp_bias": True}),
+    "mistral": ("mistral", {"sliding_window": None}),
+    "mistral_window": ("mistral", {"sliding_window": 5}),
+    "qwen2": ("qwen2", {}),
+    "qwen2_tied": ("qwen2", {"tie_word_embeddings": True}),
+}
+ATOL = 1e-5
+
+
+def hf_model(name: str):
+    model_type, kw = CONFIGS[name]
+    config = transformers.AutoConfig.for_model(model_type, **TINY, **kw)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # HF inits norms to 1 and biases to 0; perturb so their mapping matters
+        for key, p in model.named_parameters():
+            if "norm" in key or key.endswith(".bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def tune_model(config: dict, hf_sd: dict) -> Transformer:
+    family = families.for_hf_config(config)
+    args = family.args_from_hf(config)
+    return Transformer.from_state_dict(args, families.hf_state_dict_to_tune(hf_sd, family, args)).eval()
+
+
+def tokens(batch=2, length=12):
+    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_match_transformers(name):
+    hf = hf_model(name)
+    ours = tune_model(hf.config.to_dict(), hf.state_dict())
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, atol=ATOL, rtol=0)
+
+
+def v4_config(v5: dict) -> dict:
+    """The same config as transformers 4.x wrote it: top-level rope fields and torch_dtype."""
+    cfg = {k: v for k, v in v5.items() if k not in ("rope_parameters", "dtype")}
+    rope = dict(v5["rope_parameters"])
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    cfg["rope_scaling"] = None if rope["rope_type"] == "default" else rope
+    cfg["torch_dtype"] = "float32"
+    return cfg
+
+
+@pytest.mark.parametrize("name", ["llama3_rope", "qwen2_tied"])
+def test_logits_match_from_v4_and_v5_config_json(name, tmp_path):
+    import json
+
+    hf = hf_model(name)
+    hf.config.save_pretrained(tmp_path)
+    v5 = json.loads((tmp_path / "config.json").read_text())
+    assert "rope_parameters" in v5 and "rope_theta" not in v5
+    x = tokens()
+    with torch.no_grad():
+        want = hf(x).logits
+        for config in (v5, v4_config(v5)):
+            torch.testing.assert_close(tune_model(config, hf.state_dict())(x), want, atol=ATOL, rtol=0)
+
+
+def test_rope_scaling_changes_logits():
+    # Guards the parity test above: the llama3 scaling must actually be exercised by it.
+    hf = hf_model("llama3_rope")
+    config = hf.config.to_dict()
+    plain = {**config, "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}}
+    x = tokens()
+    with torch.no_grad():
+        diff = (tune_model(config, hf.state_dict())(x) - tune_model(plain, hf.state_dict())(x)).abs().max()
+    assert diff > 1e-3
+
+
+def test_interleaved_and_rotate_half_layouts_agree():
+    hf = hf_model("llama")
+    config = hf.config.to_dict()
+    args = families.get("llama").args_from_hf(config)
+    interleaved = tune_model(config, hf.state_dict())
+    # Same weights renamed but left in HF row order (no permute), run with the rotate-half RoPE.
+    llama = families.get("llama")
+    sd = {families.hf_key_to_tune(llama, k)[0]: v for k, v in hf.state_dict().items()}
+    rotate_half = Transformer.from_state_dict(dataclasses.replace(args, rope_interleaved=False), sd).eval()
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(interleaved(x), rotate_half(x), atol=ATOL, rtol=0)
+
+
+def greedy_without_cache(model, prompt, n):
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral_window", "qwen2_tied"])
+def test_generate_with_cache_matches_no_cache_loop(name):
+    hf = hf_model(name)
+    model = tune_model(hf.config.to_dict(), hf.state_dict())
+    prompt = [5, 17, 42, 99]
+    assert generate(model, prompt, 10) == greedy_without_cache(model, prompt, 10)
+
+
+def test_generate_stops_at_eos_and_samples_reproducibly():
+    hf = hf_model("llama")
+    model = tune_model(hf.config.to_dict(), hf.state_dict())
+    greedy = generate(model, [1, 2, 3], 8)
+    assert generate(model, [1, 2, 3], 8, eos_id=greedy[2]) == greedy[:greedy.index(greedy[2]) + 1]
+    assert generate(model, [1, 2, 3], 8, eos_id=[greedy[0]]) == greedy[:1]
+    # top_k=1 sampling is greedy; seeded sampling repeats itself.
+    assert generate(model, [1, 2, 3], 8, temperature=0.7, top_k=1) == greedy
+    runs = [generate(model, [1, 2, 3], 8, temperature=1.0, generator=torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_from_state_dict_is_strict_and_names_the_key():
+    hf = hf_model("llama")
+    config = hf.config.to_dict()
+    family = families.for_hf_config(config)
+    args = family.args_from_hf(config)
+    sd = families.hf_state_dict_to_tune(hf.state_dict(), family, args)
+    missing = {k: v for k, v in sd.items() if k != "layers.1.mlp.w3.weight"}
+    with pytest.raises(CkptError, match=r"layers\.1\.mlp\.w3\.weight"):
+        Transformer.from_state_dict(args, missing)
+    with pytest.raises(CkptError, match=r"norm\.scale.*shape"):
+        Transformer.from_state_dict(args, {**sd, "norm.scale": torch.ones(65)})
+    with pytest.raises(CkptError, match=r"unexpected \['extra\.weight'\]"):
+        Transformer.from_state_dict(args, {**sd, "extra.weight": torch.ones(1)})
+
+
+def test_bf16_load_runs_close_to_float32():
+    hf = hf_model("qwen2")
+    config = hf.config.to_dict()
+    family = families.for_hf_config(config)
+    args = family.args_from_hf(config)
+    sd = families.hf_state_dict_to_tune(hf.state_dict(), family, args)
+    model = Transformer.from_state_dict(args, sd, dtype=torch.bfloat16).eval()
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert not any(p.is_meta for p in model.parameters())
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf(x).logits, atol=0.1, rtol=0.05)  # bf16 has 8 mantissa bits
+
+
+def test_tied_model_has_no_output_and_lora_hooks_are_plain_linears():
+    args = families.get("qwen2").args_from_hf(dict(TINY, model_type="qwen2", tie_word_embeddings=True))
+    model = Transformer(args)
+    assert model.output is None and "output.weight" not in model.state_dict()
+    untied = Transformer(dataclasses.replace(args, tie_embeddings=False))
+    names = {n.rsplit(".", 1)[-1] for n, m in untied.named_modules() if type(m) is nn.Linear}
+    assert names == {"q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3", "output"}
+
+
+def test_init_weights_is_deterministic():
+    args = families.get("llama").args_from_hf(dict(TINY, model_type="llama"))
+    a, b = Transformer(args), Transformer(args)
+    a.init_weights(generator=torch.Generator().manual_seed(0))
+    b.init_weights(generator=torch.Generator().manual_seed(0))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert torch.equal(a.norm.scale, torch.ones(64))
