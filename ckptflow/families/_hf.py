@@ -84,7 +84,10 @@ def write_rope(cfg: dict, args: ModelArgs, v5: bool) -> None:
 def write_dtype(cfg: dict, dtype: str | None, like: dict | None) -> None:
     if dtype is None:
         return
-    keys = [k for k in ("dtype", "torch_dtype") if like is not None and k in like] or ["dtype", "torch_dtype"]
+    like = like or {}
+    keys = [k for k in ("dtype", "torch_dtype") if k in like]
+    if not keys:  # v5 schema gets v5's name; otherwise both, for transformers before and after 4.56
+        keys = ["dtype"] if "rope_parameters" in like else ["dtype", "torch_dtype"]
     for k in keys:
         cfg[k] = dtype
 

@@ -1,0 +1,314 @@
+"""Family registry, key tables, the q/k permute and config.json <-> ModelArgs."""
+import copy
+import dataclasses
+import json
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from ckptflow import families
+from ckptflow.errors import CkptError
+from ckptflow.families import UnknownKeyError
+
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=256, intermediate_size=128)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 1024}
+HF_CONFIGS = {
+    "llama": ("llama", {}),
+    "llama3_2": ("llama", {"rope_theta": 500000.0, "rope_scaling": LLAMA3_ROPE, "tie_word_embeddings": True}),
+    "llama_bias": ("llama", {"attention_bias": True, "mlp_bias": True}),
+    "mistral": ("mistral", {}),
+    "qwen2": ("qwen2", {}),
+    "qwen2_tied": ("qwen2", {"tie_word_embeddings": True}),
+}
+
+
+def hf_config(name: str) -> dict:
+    model_type, kw = HF_CONFIGS[name]
+    return transformers.AutoConfig.for_model(model_type, **TINY, **kw)
+
+
+def v5_json(name: str, tmp_path) -> dict:
+    config = hf_config(name)
+    config.dtype = torch.bfloat16  # saved only when set
+    config.save_pretrained(tmp_path)
+    return json.loads((tmp_path / "config.json").read_text())
+
+
+# A Llama 3.1 config.json as transformers 4.x wrote it (rope_scaling, torch_dtype, null head_dim-free).
+LLAMA31_V4 = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "hidden_act": "silu",
+    "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 131072,
+    "mlp_bias": False, "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32,
+    "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "transformers_version": "4.43.0.dev0", "use_cache": True, "vocab_size": 128256,
+}
+QWEN25_V4 = {
+    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151643,
+    "hidden_act": "silu", "hidden_size": 896, "initializer_range": 0.02, "intermediate_size": 4864,
+    "max_position_embeddings": 32768, "max_window_layers": 24, "model_type": "qwen2", "num_attention_heads": 14,
+    "num_hidden_layers": 24, "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+    "sliding_window": 32768, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    "transformers_version": "4.40.1", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936,
+}
+MISTRAL_V01_V4 = {
+    "architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+    "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 32768,
+    "model_type": "mistral", "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "sliding_window": 4096, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "transformers_version": "4.34.0.dev0", "use_cache": True, "vocab_size": 32000,
+}
+LLAMA2_OLD = {  # before head_dim, rope_theta and rope_type existed; linear scaling spelled with "type"
+    "architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+    "hidden_size": 4096, "intermediate_size": 11008, "max_position_embeddings": 4096, "model_type": "llama",
+    "num_attention_heads": 32, "num_hidden_layers": 32, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"type": "linear", "factor": 2.0}, "torch_dtype": "float16", "vocab_size": 32000,
+}
+V4_CONFIGS = {"llama3.1": LLAMA31_V4, "qwen2.5": QWEN25_V4, "mistral-v0.1": MISTRAL_V01_V4, "llama2": LLAMA2_OLD}
+
+
+# --- config.json <-> ModelArgs -------------------------------------------------------------------
+
+
+def test_args_from_v4_llama31():
+    args = families.for_hf_config(LLAMA31_V4).args_from_hf(LLAMA31_V4)
+    assert (args.dim, args.n_layers, args.n_heads, args.kv_heads, args.hd, args.hidden_dim) == (4096, 32, 32, 8, 128, 14336)
+    assert args.rope_theta == 500000.0 and args.rope_scaling == {**LLAMA31_V4["rope_scaling"]}
+    assert args.rope_interleaved and not args.qkv_bias and not args.tie_embeddings
+    assert args.extra == {"bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009]}
+
+
+def test_family_specific_args():
+    qwen = families.for_hf_config(QWEN25_V4).args_from_hf(QWEN25_V4)
+    assert qwen.qkv_bias and not qwen.attn_out_bias and qwen.tie_embeddings and not qwen.rope_interleaved
+    assert qwen.hd == 64 and qwen.head_dim is None
+    assert families.get("mistral").args_from_hf(MISTRAL_V01_V4).extra["sliding_window"] == 4096
+    old = families.get("llama").args_from_hf(LLAMA2_OLD)
+    assert old.rope_theta == 10000.0 and old.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    assert old.n_kv_heads is None and old.kv_heads == 32
+
+
+@pytest.mark.parametrize("name", list(HF_CONFIGS))
+def test_v4_and_v5_schemas_give_the_same_args(name, tmp_path):
+    v5 = v5_json(name, tmp_path)
+    assert "rope_parameters" in v5 and "dtype" in v5
+    v4 = {k: v for k, v in v5.items() if k not in ("rope_parameters", "dtype")}
+    rope = dict(v5["rope_parameters"])
+    v4.update(rope_theta=rope.pop("rope_theta"), torch_dtype="bfloat16",
+              rope_scaling=None if rope["rope_type"] == "default" else {"type": rope.pop("rope_type"), **rope})
+    family = families.for_hf_config(v5)
+    assert family.args_from_hf(v4) == family.args_from_hf(v5)
+
+
+@pytest.mark.parametrize("name", list(V4_CONFIGS))
+def test_hf_config_like_v4_is_unchanged(name):
+    config = V4_CONFIGS[name]
+    family = families.for_hf_config(config)
+    assert family.hf_config(family.args_from_hf(config), like=config) == config
+
+
+@pytest.mark.parametrize("name", list(HF_CONFIGS))
+def test_hf_config_like_v5_is_unchanged(name, tmp_path):
+    config = v5_json(name, tmp_path)
+    family = families.for_hf_config(config)
+    assert family.hf_config(family.args_from_hf(config), like=copy.deepcopy(config)) == config
+
+
+def test_hf_config_like_changes_only_what_changed(tmp_path):
+    llama = families.get("llama")
+    args = llama.args_from_hf(LLAMA31_V4)
+    out = llama.hf_config(dataclasses.replace(args, n_layers=3, rope_theta=1e6), like=LLAMA31_V4, dtype="float16")
+    changed = {k for k in out if out[k] != LLAMA31_V4.get(k)}
+    assert changed == {"num_hidden_layers", "rope_theta", "torch_dtype"} and "dtype" not in out
+    v5 = v5_json("llama3_2", tmp_path)
+    args = llama.args_from_hf(v5)
+    out = llama.hf_config(dataclasses.replace(args, rope_theta=1e6), like=v5, dtype="float16")
+    assert {k for k in out if out[k] != v5.get(k)} == {"rope_parameters", "dtype"}
+    assert out["rope_parameters"] == {**v5["rope_parameters"], "rope_theta": 1e6} and "rope_theta" not in out
+    no_dtype = {k: v for k, v in v5.items() if k != "dtype"}
+    assert llama.hf_config(args, like=no_dtype, dtype="float16") == {**no_dtype, "dtype": "float16"}
+
+
+def test_importing_families_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, ckptflow.families; assert 'torch' not in sys.modules and 'numpy' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+
+
+@pytest.mark.parametrize("name", list(HF_CONFIGS))
+def test_hf_config_from_scratch_reads_back_in_transformers(name, tmp_path):
+    family = families.for_hf_config({"model_type": HF_CONFIGS[name][0]})
+    args = family.args_from_hf(v5_json(name, tmp_path))
+    written = family.hf_config(args, dtype="bfloat16")
+    assert written["rope_theta"] == args.rope_theta and written["torch_dtype"] == written["dtype"] == "bfloat16"
+    read = transformers.AutoConfig.for_model(**written)
+    assert family.args_from_hf(read.to_dict()) == args
+    assert str(read.dtype) == "torch.bfloat16"
+
+
+def test_config_errors_name_the_file_and_field():
+    with pytest.raises(CkptError, match=r"x/config\.json: rope_type 'yarn' is not supported"):
+        families.get("qwen2").args_from_hf({**QWEN25_V4, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+                                           where="x/config.json")
+    with pytest.raises(CkptError, match=r"config\.json: missing \['intermediate_size'\]"):
+        families.get("llama").args_from_hf({k: v for k, v in LLAMA31_V4.items() if k != "intermediate_size"})
+    with pytest.raises(CkptError, match=r"needs \['low_freq_factor'\]"):
+        rope = {k: v for k, v in LLAMA3_ROPE.items() if k != "low_freq_factor"}
+        families.get("llama").args_from_hf({**LLAMA31_V4, "rope_scaling": rope})
+    with pytest.raises(CkptError, match="qkv_bias"):
+        families.get("qwen2").hf_config(dataclasses.replace(families.get("qwen2").args_from_hf(QWEN25_V4), qkv_bias=False))
+
+
+# --- registry -----------------------------------------------------------------------------------
+
+
+def test_dispatch_is_on_model_type_and_unknowns_are_named():
+    assert families.for_hf_config({"model_type": "qwen2", "architectures": ["LlamaForCausalLM"]}).NAME == "qwen2"
+    with pytest.raises(CkptError, match=r"runs/a/config\.json: model_type 'gpt2' is not supported"):
+        families.for_hf_config({"model_type": "gpt2"}, where="runs/a/config.json")
+    with pytest.raises(CkptError, match="unknown model family 'falcon'"):
+        families.get("falcon")
+    with pytest.raises(KeyError):
+        families.get("falcon")
+
+
+def toy_family():
+    """A family written the way a user would: a module with the required names."""
+    toy = types.ModuleType("toy")
+    toy.NAME, toy.MODEL_TYPES, toy.ROPE_INTERLEAVED = "toy", ("toy_lm",), True
+    toy.HF_TO_TUNE = {
+        "wte.weight": "tok_embeddings.weight",
+        "h.{}.ln1.weight": "layers.{}.sa_norm.scale",
+        "h.{}.attn.wq.weight": "layers.{}.attn.q_proj.weight",
+        "h.{}.attn.wk.weight": "layers.{}.attn.k_proj.weight",
+        "h.{}.attn.wv.weight": "layers.{}.attn.v_proj.weight",
+        "h.{}.attn.rope.freqs": None,
+    }
+    toy.PEFT_TARGETS = {"q_proj": "wq", "v_proj": "wv"}
+    toy.args_from_hf = lambda config, where="config.json": None
+    toy.hf_config = lambda args, like=None, dtype=None: {}
+    return toy
+
+
+@pytest.fixture
+def toy():
+    module = toy_family()
+    families.register(module)
+    yield module
+    families.FAMILIES.pop(module.NAME)
+
+
+def test_registering_a_family_makes_it_dispatchable(toy):
+    assert families.for_hf_config({"model_type": "toy_lm"}) is toy and families.get("toy") is toy
+    assert families.hf_key_to_tune(toy, "h.11.attn.wq.weight") == ("layers.11.attn.q_proj.weight", "q")
+    assert families.hf_key_to_tune(toy, "h.3.attn.wv.weight") == ("layers.3.attn.v_proj.weight", None)
+    assert families.hf_key_to_tune(toy, "h.0.attn.rope.freqs") == (None, None)
+    assert families.tune_key_to_hf(toy, "layers.7.attn.k_proj.weight") == ("h.7.attn.wk.weight", "k")
+    with pytest.raises(UnknownKeyError, match=r"'h\.0\.mlp\.fc\.weight' in shard-1\.safetensors is not in the toy"):
+        families.hf_key_to_tune(toy, "h.0.mlp.fc.weight", where="shard-1.safetensors")
+
+
+def test_registry_refuses_incomplete_or_clashing_families():
+    incomplete = types.ModuleType("half")
+    incomplete.NAME = "half"
+    with pytest.raises(CkptError, match="lacks"):
+        families.register(incomplete)
+    clash = toy_family()
+    clash.NAME, clash.MODEL_TYPES = "llama_fork", ("llama",)
+    with pytest.raises(CkptError, match="already belongs to 'llama'"):
+        families.register(clash)
+    assert "llama_fork" not in families.FAMILIES
+
+
+# --- key tables and state dicts -----------------------------------------------------------------
+
+
+def hf_state_dict(name: str, dtype=torch.float32) -> dict:
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(hf_config(name))
+    sd = {k: v.to(dtype) for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:  # save_pretrained stores the tied head once
+        sd.pop("lm_head.weight")
+    return sd
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", list(HF_CONFIGS))
+def test_hf_tune_hf_round_trip_is_bit_exact(name, dtype):
+    sd = hf_state_dict(name, dtype)
+    family = families.for_hf_config({"model_type": HF_CONFIGS[name][0]})
+    args = family.args_from_hf(hf_config(name).to_dict())
+    tune = families.hf_state_dict_to_tune(sd, family, args)
+    assert "output.weight" not in tune if args.tie_embeddings else "output.weight" in tune
+    back = families.tune_state_dict_to_hf(tune, family, args)
+    assert list(back) == list(sd)
+    assert all(torch.equal(back[k], sd[k]) and back[k].dtype == dtype for k in sd)
+    q = tune["layers.0.attn.q_proj.weight"]
+    assert torch.equal(q, sd["model.layers.0.self_attn.q_proj.weight"]) is (not family.ROPE_INTERLEAVED)
+
+
+def test_tied_hf_state_dict_drops_lm_head_and_old_inv_freq():
+    family = families.get("qwen2")
+    args = family.args_from_hf(hf_config("qwen2_tied").to_dict())
+    sd = {"model.embed_tokens.weight": torch.ones(2), "lm_head.weight": torch.ones(2),
+          "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(2)}
+    assert list(families.hf_state_dict_to_tune(sd, family, args)) == ["tok_embeddings.weight"]
+
+
+def test_unknown_key_names_the_key_and_file():
+    family = families.get("llama")
+    args = family.args_from_hf(LLAMA31_V4)
+    with pytest.raises(UnknownKeyError, match=r"'model\.layers\.3\.self_attn\.qkv_proj\.weight' in a\.safetensors") as e:
+        families.hf_state_dict_to_tune({"model.layers.3.self_attn.qkv_proj.weight": torch.ones(1)}, family, args,
+                                       where="a.safetensors")
+    assert isinstance(e.value, ValueError) and isinstance(e.value, CkptError)
+    with pytest.raises(UnknownKeyError, match=r"'layers\.0\.attn\.q_proj\.lora_a\.weight'"):
+        families.tune_key_to_hf(family, "layers.0.attn.q_proj.lora_a.weight")
+
+
+def test_peft_targets_cover_the_lora_modules():
+    for family in families.FAMILIES.values():
+        assert set(family.PEFT_TARGETS) == {"q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3", "output"}
+
+
+# --- the q/k permute ----------------------------------------------------------------------------
+
+
+def test_permute_matches_the_documented_index_map():
+    n, hd = 2, 8
+    hf = torch.arange(n * hd * 3, dtype=torch.float32).reshape(n * hd, 3)
+    meta = families.permute_hf_to_tune(hf, n)
+    for h in range(n):
+        for j in range(hd // 2):  # HF_row[h*hd + j] = Meta_row[h*hd + 2j], HF_row[h*hd + hd/2 + j] = Meta_row[.. + 1]
+            assert torch.equal(hf[h * hd + j], meta[h * hd + 2 * j])
+            assert torch.equal(hf[h * hd + hd // 2 + j], meta[h * hd + 2 * j + 1])
+    assert torch.equal(families.permute_tune_to_hf(meta, n), hf)
+
+
+def test_permute_on_bf16_bytes_and_numpy_equals_permute_on_tensor():
+    w = torch.randn(4 * 16, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    want = families.permute_hf_to_tune(w, 4)
+    raw = w.view(torch.uint8).numpy()  # [rows, row_bytes]
+    got = families.permute_hf_to_tune(raw, 4)
+    assert isinstance(got, np.ndarray) and got.flags.c_contiguous and got.shape == raw.shape
+    assert np.array_equal(got, want.view(torch.uint8).numpy())
+    assert np.array_equal(families.permute_tune_to_hf(got, 4), raw)
+    bias = torch.randn(2 * 16)
+    assert np.array_equal(families.permute_hf_to_tune(bias.numpy(), 2), families.permute_hf_to_tune(bias, 2).numpy())
+    assert families.permute_hf_to_tune(w.t().contiguous().t(), 4).is_contiguous()
+
+
+def test_permute_refuses_rows_that_do_not_split_into_heads():
+    with pytest.raises(CkptError, match="cannot permute 30 rows into 4 heads"):
+        families.permute_hf_to_tune(torch.ones(30, 2), 4)
