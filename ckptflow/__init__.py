@@ -1,2 +1,11 @@
 """ckptflow: checkpoint stages of an LLM fine-tuning run."""
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # load/save import torch; keep `import ckptflow` light until they are used.
+    if name in ("load", "save", "load_state_dict"):
+        from ckptflow import api
+
+        return getattr(api, name)
+    raise AttributeError(name)

@@ -5,5 +5,5 @@ class CkptError(Exception):
     """Bad input or a refused operation; the message names the file or key."""
 
 
-class TransientError(CkptError):
+class TransientError(Exception):
     """A storage or network fault worth retrying (connection reset, timeout, 5xx, throttling)."""

@@ -1,0 +1,125 @@
+"""The `ckptflow` command: one subcommand per stage verb, plus tools.
+
+Exit 0 on success, 2 on bad input (one line on stderr naming the file or key), 1 on an internal
+error. Subcommands that report take --json and then print one JSON object on stdout.
+Imports stay lazy: the conversion path never imports prefect or transformers.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Optional
+
+import typer
+
+from ckptflow.errors import CkptError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Checkpoint stages of an LLM fine-tuning run: download, detect, convert, train, merge, export, evaluate.")
+JSON = typer.Option(False, "--json", help="print one JSON object on stdout")
+
+
+def emit(obj: dict, as_json: bool, text: str) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(obj, indent=None, sort_keys=True, default=str) + "\n")
+    else:
+        sys.stdout.write(text.rstrip("\n") + "\n")
+
+
+def manifest_summary(m) -> dict:
+    d = m.to_dict()
+    d["uri"] = m.uri
+    d["num_files"] = len(m.files)
+    d["size_bytes"] = sum(f.get("size", 0) for f in m.files.values())
+    return d
+
+
+@app.command()
+def detect(uri: str, as_json: bool = JSON):
+    """Format, family, dtype, parameter count and files of a checkpoint."""
+    from ckptflow.formats import detect as det
+
+    d = det.detect(uri).to_dict()
+    emit(d, as_json, f"format: {d['format']}\nfamily: {d['family']}\ndtype: {d['dtype']}\n"
+                     f"num_params: {d['num_params']}\nfiles: {len(d['files'])}")
+
+
+@app.command()
+def convert(src: str, dst: str, to: str = typer.Option("tune", "--to", help="tune | hf (more with the format modules)"),
+            dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16 | float16 | float32 (default: keep)"),
+            max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="e.g. 5GB; default: the source's partition"),
+            overwrite: bool = typer.Option(False, "--overwrite", help="replace a committed destination"),
+            as_json: bool = JSON):
+    """Convert SRC to DST, streaming one tensor at a time."""
+    from ckptflow.stages import convert as stage
+
+    m = stage.run(src, dst, to=to, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
+    s = manifest_summary(m)
+    emit(s, as_json, f"{m.uri}: {m.format} {m.family} {m.dtype}, {s['num_files']} files, {s['size_bytes']} bytes")
+
+
+@app.command()
+def verify(uri: str, as_json: bool = JSON):
+    """Re-hash every file against ckptflow.json; exit 1 on any mismatch."""
+    from ckptflow import manifest
+
+    problems = manifest.verify(uri)
+    emit({"uri": uri, "ok": not problems, "problems": problems}, as_json,
+         "\n".join(problems) if problems else f"{uri}: ok")
+    if problems:
+        raise typer.Exit(1)
+
+
+@app.command()
+def inspect(uri: str, as_json: bool = JSON):
+    """Show a manifest, a run, or the step checkpoints of a run."""
+    from ckptflow import inspect as insp
+
+    info = insp.describe(uri)
+    emit(info, as_json, insp.as_text(info))
+
+
+@app.command()
+def download(source: str, dst: str, overwrite: bool = typer.Option(False, "--overwrite"), as_json: bool = JSON):
+    """Download SOURCE (seed://..., hf://ORG/NAME[@REV], any fsspec URI) into DST."""
+    from ckptflow.stages import download as stage
+
+    m = stage.run(source, dst, overwrite=overwrite)
+    s = manifest_summary(m)
+    emit(s, as_json, f"{m.uri}: {m.format} from {source}, {s['num_files']} files")
+
+
+def _setup_logging() -> None:
+    import os
+
+    level = os.environ.get("CKPTFLOW_LOG", "WARNING").upper()
+    logging.basicConfig(level=getattr(logging, level, logging.WARNING), stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    _setup_logging()
+    try:
+        app(args=argv, standalone_mode=False)
+    except CkptError as e:
+        sys.stderr.write(f"ckptflow: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n")
+        return 2
+    except typer.Exit as e:
+        return e.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        sys.stderr.write("ckptflow: aborted\n")
+        return 130
+    except Exception as e:  # noqa: BLE001 - the top of the program: report and exit 1
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            return 2
+        logging.getLogger("ckptflow").exception("internal error")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

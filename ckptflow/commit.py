@@ -1,0 +1,96 @@
+"""The commit protocol for one output directory.
+
+    out = Output(uri)                  # refuses a foreign non-empty directory, clears our leftovers
+    with out.open("model.safetensors") as f: f.write(...)   # hashed while written
+    out.commit(manifest)               # ckptflow.json last, in one atomic put
+
+A `.ckptflow-writing` marker says "ckptflow is writing here": a directory holding it and no
+ckptflow.json is an interrupted write that the next writer (or `ckptflow gc`) may delete.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+
+from ckptflow import manifest, storage
+from ckptflow.errors import CkptError
+from ckptflow.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+MARKER = ".ckptflow-writing"
+
+
+class Output:
+    def __init__(self, uri: str, *, overwrite: bool = False):
+        self.uri = storage.normalize(uri)
+        self.files: dict[str, dict] = {}
+        self._prepare(overwrite)
+
+    def _prepare(self, overwrite: bool) -> None:
+        existing = manifest.read(self.uri)
+        if existing is not None:
+            if not overwrite:
+                raise CkptError(f"{self.uri}: already holds a committed {existing.kind} ({existing.format}); "
+                                "choose another destination or pass --overwrite")
+            manifest.uncommit(self.uri)
+            storage.remove(self.uri)
+        elif storage.isdir(self.uri):
+            names = storage.listdir(self.uri)
+            if names and MARKER not in names:
+                raise CkptError(f"{self.uri}: destination is not empty and was not written by ckptflow "
+                                f"(found {', '.join(names[:5])})")
+            if names:
+                log.info("%s: removing an interrupted write", self.uri)
+                storage.remove(self.uri)
+        note = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
+        storage.put_atomic(storage.join(self.uri, MARKER), json.dumps(note).encode())
+
+    def path(self, name: str) -> str:
+        return storage.join(self.uri, storage.safe_relpath(name, self.uri))
+
+    def open(self, name: str) -> "_Tracked":
+        return _Tracked(self, name)
+
+    def put(self, name: str, data: bytes) -> dict:
+        with self.open(name) as f:
+            f.write(data)
+        return self.files[name]
+
+    def copy(self, src: str, name: str) -> dict:
+        self.files[name] = storage.copy_file(src, self.path(name))
+        return self.files[name]
+
+    def commit(self, m: Manifest) -> Manifest:
+        m.files = dict(sorted(self.files.items()))
+        out = manifest.write(self.uri, m)
+        storage.remove(storage.join(self.uri, MARKER))
+        return out
+
+
+class _Tracked:
+    """A HashingWriter that records its digest in the Output when closed cleanly."""
+
+    def __init__(self, out: Output, name: str):
+        self._out, self._name = out, name
+        self._w = storage.HashingWriter(out.path(name))
+
+    def write(self, data) -> int:
+        return self._w.write(data)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        if exc_type is not None:
+            self._w.abort()
+            return
+        self._out.files[self._name] = self._w.close()
+
+
+def is_interrupted(uri: str) -> bool:
+    names = storage.listdir(uri)
+    return MARKER in names and manifest.NAME not in names

@@ -1,0 +1,100 @@
+"""Format detection: sniff marker files of a directory over fsspec.
+
+Each format contributes one predicate over the directory listing. No match is an error that
+lists what was found; two matches is an error that names both (never a guess).
+A committed ckptflow directory is identified by its manifest alone.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from ckptflow import manifest, storage
+from ckptflow.errors import CkptError
+
+log = logging.getLogger(__name__)
+
+
+def _hf(names: list[str]) -> bool:
+    from ckptflow.formats import hf
+
+    return hf.is_hf(names)
+
+
+# format name -> predicate over the names in the directory. Other format modules add theirs.
+MARKERS: dict[str, callable] = {"hf": _hf}
+
+
+@dataclass
+class Detection:
+    format: str
+    uri: str
+    family: str | None = None
+    dtype: str | None = None
+    num_params: int | None = None
+    files: list[str] = field(default_factory=list)
+    details: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"format": self.format, "uri": self.uri, "family": self.family, "dtype": self.dtype,
+                "num_params": self.num_params, "files": self.files, **({"details": self.details} if self.details else {})}
+
+
+def sniff(uri: str) -> str:
+    """The format name of directory `uri`."""
+    uri = storage.normalize(uri)
+    m = manifest.read(uri)
+    if m is not None:
+        return m.format
+    names = storage.listdir(uri)
+    if not names:
+        if storage.isfile(uri):
+            raise CkptError(f"{uri}: is a file; give the directory that holds the checkpoint")
+        raise CkptError(f"{uri}: empty or missing directory")
+    hits = [fmt for fmt, pred in MARKERS.items() if pred(names)]
+    if not hits:
+        raise CkptError(f"{uri}: no known checkpoint format (found: {', '.join(names[:12])}"
+                        + (", ..." if len(names) > 12 else "") + ")")
+    if len(hits) > 1:
+        raise CkptError(f"{uri}: ambiguous, matches formats {' and '.join(hits)} (found: {', '.join(names[:12])})")
+    return hits[0]
+
+
+def detect(uri: str) -> Detection:
+    """Format, family, dtype, parameter count and files of a checkpoint directory."""
+    uri = storage.normalize(uri)
+    fmt = sniff(uri)
+    m = manifest.read(uri)
+    if m is not None:
+        args = m.model_args or {}
+        from ckptflow.model_args import ModelArgs
+
+        n = ModelArgs.from_dict(args).num_params() if args else None
+        return Detection(m.format, uri, m.family, m.dtype, n, sorted(m.files), {"kind": m.kind, "step": m.step})
+    describe = DESCRIBERS.get(fmt)
+    if describe is None:
+        return Detection(fmt, uri, files=storage.list_files(uri))
+    return describe(uri)
+
+
+def _describe_hf(uri: str) -> Detection:
+    from ckptflow.formats import hf
+
+    src = hf.open_source(uri)
+    counts: dict[str, int] = {}
+    n = 0
+    for items in src.tensors.values():
+        for it in items:
+            numel = 1
+            for s in it.shape:
+                numel *= s
+            n += numel
+            counts[it.dtype] = counts.get(it.dtype, 0) + numel
+    from ckptflow.formats import st
+
+    dtype = st.TORCH_NAME[max(counts, key=counts.get)] if counts else None
+    return Detection("hf", uri, src.family.NAME, dtype, n, storage.list_files(uri),
+                     {"weights": src.weights, "shards": len(src.files), "model_type": src.config.get("model_type")})
+
+
+DESCRIBERS: dict[str, callable] = {"hf": _describe_hf}

@@ -1,0 +1,154 @@
+"""The tune format: ckptflow's internal checkpoint.
+
+safetensors shards keyed by ckptflow.model's parameter names (torchtune naming), with
+{"format": "pt"} metadata, never pickle; non-weight files of the original (config.json,
+tokenizer files, the index) under assets/; and ckptflow.json holding the family, the model
+args and `extra.original`: the source format, its key order, file partition and per-file
+metadata, so export writes the same files back.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from ckptflow import manifest, storage
+from ckptflow.errors import CkptError
+from ckptflow.formats import st
+from ckptflow.formats.plan import FilePlan, Item, write_file
+from ckptflow.manifest import Manifest
+from ckptflow.model_args import ModelArgs
+
+log = logging.getLogger(__name__)
+
+ASSETS = "assets"
+
+
+def expected_shapes(a: ModelArgs) -> dict[str, list[int]]:
+    """Every tune key the model has, with its shape: the check a config must pass against tensors."""
+    hd, kv = a.hd, a.kv_heads
+    shapes = {"tok_embeddings.weight": [a.vocab_size, a.dim], "norm.scale": [a.dim]}
+    if not a.tie_embeddings:
+        shapes["output.weight"] = [a.vocab_size, a.dim]
+    for i in range(a.n_layers):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "sa_norm.scale": [a.dim], p + "mlp_norm.scale": [a.dim],
+            p + "attn.q_proj.weight": [a.n_heads * hd, a.dim], p + "attn.k_proj.weight": [kv * hd, a.dim],
+            p + "attn.v_proj.weight": [kv * hd, a.dim], p + "attn.output_proj.weight": [a.dim, a.n_heads * hd],
+            p + "mlp.w1.weight": [a.hidden_dim, a.dim], p + "mlp.w3.weight": [a.hidden_dim, a.dim],
+            p + "mlp.w2.weight": [a.dim, a.hidden_dim],
+        })
+        if a.qkv_bias:
+            shapes.update({p + "attn.q_proj.bias": [a.n_heads * hd], p + "attn.k_proj.bias": [kv * hd],
+                           p + "attn.v_proj.bias": [kv * hd]})
+        if a.attn_out_bias:
+            shapes[p + "attn.output_proj.bias"] = [a.dim]
+        if a.mlp_bias:
+            shapes.update({p + "mlp.w1.bias": [a.hidden_dim], p + "mlp.w3.bias": [a.hidden_dim],
+                           p + "mlp.w2.bias": [a.dim]})
+    return shapes
+
+
+def check_items(plans: list[FilePlan], args: ModelArgs, where: str) -> None:
+    """Shapes must match the config, and nothing may be missing: one error naming the key."""
+    want = expected_shapes(args)
+    seen = set()
+    for plan in plans:
+        for it in plan.items:
+            if it.name not in want:
+                raise CkptError(f"{where}: tensor {it.name!r} has no place in a model with this config")
+            if list(it.shape) != want[it.name]:
+                raise CkptError(f"{where}: tensor {it.name!r} has shape {list(it.shape)} but the config "
+                                f"implies {want[it.name]}")
+            if it.name in seen:
+                raise CkptError(f"{where}: tensor {it.name!r} appears twice")
+            seen.add(it.name)
+    missing = [k for k in want if k not in seen]
+    if missing:
+        raise CkptError(f"{where}: missing tensor {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+
+
+def dominant_dtype(plans: list[FilePlan]) -> str:
+    counts: dict[str, int] = {}
+    for p in plans:
+        for it in p.items:
+            counts[it.final_dtype] = counts.get(it.final_dtype, 0) + it.out_nbytes
+    code = max(counts, key=counts.get) if counts else "F32"
+    return st.TORCH_NAME[code]
+
+
+def write(out, plans: list[FilePlan], *, family: str, args: ModelArgs, original: dict,
+          assets: dict[str, str], progress=None) -> Manifest:
+    """Write tune shards and assets into Output `out`; returns the (uncommitted) manifest."""
+    for plan in plans:
+        plan.metadata = {"format": "pt"}
+        write_file(out, plan, progress)
+    for name, src in assets.items():
+        out.copy(src, f"{ASSETS}/{name}")
+    return Manifest(kind="model", format="tune", family=family, model_args=args.to_dict(),
+                    dtype=dominant_dtype(plans),
+                    extra={"original": original, "layout": [{"name": p.name, "keys": [i.name for i in p.items]} for p in plans]})
+
+
+@dataclass
+class TuneDir:
+    uri: str
+    manifest: Manifest
+    tensors: dict[str, st.TensorInfo]   # tune key -> bytes on storage, in layout order
+
+    @property
+    def args(self) -> ModelArgs:
+        return ModelArgs.from_dict(self.manifest.model_args)
+
+    @property
+    def original(self) -> dict | None:
+        return self.manifest.extra.get("original")
+
+    def asset(self, name: str) -> str | None:
+        path = f"{ASSETS}/{name}"
+        return storage.join(self.uri, path) if path in self.manifest.files else None
+
+
+def open_dir(uri: str) -> TuneDir:
+    m = manifest.require(uri)
+    if m.format != "tune":
+        raise CkptError(f"{uri}: format is {m.format}, not tune")
+    tensors: dict[str, st.TensorInfo] = {}
+    for entry in m.extra.get("layout", []):
+        path = storage.join(m.uri, entry["name"])
+        want = m.files.get(entry["name"], {}).get("size")
+        _, infos = st.read_header(path, file_size=None)
+        if want is not None and infos and infos[-1].end != want:
+            raise CkptError(f"{path}: size differs from ckptflow.json (truncated or replaced)")
+        for t in infos:
+            tensors[t.name] = t
+    return TuneDir(m.uri, m, tensors)
+
+
+def items(d: TuneDir) -> dict[str, Item]:
+    return {k: Item(k, t.dtype, t.shape, info=t) for k, t in d.tensors.items()}
+
+
+def state_dict(d: TuneDir, dtype=None) -> dict:
+    """Materialise the tensors (for loading a model; conversion never does this)."""
+    import torch
+
+    sd = {}
+    with_handles: dict[str, object] = {}
+    try:
+        for k, t in d.tensors.items():
+            f = with_handles.get(t.file) or with_handles.setdefault(t.file, storage.open_read(t.file))
+            x = st.to_torch(st.read_tensor_bytes(t, f), t.dtype, t.shape)
+            sd[k] = x.to(dtype) if dtype is not None and torch.is_floating_point(x) else x
+    finally:
+        for h in with_handles.values():
+            h.close()
+    return sd
+
+
+def write_view(view, out, *, out_dtype: str | None = None, max_shard: int | None = None, progress=None) -> Manifest:
+    plans = view.plans(max_shard, out_dtype)
+    check_items(plans, view.args, view.uri)
+    original = dict(view.original or {"format": view.format})
+    return write(out, plans, family=view.family.NAME, args=view.args, original=original,
+                 assets=dict(view.assets), progress=progress)

@@ -1,0 +1,139 @@
+"""ckptflow.json: what a directory holds, and the commit marker.
+
+A directory is committed when its ckptflow.json exists. The manifest is written last, in one
+atomic put, after every data file it lists has been written (and fsynced on local disk).
+Readers ignore directories without it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+
+from ckptflow import __version__, storage
+from ckptflow.errors import CkptError
+
+log = logging.getLogger(__name__)
+
+NAME = "ckptflow.json"
+SCHEMA = 1
+KINDS = ("source", "model", "adapter", "train_state", "export", "eval")
+
+
+@dataclass
+class Manifest:
+    kind: str
+    format: str
+    family: str | None = None
+    model_args: dict | None = None
+    dtype: str | None = None
+    step: int | None = None
+    files: dict = field(default_factory=dict)     # {relative name: {size, sha256}}
+    inputs: dict = field(default_factory=dict)    # {name: {uri, fingerprint}}
+    params: dict = field(default_factory=dict)    # stage parameters that shaped it
+    lineage: dict = field(default_factory=dict)   # {source, revision, stages: [...]}
+    extra: dict = field(default_factory=dict)     # format-specific facts (original layout, ...)
+    schema: int = SCHEMA
+    created: str = ""
+    tool: str = ""
+    uri: str | None = field(default=None, compare=False)  # where it was read from; not stored
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.pop("uri")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, uri: str | None = None) -> "Manifest":
+        names = {f.name for f in dataclasses.fields(cls)} - {"uri"}
+        if "kind" not in d or "format" not in d:
+            raise CkptError(f"{uri or NAME}: manifest lacks 'kind' or 'format'")
+        return cls(**{k: v for k, v in d.items() if k in names}, uri=uri)
+
+    def input_fingerprints(self) -> dict:
+        return {k: v.get("fingerprint") for k, v in self.inputs.items()}
+
+
+def canonical(d: dict) -> bytes:
+    return json.dumps(d, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def fingerprint(m: Manifest) -> str:
+    """sha256 of the canonical JSON, leaving out when and by which version it was written,
+    so two identical outputs (say, the same base converted by two runs) share a fingerprint."""
+    d = m.to_dict()
+    d.pop("created", None)
+    d.pop("tool", None)
+    return hashlib.sha256(canonical(d)).hexdigest()
+
+
+def input_ref(m: Manifest) -> dict:
+    """How another manifest names this one as an input."""
+    return {"uri": m.uri, "fingerprint": fingerprint(m)}
+
+
+def read(uri: str) -> Manifest | None:
+    """The committed manifest of directory `uri`, or None if the directory is not committed."""
+    path = storage.join(uri, NAME)
+    if not storage.isfile(path):
+        return None
+    data = storage.read_json(path)
+    if not isinstance(data, dict):
+        raise CkptError(f"{path}: not a ckptflow manifest")
+    if data.get("schema", 0) > SCHEMA:
+        raise CkptError(f"{path}: schema {data['schema']} is newer than this ckptflow ({SCHEMA})")
+    return Manifest.from_dict(data, uri=storage.normalize(uri))
+
+
+def require(uri: str) -> Manifest:
+    m = read(uri)
+    if m is None:
+        raise CkptError(f"{uri}: not a committed ckptflow directory (no {NAME})")
+    return m
+
+
+def is_committed(uri: str) -> bool:
+    return storage.isfile(storage.join(uri, NAME))
+
+
+def write(uri: str, m: Manifest) -> Manifest:
+    """The commit: one atomic put of ckptflow.json. Call only after every listed file is written."""
+    m.created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    m.tool = f"ckptflow {__version__}"
+    body = json.dumps(m.to_dict(), indent=1, sort_keys=True).encode() + b"\n"
+    storage.put_atomic(storage.join(uri, NAME), body)
+    m.uri = storage.normalize(uri)
+    return m
+
+
+def uncommit(uri: str) -> None:
+    """Remove the marker first, so a crash mid-rewrite never leaves stale data looking committed."""
+    storage.remove(storage.join(uri, NAME))
+
+
+def matches(m: Manifest | None, inputs: dict, params: dict) -> bool:
+    """True when committed output `m` was made from the same inputs with the same params."""
+    if m is None:
+        return False
+    want = {k: v.get("fingerprint") for k, v in inputs.items()}
+    return m.input_fingerprints() == want and canonical(m.params) == canonical(params)
+
+
+def verify(uri: str) -> list[str]:
+    """Re-hash every listed file; returns the problems (empty when the directory verifies)."""
+    m = require(uri)
+    problems = []
+    for name, want in sorted(m.files.items()):
+        path = storage.join(uri, name)
+        if not storage.isfile(path):
+            problems.append(f"{path}: missing")
+            continue
+        got = storage.file_digest(path)
+        if got["size"] != want.get("size"):
+            problems.append(f"{path}: size {got['size']} != {want.get('size')}")
+        elif got["sha256"] != want.get("sha256"):
+            problems.append(f"{path}: sha256 mismatch")
+    return problems
