@@ -1,0 +1,1 @@
+"""Headless-Chromium checks of the Prefect dashboard (see harness.py)."""
