@@ -2,7 +2,10 @@
 import copy
 import dataclasses
 import json
+import subprocess
+import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,11 +36,34 @@ def hf_config(name: str) -> dict:
     return transformers.AutoConfig.for_model(model_type, **TINY, **kw)
 
 
-def v5_json(name: str, tmp_path) -> dict:
+def saved_json(name: str, tmp_path) -> dict:
+    """config.json as the installed transformers saves it (v5 schema on 5.x, v4 schema on 4.x)."""
     config = hf_config(name)
-    config.dtype = torch.bfloat16  # saved only when set
+    config.torch_dtype = torch.bfloat16  # saved only when set ("dtype" on >= 4.56)
     config.save_pretrained(tmp_path)
     return json.loads((tmp_path / "config.json").read_text())
+
+
+def to_v4(cfg: dict) -> dict:
+    """The same config in the transformers 4.x schema: top-level rope_theta / rope_scaling, torch_dtype."""
+    if "rope_parameters" not in cfg:
+        return {k: v for k, v in cfg.items() if k != "dtype"} | {"torch_dtype": cfg.get("torch_dtype") or cfg["dtype"]}
+    out = {k: v for k, v in cfg.items() if k not in ("rope_parameters", "dtype")}
+    rope = dict(cfg["rope_parameters"])
+    out["rope_theta"] = rope.pop("rope_theta")
+    out["rope_scaling"] = None if rope["rope_type"] == "default" else rope
+    return out | {"torch_dtype": cfg["dtype"]}
+
+
+def to_v5(cfg: dict) -> dict:
+    """The same config in the transformers 5.x schema: rope_parameters holding rope_theta, dtype."""
+    if "rope_parameters" in cfg:
+        return cfg
+    out = {k: v for k, v in cfg.items() if k not in ("rope_theta", "rope_scaling", "torch_dtype")}
+    rope = dict(cfg.get("rope_scaling") or {"rope_type": "default"})
+    rope["rope_type"] = rope.pop("type", None) or rope["rope_type"]
+    out["rope_parameters"] = rope | {"rope_theta": cfg.get("rope_theta", 10000.0)}
+    return out | {"dtype": cfg.get("dtype") or cfg["torch_dtype"]}
 
 
 # A Llama 3.1 config.json as transformers 4.x wrote it (rope_scaling, torch_dtype, null head_dim-free).
@@ -99,12 +125,8 @@ def test_family_specific_args():
 
 @pytest.mark.parametrize("name", list(HF_CONFIGS))
 def test_v4_and_v5_schemas_give_the_same_args(name, tmp_path):
-    v5 = v5_json(name, tmp_path)
-    assert "rope_parameters" in v5 and "dtype" in v5
-    v4 = {k: v for k, v in v5.items() if k not in ("rope_parameters", "dtype")}
-    rope = dict(v5["rope_parameters"])
-    v4.update(rope_theta=rope.pop("rope_theta"), torch_dtype="bfloat16",
-              rope_scaling=None if rope["rope_type"] == "default" else {"type": rope.pop("rope_type"), **rope})
+    v4, v5 = to_v4(saved_json(name, tmp_path)), to_v5(saved_json(name, tmp_path))
+    assert "rope_parameters" in v5 and "rope_theta" in v4 and "torch_dtype" in v4
     family = families.for_hf_config(v5)
     assert family.args_from_hf(v4) == family.args_from_hf(v5)
 
@@ -116,9 +138,10 @@ def test_hf_config_like_v4_is_unchanged(name):
     assert family.hf_config(family.args_from_hf(config), like=config) == config
 
 
+@pytest.mark.parametrize("schema", [to_v4, to_v5])
 @pytest.mark.parametrize("name", list(HF_CONFIGS))
-def test_hf_config_like_v5_is_unchanged(name, tmp_path):
-    config = v5_json(name, tmp_path)
+def test_hf_config_like_saved_is_unchanged(name, schema, tmp_path):
+    config = schema(saved_json(name, tmp_path))
     family = families.for_hf_config(config)
     assert family.hf_config(family.args_from_hf(config), like=copy.deepcopy(config)) == config
 
@@ -129,7 +152,7 @@ def test_hf_config_like_changes_only_what_changed(tmp_path):
     out = llama.hf_config(dataclasses.replace(args, n_layers=3, rope_theta=1e6), like=LLAMA31_V4, dtype="float16")
     changed = {k for k in out if out[k] != LLAMA31_V4.get(k)}
     assert changed == {"num_hidden_layers", "rope_theta", "torch_dtype"} and "dtype" not in out
-    v5 = v5_json("llama3_2", tmp_path)
+    v5 = to_v5(saved_json("llama3_2", tmp_path))
     args = llama.args_from_hf(v5)
     out = llama.hf_config(dataclasses.replace(args, rope_theta=1e6), like=v5, dtype="float16")
     assert {k for k in out if out[k] != v5.get(k)} == {"rope_parameters", "dtype"}
@@ -139,22 +162,24 @@ def test_hf_config_like_changes_only_what_changed(tmp_path):
 
 
 def test_importing_families_does_not_import_torch():
-    import subprocess
-    import sys
-
     code = "import sys, ckptflow.families; assert 'torch' not in sys.modules and 'numpy' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def resolved(args):
+    """None head_dim / n_kv_heads mean derived values; compare what the model will use."""
+    return dataclasses.replace(args, head_dim=args.hd, n_kv_heads=args.kv_heads)
 
 
 @pytest.mark.parametrize("name", list(HF_CONFIGS))
 def test_hf_config_from_scratch_reads_back_in_transformers(name, tmp_path):
     family = families.for_hf_config({"model_type": HF_CONFIGS[name][0]})
-    args = family.args_from_hf(v5_json(name, tmp_path))
+    args = family.args_from_hf(saved_json(name, tmp_path))
     written = family.hf_config(args, dtype="bfloat16")
     assert written["rope_theta"] == args.rope_theta and written["torch_dtype"] == written["dtype"] == "bfloat16"
     read = transformers.AutoConfig.for_model(**written)
-    assert family.args_from_hf(read.to_dict()) == args
-    assert str(read.dtype) == "torch.bfloat16"
+    assert resolved(family.args_from_hf(read.to_dict())) == resolved(args)
+    assert str(getattr(read, "dtype", None) or read.torch_dtype).endswith("bfloat16")
 
 
 def test_config_errors_name_the_file_and_field():

@@ -1,5 +1,6 @@
 """ckptflow.model against transformers: same weights, same logits (float32, atol 1e-5)."""
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from torch import nn
 from ckptflow import families
 from ckptflow.errors import CkptError
 from ckptflow.model import Transformer, generate
+from tests.test_families import to_v4, to_v5
 
 transformers = pytest.importorskip("transformers")
 
@@ -60,28 +62,16 @@ def test_logits_match_transformers(name):
         torch.testing.assert_close(ours(x), hf(x).logits, atol=ATOL, rtol=0)
 
 
-def v4_config(v5: dict) -> dict:
-    """The same config as transformers 4.x wrote it: top-level rope fields and torch_dtype."""
-    cfg = {k: v for k, v in v5.items() if k not in ("rope_parameters", "dtype")}
-    rope = dict(v5["rope_parameters"])
-    cfg["rope_theta"] = rope.pop("rope_theta")
-    cfg["rope_scaling"] = None if rope["rope_type"] == "default" else rope
-    cfg["torch_dtype"] = "float32"
-    return cfg
-
-
-@pytest.mark.parametrize("name", ["llama3_rope", "qwen2_tied"])
+@pytest.mark.parametrize("name", ["llama3_rope", "llama_linear_rope", "qwen2_tied"])
 def test_logits_match_from_v4_and_v5_config_json(name, tmp_path):
-    import json
-
     hf = hf_model(name)
+    hf.config.torch_dtype = torch.float32
     hf.config.save_pretrained(tmp_path)
-    v5 = json.loads((tmp_path / "config.json").read_text())
-    assert "rope_parameters" in v5 and "rope_theta" not in v5
+    saved = json.loads((tmp_path / "config.json").read_text())
     x = tokens()
     with torch.no_grad():
         want = hf(x).logits
-        for config in (v5, v4_config(v5)):
+        for config in (to_v4(saved), to_v5(saved)):
             torch.testing.assert_close(tune_model(config, hf.state_dict())(x), want, atol=ATOL, rtol=0)
 
 
