@@ -107,7 +107,8 @@ V4_CONFIGS = {"llama3.1": LLAMA31_V4, "qwen2.5": QWEN25_V4, "mistral-v0.1": MIST
 
 def test_args_from_v4_llama31():
     args = families.for_hf_config(LLAMA31_V4).args_from_hf(LLAMA31_V4)
-    assert (args.dim, args.n_layers, args.n_heads, args.kv_heads, args.hd, args.hidden_dim) == (4096, 32, 32, 8, 128, 14336)
+    shape = (args.dim, args.n_layers, args.n_heads, args.kv_heads, args.hd, args.hidden_dim)
+    assert shape == (4096, 32, 32, 8, 128, 14336)
     assert args.rope_theta == 500000.0 and args.rope_scaling == {**LLAMA31_V4["rope_scaling"]}
     assert args.rope_interleaved and not args.qkv_bias and not args.tie_embeddings
     assert args.extra == {"bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009]}
@@ -192,7 +193,8 @@ def test_config_errors_name_the_file_and_field():
         rope = {k: v for k, v in LLAMA3_ROPE.items() if k != "low_freq_factor"}
         families.get("llama").args_from_hf({**LLAMA31_V4, "rope_scaling": rope})
     with pytest.raises(CkptError, match="qkv_bias"):
-        families.get("qwen2").hf_config(dataclasses.replace(families.get("qwen2").args_from_hf(QWEN25_V4), qkv_bias=False))
+        qwen2 = families.get("qwen2")
+        qwen2.hf_config(dataclasses.replace(qwen2.args_from_hf(QWEN25_V4), qkv_bias=False))
 
 
 # --- registry -----------------------------------------------------------------------------------
@@ -294,7 +296,8 @@ def test_tied_hf_state_dict_drops_lm_head_and_old_inv_freq():
 def test_unknown_key_names_the_key_and_file():
     family = families.get("llama")
     args = family.args_from_hf(LLAMA31_V4)
-    with pytest.raises(UnknownKeyError, match=r"'model\.layers\.3\.self_attn\.qkv_proj\.weight' in a\.safetensors") as e:
+    named = r"'model\.layers\.3\.self_attn\.qkv_proj\.weight' in a\.safetensors"
+    with pytest.raises(UnknownKeyError, match=named) as e:
         families.hf_state_dict_to_tune({"model.layers.3.self_attn.qkv_proj.weight": torch.ones(1)}, family, args,
                                        where="a.safetensors")
     assert isinstance(e.value, ValueError) and isinstance(e.value, CkptError)

@@ -124,7 +124,8 @@ def test_generate_stops_at_eos_and_samples_reproducibly():
     assert generate(model, [1, 2, 3], 8, eos_id=[greedy[0]]) == greedy[:1]
     # top_k=1 sampling is greedy; seeded sampling repeats itself.
     assert generate(model, [1, 2, 3], 8, temperature=0.7, top_k=1) == greedy
-    runs = [generate(model, [1, 2, 3], 8, temperature=1.0, generator=torch.Generator().manual_seed(3)) for _ in range(2)]
+    seeded = [torch.Generator().manual_seed(3) for _ in range(2)]
+    runs = [generate(model, [1, 2, 3], 8, temperature=1.0, generator=g) for g in seeded]
     assert runs[0] == runs[1]
 
 
