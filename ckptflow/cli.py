@@ -101,7 +101,9 @@ def _setup_logging() -> None:
 def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     try:
-        app(args=argv, standalone_mode=False)
+        # standalone_mode=False: click returns the code of a typer.Exit instead of raising it
+        rc = app(args=argv, standalone_mode=False)
+        return rc if isinstance(rc, int) else 0
     except CkptError as e:
         sys.stderr.write(f"ckptflow: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n")
         return 2
@@ -118,7 +120,6 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         logging.getLogger("ckptflow").exception("internal error")
         return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Set up ckptflow on a fresh machine: a virtualenv in .venv with everything the project needs.
+#   bash scripts/setup.sh          # the library, the CLI and the Prefect layer
+#   bash scripts/setup.sh --test   # plus the test dependencies and the headless browser
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+# torch first, pinned to the CPU wheel on local disk: a bare or open range makes pip pull a
+# multi-GB CUDA build. The package's own range (>=2.4,<2.15) is satisfied by it.
+.venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
+if [ "${1:-}" = "--test" ]; then
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v "is ignored" || true
+  bash .ci/browser-deps.sh || echo "setup: could not install chromium; browser tests will be skipped" >&2
+else
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e . 2>&1 | grep -v "is ignored" || true
+fi
+.venv/bin/python -c "import ckptflow, torch, prefect; print('ckptflow', ckptflow.__version__, '| torch', torch.__version__, '| prefect', prefect.__version__)"

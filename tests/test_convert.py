@@ -1,0 +1,136 @@
+"""HF -> tune -> HF conversion: exact round trips, dtype and shard options, idempotency, parity."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from ckptflow import manifest
+from ckptflow.stages import convert
+from tests import hfmodels
+
+
+def files_of(path):
+    return sorted(f for f in os.listdir(path) if f != "ckptflow.json")
+
+
+def same_dir(a, b, skip=()):
+    assert files_of(a) == files_of(b)
+    for f in files_of(a):
+        if f in skip:
+            continue
+        with open(os.path.join(a, f), "rb") as fa, open(os.path.join(b, f), "rb") as fb:
+            assert fa.read() == fb.read(), f
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("shard", [None, "40KB"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_round_trip_is_byte_exact(tmp_path, family, shard, dtype):
+    src = hfmodels.save(family, str(tmp_path / "src"), shard=shard, dtype=dtype)
+    convert.run(src, str(tmp_path / "tune"))
+    convert.run(str(tmp_path / "tune"), str(tmp_path / "back"), to="hf")
+    same_dir(src, str(tmp_path / "back"))
+    assert manifest.verify(str(tmp_path / "back")) == []
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_tied_and_untied_embeddings(tmp_path, tie):
+    src = hfmodels.save("llama", str(tmp_path / "src"), shard="40KB", tie_word_embeddings=tie)
+    m = convert.run(src, str(tmp_path / "tune"))
+    keys = {k for e in m.extra["layout"] for k in e["keys"]}
+    assert ("output.weight" in keys) is (not tie)
+    convert.run(str(tmp_path / "tune"), str(tmp_path / "back"), to="hf")
+    same_dir(src, str(tmp_path / "back"))
+
+
+def test_tune_shards_use_tune_names_and_pt_metadata(tmp_path):
+    src = hfmodels.save("llama", str(tmp_path / "src"), shard="40KB")
+    m = convert.run(src, str(tmp_path / "tune"))
+    shards = [e["name"] for e in m.extra["layout"]]
+    assert len(shards) > 1
+    for name in shards:
+        with safe_open(str(tmp_path / "tune" / name), "pt") as f:
+            assert f.metadata() == {"format": "pt"}
+            assert all(not k.startswith("model.") for k in f.keys())
+    assert "assets/config.json" in m.files and "assets/model.safetensors.index.json" in m.files
+
+
+def test_bin_source_reads_weights_only_and_exports_safetensors(tmp_path):
+    src = tmp_path / "src"
+    model = hfmodels.model("llama")
+    hfmodels.save("llama", str(src))
+    os.remove(src / "model.safetensors")
+    torch.save(model.state_dict(), src / "pytorch_model.bin")
+    convert.run(str(src), str(tmp_path / "tune"))
+    convert.run(str(tmp_path / "tune"), str(tmp_path / "back"), to="hf")
+    assert "model.safetensors" in os.listdir(tmp_path / "back")
+    with safe_open(str(tmp_path / "back" / "model.safetensors"), "pt") as f:
+        for k, v in model.state_dict().items():
+            if k in f.keys():
+                assert torch.equal(f.get_tensor(k), v), k
+
+
+def test_dtype_option_casts_each_tensor_and_updates_config(tmp_path):
+    src = hfmodels.save("llama", str(tmp_path / "src"), shard="40KB")
+    convert.run(src, str(tmp_path / "tune"))
+    convert.run(str(tmp_path / "tune"), str(tmp_path / "bf16"), to="hf", dtype="bfloat16")
+    cfg = json.load(open(tmp_path / "bf16" / "config.json"))
+    assert cfg.get("dtype", cfg.get("torch_dtype")) == "bfloat16"
+    index = json.load(open(tmp_path / "bf16" / "model.safetensors.index.json"))
+    orig = json.load(open(tmp_path / "src" / "model.safetensors.index.json"))
+    assert index["weight_map"] == orig["weight_map"]
+    assert index["metadata"]["total_size"] * 2 == orig["metadata"]["total_size"]
+    for shard in set(orig["weight_map"].values()):
+        with safe_open(str(tmp_path / "src" / shard), "pt") as a, safe_open(str(tmp_path / "bf16" / shard), "pt") as b:
+            for k in a.keys():
+                assert torch.equal(b.get_tensor(k), a.get_tensor(k).to(torch.bfloat16)), k
+
+
+def test_max_shard_size_repartitions(tmp_path):
+    src = hfmodels.save("llama", str(tmp_path / "src"))
+    m = convert.run(src, str(tmp_path / "tune"), max_shard_size="60KB")
+    assert len(m.extra["layout"]) > 2
+    convert.run(str(tmp_path / "tune"), str(tmp_path / "back"), to="hf", max_shard_size="100KB")
+    back = json.load(open(tmp_path / "back" / "model.safetensors.index.json"))
+    with safe_open(str(tmp_path / "src" / "model.safetensors"), "pt") as a:
+        for k in a.keys():
+            with safe_open(str(tmp_path / "back" / back["weight_map"][k]), "pt") as b:
+                assert torch.equal(a.get_tensor(k), b.get_tensor(k))
+
+
+def test_rerun_with_same_inputs_does_no_work(tmp_path):
+    src = hfmodels.save("llama", str(tmp_path / "src"))
+    first = convert.run(src, str(tmp_path / "tune"))
+    mtime = os.stat(tmp_path / "tune" / "ckptflow.json").st_mtime_ns
+    again = convert.run(src, str(tmp_path / "tune"))
+    assert os.stat(tmp_path / "tune" / "ckptflow.json").st_mtime_ns == mtime
+    assert manifest.fingerprint(first) == manifest.fingerprint(again)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_load_gives_transformers_logits(tmp_path, family):
+    import ckptflow
+
+    hf = hfmodels.model(family)
+    hf.save_pretrained(tmp_path / "src", max_shard_size="40KB")
+    model, view = ckptflow.load(str(tmp_path / "src"))
+    tokens = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(tokens).logits
+        got = model(tokens)
+    assert view.format == "hf"
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_convert_path_imports_neither_torch_nor_prefect(tmp_path):
+    src = hfmodels.save("llama", str(tmp_path / "src"), shard="40KB")
+    code = ("import sys; from ckptflow.cli import main; rc = main(['convert', sys.argv[1], sys.argv[2]]);"
+            "heavy = [m for m in ('torch', 'prefect', 'transformers') if m in sys.modules];"
+            "print(heavy); sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code, src, str(tmp_path / "tune")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
