@@ -28,6 +28,7 @@ class Output:
     def __init__(self, uri: str, *, overwrite: bool = False):
         self.uri = storage.normalize(uri)
         self.files: dict[str, dict] = {}
+        self.pending: list = []     # background fsyncs to finish before the commit
         self._prepare(overwrite)
 
     def _prepare(self, overwrite: bool) -> None:
@@ -61,10 +62,15 @@ class Output:
         return self.files[name]
 
     def copy(self, src: str, name: str) -> dict:
-        self.files[name] = storage.copy_file(src, self.path(name))
+        with storage.open_read(src) as fin, self.open(name) as f:
+            while chunk := fin.read(storage.CHUNK):
+                f.write(chunk)
         return self.files[name]
 
     def commit(self, m: Manifest) -> Manifest:
+        for fut in self.pending:
+            fut.result()        # every data file is durable before the marker exists
+        self.pending.clear()
         m.files = dict(sorted(self.files.items()))
         out = manifest.write(self.uri, m)
         storage.remove(storage.join(self.uri, MARKER))
@@ -88,7 +94,9 @@ class _Tracked:
         if exc_type is not None:
             self._w.abort()
             return
-        self._out.files[self._name] = self._w.close()
+        self._out.files[self._name] = self._w.close(durable=False)
+        if self._w.synced is not None:
+            self._out.pending.append(self._w.synced)
 
 
 def is_interrupted(uri: str) -> bool:

@@ -221,6 +221,25 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+_POOL = None
+
+
+def _fsync_pool():
+    global _POOL
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckptflow-fsync")
+    return _POOL
+
+
+def _fsync_fd(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class Hasher:
     """sha256 in a background thread, so hashing overlaps the I/O (hashlib drops the GIL)."""
 
@@ -268,11 +287,22 @@ class HashingWriter:
         self._hasher.update(data)
         return len(data)
 
-    def close(self) -> dict:
+    def close(self, *, durable: bool = True) -> dict:
+        """Finish the file; {size, sha256}. Locally the data is fsynced before this returns,
+        or, with durable=False, in the background: `self.synced` is then a Future that the
+        committer waits for before it writes the manifest (the flush overlaps the next file)."""
+        self.synced = None
         if self._local:
             self._f.flush()
-            os.fsync(self._f.fileno())
-        self._f.close()
+            if durable:
+                os.fsync(self._f.fileno())
+                self._f.close()
+            else:
+                fd = os.dup(self._f.fileno())
+                self._f.close()
+                self.synced = _fsync_pool().submit(_fsync_fd, fd)
+        else:
+            self._f.close()
         return {"size": self._hasher.size, "sha256": self._hasher.hexdigest()}
 
     def abort(self) -> None:
