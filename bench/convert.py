@@ -30,7 +30,7 @@ from ckptflow.stages import convert
 t1 = time.perf_counter()
 convert.run(sys.argv[1], sys.argv[2], to=sys.argv[3])
 t2 = time.perf_counter()
-print({"import_s": t1 - t0, "work_s": t2 - t1, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
+print({"import_s": t1 - t0, "work_s": t2 - t1, "peak_rss": next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))})
 """
 TORCHTUNE = """
 import json, os, resource, sys, time
@@ -44,7 +44,7 @@ sd = ck.load_checkpoint()
 ck.save_checkpoint(sd, epoch=0)
 os.sync()
 t2 = time.perf_counter()
-print({"import_s": t1 - t0, "work_s": t2 - t1, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024})
+print({"import_s": t1 - t0, "work_s": t2 - t1, "peak_rss": next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))})
 """
 
 

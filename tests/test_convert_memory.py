@@ -5,12 +5,14 @@ import sys
 from bench import synth
 
 MB = 2**20
+# VmHWM, not ru_maxrss: Linux carries the forking parent's high-water mark into ru_maxrss
+# across exec, so under pytest (torch loaded) ru_maxrss would report pytest's size.
 CODE = """
-import resource, sys
+import sys
 from ckptflow.stages import convert
 convert.run(sys.argv[1], sys.argv[2])
 convert.run(sys.argv[2], sys.argv[3], to="hf")
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+print(next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:")))
 """
 
 
@@ -23,10 +25,10 @@ def peak_rss(tmp_path, name: str, n_layers: int) -> tuple[int, dict]:
 
 
 def test_peak_memory_follows_the_shard_not_the_model(tmp_path):
-    small_rss, small = peak_rss(tmp_path, "small", 4)      # ~ 60 MB of weights
-    big_rss, big = peak_rss(tmp_path, "big", 24)           # ~ 230 MB of weights
+    small_rss, small = peak_rss(tmp_path, "small", 4)      # ~ 75 MB of weights
+    big_rss, big = peak_rss(tmp_path, "big", 24)           # ~ 290 MB of weights
     assert big["total_bytes"] > 3.5 * small["total_bytes"]
     grown = big_rss - small_rss
-    # 170 MB more weights may cost at most a few MB more RSS (allocator noise), never the model
+    # 215 MB more weights may cost at most a few MB more RSS (allocator noise), never the model
     assert grown < 24 * MB, f"peak RSS grew {grown / MB:.0f} MB with {(big['total_bytes'] - small['total_bytes']) / MB:.0f} MB more weights"
-    assert big_rss < 300 * MB, f"peak RSS {big_rss / MB:.0f} MB for a {big['total_bytes'] / MB:.0f} MB model"
+    assert big_rss < big["total_bytes"] / 2, f"peak RSS {big_rss / MB:.0f} MB for a {big['total_bytes'] / MB:.0f} MB model"
