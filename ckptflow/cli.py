@@ -90,6 +90,21 @@ def download(source: str, dst: str, overwrite: bool = typer.Option(False, "--ove
     emit(s, as_json, f"{m.uri}: {m.format} from {source}, {s['num_files']} files")
 
 
+@app.command()
+def train(config: str = typer.Argument(..., help="run config YAML (any fsspec URI)"),
+          overrides: Optional[list[str]] = typer.Argument(None, help="dotted KEY=VALUE overrides, e.g. train.steps=100"),
+          stop_after: Optional[int] = typer.Option(None, "--stop-after", help="stop (with a checkpoint) at this step"),
+          as_json: bool = JSON):
+    """Train (full or LoRA) with step checkpoints; resumes from the newest committed step."""
+    from ckptflow import config as cfg_mod
+    from ckptflow.stages import train as stage
+
+    cfg = cfg_mod.load_config(config, overrides or [])
+    m = stage.run(cfg, stop_after=stop_after)
+    s = manifest_summary(m)
+    emit(s, as_json, f"{m.uri}: step {m.step} ({cfg.train.method}), {s['num_files']} files, {s['size_bytes']} bytes")
+
+
 def _setup_logging() -> None:
     import os
 
@@ -113,9 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("ckptflow: aborted\n")
         return 130
     except Exception as e:  # noqa: BLE001 - the top of the program: report and exit 1
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+        if hasattr(e, "show") and hasattr(e, "exit_code"):   # a usage error (typer vendors click)
             e.show()
             return 2
         logging.getLogger("ckptflow").exception("internal error")
