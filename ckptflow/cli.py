@@ -81,13 +81,19 @@ def inspect(uri: str, as_json: bool = JSON):
 
 
 @app.command()
-def download(source: str, dst: str, overwrite: bool = typer.Option(False, "--overwrite"), as_json: bool = JSON):
-    """Download SOURCE (seed://..., hf://ORG/NAME[@REV], any fsspec URI) into DST."""
+def download(source: str, dst: str,
+             format: str = typer.Option("hf", "--format", help="hf (safetensors over .bin) | meta (original/) | all"),
+             endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)"),
+             in_place: bool = typer.Option(False, "--in-place", help="storage URIs: record the source where it is, copy nothing"),
+             overwrite: bool = typer.Option(False, "--overwrite"), as_json: bool = JSON):
+    """Download SOURCE (seed://..., hf://ORG/NAME[@REV], any fsspec URI) into DST. Token: HF_TOKEN."""
     from ckptflow.stages import download as stage
 
-    m = stage.run(source, dst, overwrite=overwrite)
+    m = stage.run(source, dst, format=format, endpoint=endpoint, in_place=in_place, overwrite=overwrite)
     s = manifest_summary(m)
-    emit(s, as_json, f"{m.uri}: {m.format} from {source}, {s['num_files']} files")
+    rev = m.lineage.get("revision")
+    emit(s, as_json, f"{m.uri}: {m.format} from {source}" + (f" at {rev}" if rev and rev != "seed" else "")
+         + f", {s['num_files']} files" + (f" (in place: {m.extra['location']})" if m.extra.get("location") else ""))
 
 
 @app.command()
@@ -103,6 +109,62 @@ def train(config: str = typer.Argument(..., help="run config YAML (any fsspec UR
     m = stage.run(cfg, stop_after=stop_after)
     s = manifest_summary(m)
     emit(s, as_json, f"{m.uri}: step {m.step} ({cfg.train.method}), {s['num_files']} files, {s['size_bytes']} bytes")
+
+
+@app.command()
+def merge(adapter: str, base: str, dst: str, overwrite: bool = typer.Option(False, "--overwrite"), as_json: bool = JSON):
+    """Merge ADAPTER (LoRA step, PEFT or torchtune adapter) into BASE ("-": the base it names) as a tune dir."""
+    from ckptflow.stages import merge as stage
+
+    m = stage.run(adapter, base, dst, overwrite=overwrite)
+    s = manifest_summary(m)
+    emit(s, as_json, f"{m.uri}: {m.format} {m.family} {m.dtype}, merged {m.extra.get('merged', {}).get('adapter')}")
+
+
+@app.command()
+def export(src: str, dst: str,
+           format: str = typer.Option("original", "--format", help="original | hf | meta | peft"),
+           step: Optional[int] = typer.Option(None, "--step", help="a run's step (default: the newest committed)"),
+           dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16 | float16 | float32 (default: keep)"),
+           base: Optional[str] = typer.Option(None, "--base", help="the base model of an adapter (default: the one it names)"),
+           overwrite: bool = typer.Option(False, "--overwrite", help="replace a committed destination"),
+           as_json: bool = JSON):
+    """Export SRC (a run, a step, a model or an adapter) to DST in a format other tools load as is."""
+    from ckptflow.stages import export as stage
+
+    m = stage.run(src, dst, format=format, step=step, dtype=dtype, base=base, overwrite=overwrite)
+    s = manifest_summary(m)
+    emit(s, as_json, f"{m.uri}: {m.format} {m.family} {m.dtype} step={m.step}, {s['num_files']} files")
+
+
+@app.command()
+def run(config: str = typer.Argument(..., help="run config YAML (any fsspec URI)"),
+        overrides: Optional[list[str]] = typer.Argument(None, help="dotted KEY=VALUE overrides, e.g. train.steps=100"),
+        as_json: bool = JSON):
+    """Run the whole pipeline as the Prefect flow `finetune`; a failed run started again resumes.
+
+    Uses the Prefect server at PREFECT_API_URL, else Prefect's embedded (ephemeral) API."""
+    from ckptflow import config as cfg_mod
+    from ckptflow.settings import apply_prefect_defaults
+
+    cfg = cfg_mod.load_config(config, overrides or [])   # bad config: one line, before Prefect starts
+    apply_prefect_defaults()
+    from flows.finetune import finetune
+
+    out = finetune(cfg)
+    emit(out, as_json, f"run: {out['run']}\nsummary: {out['summary']}\nexport: {out['export']}")
+
+
+@app.command()
+def serve(prefect_file: str = typer.Option("deployments/prefect.yaml", "--prefect-file", help="deployments to serve"),
+          limit: Optional[int] = typer.Option(None, "--limit", help="at most this many flow runs at once")):
+    """Serve the deployments of prefect.yaml from this process (needs a Prefect server: PREFECT_API_URL)."""
+    from ckptflow.settings import apply_prefect_defaults
+
+    apply_prefect_defaults()
+    from flows import deploy
+
+    deploy.serve(prefect_file, limit=limit)
 
 
 def _setup_logging() -> None:

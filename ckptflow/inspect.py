@@ -53,6 +53,8 @@ def as_text(info: dict) -> str:
         lin = m.get("lineage") or {}
         if lin:
             lines.append(f"source: {lin.get('source')} @ {lin.get('revision')}")
+            if any(k in lin for k in ("run", "step", "dtype")):
+                lines.append(f"run: {lin.get('run')} step: {lin.get('step')} dtype: {lin.get('dtype')}")
             for s in lin.get("stages", []):
                 lines.append("  <- " + " ".join(f"{k}={v}" for k, v in s.items()))
         return "\n".join(lines)

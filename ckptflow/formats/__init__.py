@@ -25,6 +25,7 @@ class View:
     manifest: Manifest | None = None    # when the source is a committed ckptflow directory
     partition: list[list[str]] | None = None   # tune keys grouped as the source grouped them
     notes: list[str] = field(default_factory=list)  # what was left out (training state, ...)
+    adapter: object | None = None       # formats.peft.Adapter when the view is base + LoRA, merged lazily
 
     def plans(self, max_shard: int | None = None, out_dtype: str | None = None) -> list[FilePlan]:
         """The tune shards: the source's own grouping, or shards of at most max_shard bytes."""
@@ -67,7 +68,14 @@ def _read_tune(uri: str, **_) -> View:
                 manifest=d.manifest, partition=layout)
 
 
-READERS: dict[str, callable] = {"hf": _read_hf, "tune": _read_tune}
+def _read_peft(uri: str, base: str | None = None, **_) -> View:
+    from ckptflow.stages import merge
+
+    adapter, base_view = merge.open_adapter(uri, base)
+    return merge.merged_view(base_view, adapter)
+
+
+READERS: dict[str, callable] = {"hf": _read_hf, "tune": _read_tune, "peft": _read_peft}
 
 
 def open_view(uri: str, **opts) -> View:
@@ -92,5 +100,11 @@ def _write_tune(view, out, **kw):
     return tune.write_view(view, out, **kw)
 
 
+def _write_peft(view, out, **kw):
+    from ckptflow.formats import peft
+
+    return peft.write_view(view, out, **kw)
+
+
 # format name -> writer(view, out: commit.Output, *, out_dtype, max_shard, progress) -> Manifest
-WRITERS: dict[str, callable] = {"hf": _write_hf, "tune": _write_tune}
+WRITERS: dict[str, callable] = {"hf": _write_hf, "tune": _write_tune, "peft": _write_peft}

@@ -21,8 +21,14 @@ def _hf(names: list[str]) -> bool:
     return hf.is_hf(names)
 
 
+def _peft(names: list[str]) -> bool:
+    from ckptflow.formats import peft
+
+    return peft.is_peft(names)
+
+
 # format name -> predicate over the names in the directory. Other format modules add theirs.
-MARKERS: dict[str, callable] = {"hf": _hf}
+MARKERS: dict[str, callable] = {"hf": _hf, "peft": _peft}
 
 
 @dataclass
@@ -97,4 +103,10 @@ def _describe_hf(uri: str) -> Detection:
                      {"weights": src.weights, "shards": len(src.files), "model_type": src.config.get("model_type")})
 
 
-DESCRIBERS: dict[str, callable] = {"hf": _describe_hf}
+def _describe_peft(uri: str) -> Detection:
+    from ckptflow.formats import peft
+
+    return peft.describe(uri)
+
+
+DESCRIBERS: dict[str, callable] = {"hf": _describe_hf, "peft": _describe_peft}

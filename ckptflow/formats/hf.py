@@ -259,12 +259,20 @@ def write_view(view, out, *, out_dtype: str | None = None, max_shard: int | None
     original = view.original if (view.original or {}).get("format") == "hf" else None
     index_asset = view.assets.get(ST_INDEX)
     if len(plans) > 1:
-        if same and out_dtype is None and index_asset:
-            out.copy(index_asset, ST_INDEX)     # byte-identical round trip
+        total = sum(it.out_nbytes for p in plans for it in p.items)
+        if same and out_dtype is None and index_asset and \
+                (storage.read_json(index_asset).get("metadata") or {}).get("total_size") == total:
+            out.copy(index_asset, ST_INDEX)     # byte-identical round trip (same tensors, same sizes)
         else:
             like = storage.read_json(index_asset).get("metadata") if index_asset else {"total_parameters": 0}
             out.put(ST_INDEX, index_bytes(plans, like))
     dtype_name = st.TORCH_NAME[out_dtype] if out_dtype else None
+    if dtype_name is None and original and CONFIG in view.assets:
+        # Weights whose dtype differs from the source's config (a float32 fine-tune of a bf16
+        # base) must not ship a config.json that still names the old dtype.
+        declared = families.hf_dtype(storage.read_json(view.assets[CONFIG]))
+        if declared and str(declared).removeprefix("torch.") != _dtype_of(plans):
+            dtype_name = _dtype_of(plans)
     for name, src in view.assets.items():
         if name in (ST_INDEX, BIN_INDEX) or (name == CONFIG and (dtype_name or not original)):
             continue

@@ -1,0 +1,181 @@
+"""Export a model or an adapter in a format other tools load as is, streaming one tensor at a time.
+
+    ckptflow export SRC DST [--format original|hf|meta|peft] [--step N] [--dtype D] [--base BASE]
+
+SRC is a run directory (its newest committed step, or --step N), a step checkpoint, a tune
+directory, an HF or Meta directory, or an adapter (LoRA step, PEFT, torchtune). A LoRA adapter is
+merged on the fly for hf/meta/original (one tensor at a time, nothing written in between) and
+written unmerged for peft. `original` is the format the model came in (the tune manifest's
+`extra.original.format`; PEFT for a PEFT adapter). HF output reproduces the source's key names,
+order, partition, index, config and tokenizer files (formats.hf.write_view); --dtype casts every
+tensor and updates config.json.
+
+ckptflow.json of the export (kind "export") records the lineage: source model and revision, the
+run, the step, every stage the weights went through, and the dtype.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from ckptflow import manifest, progress, storage
+from ckptflow.commit import Output
+from ckptflow.errors import CkptError
+from ckptflow.formats import WRITERS, View, open_view, peft, st
+from ckptflow.formats.plan import Item
+from ckptflow.manifest import Manifest
+from ckptflow.stages import merge
+from ckptflow.stages.convert import dtype_code, source_ref
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("original", "hf", "meta", "peft", "tune")
+
+
+@dataclass
+class Source:
+    uri: str                      # what SRC resolved to (a run resolves to one of its steps)
+    view: View                    # the model to write (a LoRA adapter merged lazily; view.adapter kept)
+    manifest: Manifest | None     # SRC's own manifest (the step's, for a run)
+    base: View | None = None      # the base model, when SRC holds only part of it (steps, adapters)
+    run: str | None = None
+    step: int | None = None
+
+
+def run(src: str, dst: str, *, format: str = "original", step: int | None = None, dtype: str | None = None,
+        base: str | None = None, overwrite: bool = False) -> Manifest:
+    src, dst = storage.normalize(src), storage.normalize(dst)
+    if src == dst:
+        raise CkptError(f"{dst}: source and destination are the same directory")
+    source = resolve(src, step=step, base=base)
+    fmt = target_format(format, source)
+    out_dtype = dtype_code(dtype)
+    inputs = {"source": source_ref(source.view) if source.manifest is None else manifest.input_ref(source.manifest)}
+    if source.base is not None:
+        inputs["base"] = source_ref(source.base)
+    params = {"format": fmt, "dtype": dtype, "step": source.step}
+    existing = manifest.read(dst)
+    if manifest.matches(existing, inputs, params):
+        log.info("%s: already exported from %s; nothing to do", dst, source.uri)
+        return existing
+    out = Output(dst, overwrite=overwrite or existing is not None)
+    items = source.view.adapter.items().values() if fmt == "peft" and source.view.adapter else source.view.items.values()
+    total = sum(_nbytes(it, out_dtype) for it in items)
+    with progress.bar(total, f"export -> {fmt}") as bar:
+        m = WRITERS[fmt](source.view, out, out_dtype=out_dtype, max_shard=None, progress=bar)
+    m.kind, m.inputs, m.params, m.step = "export", inputs, params, source.step
+    m.lineage = lineage(source, fmt, dst, m.dtype)
+    return out.commit(m)
+
+
+def _nbytes(it: Item, out_dtype: str | None) -> int:
+    return it.out_nbytes // st.DTYPE_SIZE[it.final_dtype] * st.DTYPE_SIZE[out_dtype or it.dtype]
+
+
+# --- what SRC is ----------------------------------------------------------------------------
+
+def resolve(src: str, *, step: int | None = None, base: str | None = None) -> Source:
+    m = manifest.read(src)
+    if m is None and is_run(src):
+        from ckptflow import checkpointer
+
+        train = storage.join(src, "train")
+        sm = checkpointer.find(train, step) if step is not None else checkpointer.latest(train)
+        if sm is None:
+            raise CkptError(f"{src}: no committed, verified step checkpoint under train/")
+        return from_step(sm.uri, sm, base, run=src)
+    if step is not None and (m is None or m.step != step):
+        raise CkptError(f"{src}: --step {step} needs a run directory; this is "
+                        + (f"step {m.step}" if m is not None and m.step is not None else "not a step checkpoint"))
+    if m is not None and m.kind == "train_state":
+        return from_step(src, m, base, run=m.extra.get("run") or merge.run_of(src))
+    if (m is not None and m.format == "peft") or _is_adapter_dir(src):
+        ad, bv = merge.open_adapter(src, base)
+        return Source(src, merge.merged_view(bv, ad), m, base=bv, step=ad.step)
+    view = open_view(src)
+    lin = (m.lineage if m is not None else None) or {}
+    return Source(src, view, m, run=lin.get("run"), step=m.step if m is not None else None)
+
+
+def is_run(uri: str) -> bool:
+    names = storage.listdir(uri)
+    return "run.json" in names or "train" in names
+
+
+def _is_adapter_dir(uri: str) -> bool:
+    names = storage.listdir(uri)
+    if peft.is_peft(names):
+        return True
+    try:
+        from ckptflow.formats import torchtune
+    except ImportError:
+        return False
+    is_adapter = getattr(torchtune, "is_adapter", None)
+    return bool(is_adapter and is_adapter(uri))
+
+
+def from_step(uri: str, m: Manifest, base: str | None, run: str | None) -> Source:
+    if m.extra.get("lora"):
+        ad, bv = merge.open_adapter(uri, base)
+        return Source(uri, merge.merged_view(bv, ad), m, base=bv, run=run, step=m.step)
+    bv = merge.base_view(base, [m.extra.get("base"), (m.inputs.get("base") or {}).get("uri"),
+                                storage.join(run, "base") if run else None], uri)
+    return Source(uri, full_step_view(uri, m, bv), m, base=bv, run=run, step=m.step)
+
+
+def full_step_view(uri: str, m: Manifest, bv: View) -> View:
+    """A full fine-tune step: its weights, with the base's family, config, tokenizer and layout."""
+    from ckptflow.formats.tune import expected_shapes
+
+    names = [e["name"] for e in m.extra.get("layout", [])] or ["model.safetensors"]
+    found: dict[str, Item] = {}
+    for name in names:
+        path = storage.join(uri, name)
+        for t in st.read_header(path)[1]:
+            found[t.name] = Item(t.name, t.dtype, t.shape, info=t)
+    want = expected_shapes(bv.args)
+    for key, it in found.items():
+        if key not in want or list(it.shape) != want[key]:
+            raise CkptError(f"{uri}: tensor {key!r} {list(it.shape)} does not fit the base model {bv.uri}"
+                            + (f" (expects {want[key]})" if key in want else ""))
+    missing = [k for k in want if k not in found]
+    if missing:
+        raise CkptError(f"{uri}: step checkpoint lacks tensor {missing[0]!r}")
+    items = {k: found[k] for k in bv.items if k in found} | found
+    return View(uri, "tune", bv.family, bv.args, items, bv.original, dict(bv.assets), manifest=m,
+                partition=bv.partition)
+
+
+def target_format(fmt: str, source: Source) -> str:
+    if fmt not in FORMATS:
+        raise CkptError(f"--format {fmt}: choose from {', '.join(FORMATS)}")
+    if fmt == "original":
+        ad = source.view.adapter
+        if ad is not None and ad.format == "peft" and source.manifest is None:
+            fmt = "peft"
+        else:
+            fmt = (source.view.original or {}).get("format") or source.view.format
+    if fmt not in WRITERS:
+        raise CkptError(f"{source.uri}: writing format {fmt!r} is not available "
+                        f"(available: {', '.join(sorted(WRITERS))})")
+    return fmt
+
+
+# --- lineage --------------------------------------------------------------------------------
+
+def lineage(source: Source, fmt: str, dst: str, dtype: str | None) -> dict:
+    """Source model and revision, run, step, every stage (download, convert, train, merge), dtype."""
+    m, ad = source.manifest, source.view.adapter
+    own = (m.lineage if m is not None else None) or {}
+    if own.get("stages") or source.base is None:
+        lin = dict(own)
+    else:  # an adapter that records no lineage of its own: start from its base's
+        lin = dict((source.base.manifest.lineage if source.base.manifest is not None else None) or {})
+    lin.setdefault("source", (source.base or source.view).uri)
+    lin.setdefault("revision", None)
+    stages = list(lin.get("stages", []))
+    if ad is not None and fmt != "peft":
+        stages.append(merge.merge_stage(ad, ad.content_fingerprint(), None, source.base.format))
+    stages.append({"stage": "export", "from": source.view.format, "to": fmt, "uri": dst, "dtype": dtype})
+    lin.update(stages=stages, run=source.run or lin.get("run"), step=source.step, dtype=dtype)
+    return lin
