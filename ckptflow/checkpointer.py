@@ -1,0 +1,225 @@
+"""Step checkpoints: asynchronous saves, retention, discovery for resume.
+
+    ck = Checkpointer(train_uri, cfg.checkpoint, device=device)
+    if ck.due(step):
+        ck.save(step, {"model.safetensors": sd, ...}, {"trainer_state.json": {...}}, manifest)
+    ck.close()                      # waits for the save in flight, re-raising its error
+
+A save first waits for the previous one (at most one in flight), then snapshots the tensors
+into CPU buffers it reuses (pinned memory when they live on CUDA), and hands the snapshot to a
+background thread that writes `step-000050/` through commit.Output: files hashed while written,
+ckptflow.json last. Training goes on during the write. With async off the same write happens
+in the caller. Retention runs after each commit and only ever deletes steps older than the one
+just committed, so a crash at any moment leaves the newest committed step intact.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from ckptflow import manifest, storage
+from ckptflow.commit import Output
+from ckptflow.errors import CkptError
+from ckptflow.formats import st
+from ckptflow.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+PREFIX = "step-"
+
+
+def step_name(step: int) -> str:
+    return f"{PREFIX}{step:06d}"
+
+
+def parse_step(name: str) -> int | None:
+    rest = name.removeprefix(PREFIX)
+    return int(rest) if name.startswith(PREFIX) and rest.isdigit() else None
+
+
+def list_steps(train_uri: str) -> list[tuple[int, str]]:
+    """(step, uri) of the committed step checkpoints, oldest first."""
+    out = []
+    for name in storage.listdir(train_uri):
+        step = parse_step(name)
+        uri = storage.join(train_uri, name)
+        if step is not None and manifest.is_committed(uri):
+            out.append((step, uri))
+    return sorted(out)
+
+
+def latest(train_uri: str, *, verify: bool = True) -> Manifest | None:
+    """The newest committed step whose files verify; a damaged one is skipped with a warning."""
+    for step, uri in reversed(list_steps(train_uri)):
+        problems = manifest.verify(uri) if verify else []
+        if not problems:
+            return manifest.require(uri)
+        log.warning("%s: skipping a damaged checkpoint (%s)", uri, problems[0])
+    return None
+
+
+def find(train_uri: str, step: int, *, verify: bool = True) -> Manifest:
+    """Step `step`, committed and verified, or an error listing what there is."""
+    uri = storage.join(train_uri, step_name(step))
+    m = manifest.read(uri)
+    if m is None:
+        have = [s for s, _ in list_steps(train_uri)]
+        raise CkptError(f"{uri}: no committed checkpoint for step {step} (committed steps: {have or 'none'})")
+    problems = manifest.verify(uri) if verify else []
+    if problems:
+        raise CkptError(f"{uri}: checkpoint does not verify: {problems[0]}")
+    return m
+
+
+def read_tensors(step_uri: str, name: str) -> dict:
+    """The tensors of one safetensors file of a step checkpoint."""
+    path = storage.join(step_uri, name)
+    _, infos = st.read_header(path)
+    with storage.open_read(path) as f:
+        return {t.name: st.to_torch(st.read_tensor_bytes(t, f), t.dtype, t.shape) for t in infos}
+
+
+def write_tensors(out: Output, name: str, tensors: dict) -> None:
+    """A safetensors file streamed from CPU tensors, in chunks (no second copy of the whole tensor)."""
+    import torch
+
+    entries = []
+    for key, t in tensors.items():
+        code = st.ST_NAME[str(t.dtype).removeprefix("torch.")]
+        entries.append((key, code, list(t.shape), t.numel() * t.element_size()))
+    with out.open(name) as f:
+        f.write(st.header_bytes(entries, {"format": "pt"}))
+        for t in tensors.values():
+            if t.numel() == 0:
+                continue
+            raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+            for i in range(0, raw.shape[0], storage.CHUNK):
+                f.write(raw[i:i + storage.CHUNK].tobytes())
+
+
+def plan_retention(steps: list[int], newest: int, *, keep_last: int | None, keep_every: int | None,
+                   pin: list[int]) -> list[int]:
+    """Steps to delete once `newest` is committed: never `newest` or anything after it."""
+    if keep_last is None:
+        return []
+    upto = sorted(s for s in steps if s <= newest)
+    keep = set(upto[-keep_last:]) | set(pin) | {newest}
+    if keep_every:
+        keep |= {s for s in upto if s % keep_every == 0}
+    return [s for s in upto if s not in keep]
+
+
+def delete_step(uri: str) -> None:
+    # The manifest goes first: a crash mid-delete leaves an uncommitted directory, never a
+    # half-deleted one that still looks committed.
+    manifest.uncommit(uri)
+    storage.remove(uri)
+
+
+class Checkpointer:
+    def __init__(self, train_uri: str, cfg, *, on_commit=None):
+        """`cfg` is a config.CheckpointConfig; `on_commit(manifest)` runs in the writer thread."""
+        self.train_uri = storage.normalize(train_uri)
+        self.cfg = cfg
+        self.on_commit = on_commit
+        self.stats: list[dict] = []          # one record per save: step, blocked_s, write_s, bytes, ...
+        self.last: Manifest | None = None    # the newest manifest this checkpointer committed
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptflow-save") if cfg.async_ else None
+        self._future: Future | None = None
+        self._buffers: dict[tuple[str, str], object] = {}
+        self._last_save = time.monotonic()
+        self.saved_steps: set[int] = set()
+
+    def due(self, step: int) -> bool:
+        every, secs = self.cfg.every_steps, self.cfg.every_seconds
+        if every and step % every == 0:
+            return True
+        return bool(secs) and time.monotonic() - self._last_save >= secs
+
+    def save(self, step: int, tensors: dict[str, dict], json_files: dict[str, dict], m: Manifest) -> str:
+        """Checkpoint `step`: returns its URI once training may go on (the write may still run)."""
+        t0 = time.perf_counter()
+        self.wait()
+        t1 = time.perf_counter()
+        snap = self._snapshot(tensors) if self._pool is not None else _to_cpu(tensors)
+        bodies = {n: json.dumps(d, sort_keys=True, indent=1).encode() + b"\n" for n, d in json_files.items()}
+        t2 = time.perf_counter()
+        uri = storage.join(self.train_uri, step_name(step))
+        rec = {"step": step, "uri": uri, "async": self._pool is not None, "wait_s": t1 - t0, "snapshot_s": t2 - t1,
+               "bytes": sum(t.numel() * t.element_size() for sd in snap.values() for t in sd.values())}
+        self.stats.append(rec)
+        self.saved_steps.add(step)
+        self._last_save = time.monotonic()
+        if self._pool is not None:
+            self._future = self._pool.submit(self._write, uri, step, snap, bodies, m, rec)
+        else:
+            self._write(uri, step, snap, bodies, m, rec)
+        rec["blocked_s"] = time.perf_counter() - t0
+        return uri
+
+    def wait(self) -> Manifest | None:
+        """Block until the save in flight is committed; re-raises its error."""
+        if self._future is not None:
+            fut, self._future = self._future, None
+            fut.result()
+        return self.last
+
+    def close(self) -> Manifest | None:
+        try:
+            return self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+
+    def _snapshot(self, tensors: dict[str, dict]) -> dict[str, dict]:
+        """Copies into reused CPU buffers (pinned for CUDA tensors), safe to write while training goes on."""
+        import torch
+
+        out, on_cuda = {}, False
+        for fname, sd in tensors.items():
+            o = {}
+            for key, t in sd.items():
+                t = t.detach()
+                cuda = t.device.type == "cuda"
+                buf = self._buffers.get((fname, key))
+                if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                    buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=cuda)
+                    self._buffers[(fname, key)] = buf
+                buf.copy_(t, non_blocking=cuda)
+                on_cuda |= cuda
+                o[key] = buf
+            out[fname] = o
+        if on_cuda:
+            torch.cuda.synchronize()  # the non-blocking copies must land before the writer reads them
+        return out
+
+    def _write(self, uri: str, step: int, snap: dict, bodies: dict, m: Manifest, rec: dict) -> Manifest:
+        t0 = time.perf_counter()
+        out = Output(uri, overwrite=True)   # a same-numbered step of an abandoned branch is replaced
+        for name, sd in snap.items():
+            write_tensors(out, name, sd)
+        for name, body in bodies.items():
+            out.put(name, body)
+        committed = out.commit(m)
+        self.last = committed
+        rec["write_s"] = time.perf_counter() - t0
+        log.info("%s: committed step %d in %.2fs", uri, step, rec["write_s"])
+        self._retain(step)
+        if self.on_commit is not None:
+            self.on_commit(committed)
+        return committed
+
+    def _retain(self, newest: int) -> None:
+        steps = dict(list_steps(self.train_uri))
+        doomed = plan_retention(list(steps), newest, keep_last=self.cfg.keep_last, keep_every=self.cfg.keep_every,
+                                pin=self.cfg.pin)
+        for s in doomed:
+            log.info("%s: deleted by retention (keep_last=%s)", steps[s], self.cfg.keep_last)
+            delete_step(steps[s])
+
+
+def _to_cpu(tensors: dict[str, dict]) -> dict[str, dict]:
+    """Synchronous saves write the live tensors (training waits), copying only what is not on the CPU."""
+    return {f: {k: t.detach().cpu() for k, t in sd.items()} for f, sd in tensors.items()}

@@ -1,0 +1,68 @@
+"""Train a run's base model (full or LoRA) with step checkpoints; resume after any crash.
+
+    ckptflow train CONFIG [KEY=VALUE ...]
+
+Without a committed `{run}/base`, the model source is downloaded into `{run}/source` and
+converted into `{run}/base` first (both idempotent). A run that has step checkpoints resumes
+from the newest committed and verified one; `checkpoint.load_step` picks another (a missing
+step is an error, never a silent fresh start). Metrics go to `{run}/train/metrics.jsonl`.
+"""
+from __future__ import annotations
+
+import logging
+
+from ckptflow import config, manifest, storage
+from ckptflow.errors import CkptError
+from ckptflow.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+
+def prepare_base(cfg: config.RunConfig) -> str:
+    """`{run}/base` in tune format, downloading and converting model.source when it is missing."""
+    from ckptflow.stages import convert, download
+
+    run = config.run_dir(cfg)
+    base = storage.join(run, "base")
+    if manifest.read(base) is None:
+        source = download.run(cfg.model.source, storage.join(run, "source"))
+        convert.run(source.uri, base, to="tune")
+    return base
+
+
+def run(cfg: config.RunConfig, base_uri: str | None = None, *, stop_after: int | None = None,
+        on_metrics=None) -> Manifest:
+    """Train to train.steps (or to step `stop_after`); returns the last step checkpoint's manifest.
+
+    `on_metrics(row)` receives every metrics row: step, loss, eval_loss, lr, tokens_per_s, checkpoint.
+    """
+    config.apply_storage_options(cfg)
+    base_uri = storage.normalize(base_uri) if base_uri else prepare_base(cfg)
+    if cfg.train.nproc_per_node > 1:
+        from ckptflow import distributed
+
+        return distributed.launch(cfg, base_uri, stop_after=stop_after, on_metrics=on_metrics)
+    return train_here(cfg, base_uri, stop_after=stop_after, on_metrics=on_metrics)
+
+
+def train_here(cfg: config.RunConfig, base_uri: str, *, stop_after: int | None = None, on_metrics=None) -> Manifest:
+    """Train in this process."""
+    from ckptflow import train
+
+    base = manifest.require(base_uri)
+    train_uri = storage.join(config.run_dir(cfg), "train")
+    point = train.resume_point(cfg, train_uri)
+    if point is not None:
+        train.check_resume(point, cfg, base)
+    until = min(stop_after or cfg.train.steps, cfg.train.steps)
+    if point is not None and point.step >= until:
+        log.info("%s: already at step %d (asked for %d); nothing to train", point.uri, point.step, until)
+        return point
+    with train.process_settings(cfg.train):
+        trainer = train.Trainer(cfg, base_uri, on_metrics=on_metrics)
+        if point is not None:
+            trainer.resume(point, cfg.checkpoint.exclude_from_loading)
+        last = trainer.fit(until)
+    if last is None:
+        raise CkptError(f"{train_uri}: training finished without a committed checkpoint")
+    return last
