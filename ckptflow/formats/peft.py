@@ -32,7 +32,7 @@ PREFIX = "base_model.model."
 # On disk PEFT drops the adapter name ("default"); older files may still carry one.
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _UNSUPPORTED = (("lora_embedding_", "LoRA on embeddings"), ("lora_magnitude_vector", "DoRA"),
-                ("lora_B.bias", "lora_bias"))
+                ("lora_B.bias", "lora_bias"), (".base_layer.", "base weights saved beside the adapter (save_embedding_layers)"))
 
 
 @dataclass
