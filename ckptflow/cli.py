@@ -149,6 +149,7 @@ def run(config: str = typer.Argument(..., help="run config YAML (any fsspec URI)
 
     cfg = cfg_mod.load_config(config, overrides or [])   # bad config: one line, before Prefect starts
     apply_prefect_defaults()
+    _hand_logging_to_prefect()
     from flows.finetune import finetune
 
     out = finetune(cfg)
@@ -162,9 +163,18 @@ def serve(prefect_file: str = typer.Option("deployments/prefect.yaml", "--prefec
     from ckptflow.settings import apply_prefect_defaults
 
     apply_prefect_defaults()
+    _hand_logging_to_prefect()
     from flows import deploy
 
     deploy.serve(prefect_file, limit=limit)
+
+
+def _hand_logging_to_prefect() -> None:
+    # Prefect keeps a root handler it finds; without ours, its console shows which task run
+    # logged each line.
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
 
 
 def _setup_logging() -> None:

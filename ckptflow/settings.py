@@ -1,0 +1,34 @@
+"""Prefect environment defaults for ckptflow, applied before prefect is first imported.
+
+Prefect reads its settings from the environment once, at import. The `run` and `serve`
+commands and the `tasks`/`flows` packages call `apply_prefect_defaults()` first, so that:
+
+- nothing phones home (telemetry is off; offline it only logs errors),
+- the embedded (ephemeral) API server gets 120 s to start instead of 20 s (a fresh SQLite
+  database takes ~25 s to migrate on 2 cores, measured in shared/reference/prefect.md),
+- Prefect's database, profiles and default result storage live under ~/.ckptflow/prefect,
+  apart from any other Prefect project on the machine.
+
+Only defaults: a variable already set in the environment always wins. No prefect import here.
+"""
+from __future__ import annotations
+
+import os
+
+PREFECT_DEFAULTS = {
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    # ckptflow's own loggers (stage progress, skips, retries) go to the flow run's logs.
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "ckptflow",
+}
+DEFAULT_HOME = "~/.ckptflow/prefect"
+
+
+def apply_prefect_defaults(environ: dict | None = None) -> dict:
+    """Set every default that is not set yet; returns the ones it set."""
+    env = os.environ if environ is None else environ
+    wanted = dict(PREFECT_DEFAULTS, PREFECT_HOME=os.path.expanduser(DEFAULT_HOME))
+    applied = {k: v for k, v in wanted.items() if k not in env}
+    env.update(applied)
+    return applied

@@ -1,0 +1,64 @@
+"""`ckptflow serve`: the deployments of deployments/prefect.yaml, served from one process.
+
+prefect.yaml stays the one description of the deployments (`prefect deploy` reads it for work
+pools); this module turns each entry into `flow.to_deployment(...)` with the same name,
+schedules, parameters, triggers and concurrency limit, and serves them all. Serving needs a
+Prefect server (the embedded one runs no scheduler): set PREFECT_API_URL.
+"""
+from __future__ import annotations
+
+import importlib
+
+from ckptflow import storage
+from ckptflow.errors import CkptError
+
+KEYS = {"name", "entrypoint", "description", "tags", "schedules", "concurrency_limit", "parameters",
+        "triggers", "work_pool", "version", "enforce_parameter_schema"}
+
+
+def load(prefect_file: str) -> list[dict]:
+    import yaml
+
+    doc = yaml.safe_load(storage.read_text(prefect_file)) or {}
+    deployments = doc.get("deployments")
+    if not isinstance(deployments, list) or not deployments:
+        raise CkptError(f"{prefect_file}: no 'deployments' list")
+    for d in deployments:
+        unknown = set(d) - KEYS
+        if unknown:
+            raise CkptError(f"{prefect_file}: deployment {d.get('name')!r}: unknown key {sorted(unknown)[0]!r}")
+    return deployments
+
+
+def flow_of(entrypoint: str, where: str):
+    """`flows/finetune.py:finetune` -> the flow object of module flows.finetune."""
+    path, _, name = entrypoint.partition(":")
+    module = path.removesuffix(".py").replace("/", ".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise CkptError(f"{where}: entrypoint {entrypoint!r} not found ({e})") from None
+
+
+def runner_deployment(spec: dict, where: str):
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig
+    from prefect.events.schemas.deployment_triggers import DeploymentTriggerTypes
+    from prefect.schedules import Cron
+    from pydantic import TypeAdapter
+
+    triggers = [TypeAdapter(DeploymentTriggerTypes).validate_python({"name": f"{spec['name']}__automation_{i}", **t})
+                for i, t in enumerate(spec.get("triggers") or [], start=1)]
+    limit = spec.get("concurrency_limit")
+    return flow_of(spec["entrypoint"], where).to_deployment(
+        name=spec["name"], description=spec.get("description"), tags=spec.get("tags"),
+        parameters=spec.get("parameters") or {}, triggers=triggers or None,
+        schedules=[Cron(s["cron"], timezone=s.get("timezone")) for s in spec.get("schedules") or []] or None,
+        concurrency_limit=ConcurrencyLimitConfig(**limit) if isinstance(limit, dict) else limit)
+
+
+def serve(prefect_file: str, limit: int | None = None) -> None:
+    from prefect import serve as prefect_serve
+
+    deployments = [runner_deployment(spec, prefect_file) for spec in load(prefect_file)]
+    # Keep the schedules on when this process stops: a restart must not silently pause nightly runs.
+    prefect_serve(*deployments, limit=limit, pause_on_shutdown=False)

@@ -1,0 +1,36 @@
+"""The evaluate flow: perplexity and samples of an exported model, and the eval hand-off request.
+
+The `evaluate` deployment starts it on the `ckptflow.export.completed` event that the finetune
+flow emits (its payload carries this request). With `request.run` set, the run's run.json and
+summary get the results.
+"""
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+
+from ckptflow import storage
+from flows import publish
+from flows.params import EvalRequest
+from flows.stage import Recorder
+from tasks import common
+from tasks.evaluate import evaluate as evaluate_task
+
+
+@flow(name="evaluate")
+def evaluate(request: EvalRequest) -> dict:
+    """Evaluate `request.source` on `request.data` (and its base, for before/after)."""
+    for uri in (request.source, request.out, request.run):
+        if uri and request.storage_options:
+            storage.set_options(uri, request.storage_options)
+    out = request.destination()
+    task = common.bind(evaluate_task, common.result_storage(storage.parent(out), request.storage_options))
+    args = (storage.normalize(request.source), request.data, request.base, out, request.settings)
+    if not request.run:
+        return task(*args)
+    run_uri = storage.normalize(request.run)
+    rec = Recorder(run_uri, storage.basename(run_uri))
+    result = rec.stage("evaluate", task, *args)
+    rec.record["eval"] = publish.eval_results(result["uri"])
+    rec.save(summary=True)
+    get_run_logger().info("evaluated %s: %s", request.source, rec.record["eval"])
+    return result

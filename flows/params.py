@@ -1,0 +1,80 @@
+"""Flow parameters as pydantic models: a deployment shows each one as a form in the Prefect UI
+(descriptions as help text, Literal fields as drop-downs). The finetune flow takes
+`ckptflow.config.RunConfig` itself."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ckptflow import storage
+
+ExportFormat = Literal["original", "hf", "meta", "peft"]
+Dtype = Literal["keep", "bfloat16", "float16", "float32"]
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ExportParams(_Params):
+    source: str = Field(description="What to export: a run directory (e.g. ./runs/demo or s3://bucket/runs/demo), "
+                                    "one of its step checkpoints (.../train/step-000040), a tune directory or a "
+                                    "LoRA adapter. Any fsspec URI.")
+    step: int | None = Field(None, ge=0, description="For a run: the step checkpoint to export. Empty: the run's "
+                                                     "newest committed step.")
+    format: ExportFormat = Field("original", description="original: the format the model came in; hf: "
+                                 "transformers safetensors; meta: consolidated.00.pth + params.json; "
+                                 "peft: the LoRA adapter alone")
+    dtype: Dtype = Field("keep", description="keep the checkpoint's dtype, or cast to bfloat16 / float16 / float32")
+    dst: str | None = Field(None, description="Where to write the export. Empty: {run}/exports/<format>-<step>-<dtype> "
+                                              "beside the source.")
+    storage_options: dict = Field(default_factory=dict, description="fsspec options for the source and "
+                                                                    "destination (e.g. an S3 endpoint_url)")
+
+    def destination(self) -> str:
+        if self.dst:
+            return storage.normalize(self.dst)
+        src = storage.normalize(self.source)
+        name = f"{self.format}-{'step-%06d' % self.step if self.step is not None else 'newest'}-{self.dtype}"
+        return storage.join(_run_root(src), "exports", name)
+
+
+def _run_root(src: str) -> str:
+    """The run a source belongs to: `{run}/train/step-N` -> `{run}`; anything else -> itself."""
+    parent = storage.parent(src)
+    if storage.basename(src).startswith("step-") and storage.basename(parent) == "train":
+        return storage.parent(parent)
+    return src
+
+
+class EvalRequest(_Params):
+    source: str = Field(description="The model to evaluate: an export, a merged model or any checkpoint (fsspec URI)")
+    data: str = Field(description="Held-out data: JSONL (`text`, or `prompt`/`response`) or plain text")
+    base: str | None = Field(None, description="The base model before fine-tuning, for before/after numbers")
+    out: str | None = Field(None, description="Where results.json and request.json go. Empty: {run}/eval "
+                                              "for {run}/export, else <source>-eval")
+    run: str | None = Field(None, description="The run directory whose run.json and summary get the results")
+    settings: dict = Field(default_factory=dict, description="ckptflow.stages.evaluate options: prompts, "
+                                                             "max_new_tokens, batch_size, seq_len, max_batches")
+    storage_options: dict = Field(default_factory=dict, description="fsspec options for these URIs")
+
+    def destination(self) -> str:
+        if self.out:
+            return storage.normalize(self.out)
+        src = storage.normalize(self.source)
+        if storage.basename(src) == "export":
+            return storage.join(storage.parent(src), "eval")
+        return src + "-eval"
+
+
+class ConvertParams(_Params):
+    source: str = Field(description="A checkpoint directory in any readable format (fsspec URI)")
+    dst: str = Field(description="Where the converted checkpoint goes")
+    to: Literal["tune", "hf", "meta", "dcp"] = Field("tune", description="the output format")
+    dtype: Dtype = Field("keep", description="keep, or cast to bfloat16 / float16 / float32")
+    storage_options: dict = Field(default_factory=dict, description="fsspec options for these URIs")
+
+
+def dtype_or_none(dtype: str | None) -> str | None:
+    return None if dtype in (None, "keep") else dtype

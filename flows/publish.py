@@ -1,0 +1,102 @@
+"""What a run shows in the Prefect dashboard: the summary (markdown, with the loss curve as a data
+URI), the metrics table, and the run record behind them. The content comes from ckptflow.report;
+this module only gathers the facts from the run directory and hands them to Prefect.
+
+Artifact keys carry the run id (lowercased, other characters turned into dashes: Prefect allows
+only lowercase letters, digits and dashes), so every run has its own history of versions.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+from ckptflow import report, runfile, storage
+
+log = logging.getLogger(__name__)
+
+LOSS_PNG = "loss.png"
+METRICS = "train/metrics.jsonl"
+
+
+def key(run_id: str, what: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", run_id.lower()).strip("-") or "run"
+    return f"{slug}-{what}"
+
+
+def read_metrics(run_uri: str) -> list[dict]:
+    """The training loop's metrics rows (one JSON object per line); [] before training."""
+    path = storage.join(run_uri, METRICS)
+    if not storage.isfile(path):
+        return []
+    rows = []
+    for line in storage.read_text(path).splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill mid-write; the next run appends after it
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+    return rows
+
+
+def checkpoints(run_uri: str) -> list[dict]:
+    from ckptflow import checkpointer, manifest
+
+    out = []
+    for step, uri in checkpointer.list_steps(storage.join(run_uri, "train")):
+        m = manifest.read(uri)
+        out.append({"step": step, "uri": uri, "size_bytes": sum(f.get("size", 0) for f in m.files.values()),
+                    "save_seconds": (m.extra or {}).get("save_seconds")})
+    return out
+
+
+def loss_curve(run_uri: str, record: dict, metrics: list[dict]) -> bytes:
+    """The loss curve PNG, saved as {run}/loss.png and named in the record."""
+    png = report.loss_curve_png(metrics, record.get("checkpoints") or [], f"{record['run_id']}: training loss")
+    path = storage.join(run_uri, LOSS_PNG)
+    storage.put_atomic(path, png)
+    record["loss_curve"] = path
+    return png
+
+
+def summary(run_uri: str, record: dict) -> str:
+    """The summary markdown, with {run}/loss.png embedded when it exists."""
+    shown = dict(record)
+    png_uri = record.get("loss_curve")
+    if png_uri and storage.isfile(png_uri):
+        shown["loss_curve_png"] = storage.read_bytes(png_uri)
+    return report.summary_markdown(shown)
+
+
+def publish_summary(run_uri: str, record: dict) -> str:
+    from prefect.artifacts import create_markdown_artifact
+
+    md = summary(run_uri, record)
+    storage.put_atomic(storage.join(run_uri, "summary.md"), md.encode())
+    create_markdown_artifact(markdown=md, key=key(record["run_id"], "summary"),
+                             description=f"ckptflow run {record['run_id']}: {run_uri}")
+    return md
+
+
+def publish_metrics(run_uri: str, record: dict, metrics: list[dict]) -> None:
+    from prefect.artifacts import create_table_artifact
+
+    if metrics:
+        create_table_artifact(table=report.metrics_table(metrics), key=key(record["run_id"], "metrics"),
+                              description=f"training metrics of {record['run_id']}")
+
+
+def eval_results(eval_uri: str) -> dict:
+    """{"before": {...}, "after": {...}} from {eval}/results.json, for the summary."""
+    res = storage.read_json(storage.join(eval_uri, "results.json"))
+    return {"before": (res.get("base") or {}).get("metrics") or {}, "after": res.get("metrics") or {}}
+
+
+def after_training(run_uri: str, record: dict) -> None:
+    """Checkpoints, loss curve and metrics table, once the training stage has finished."""
+    record["checkpoints"] = checkpoints(run_uri)
+    metrics = read_metrics(run_uri)
+    loss_curve(run_uri, record, metrics)
+    publish_metrics(run_uri, record, metrics)
+    runfile.save(run_uri, record)
