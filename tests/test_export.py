@@ -203,3 +203,25 @@ def test_meta_and_hf_round_trip_to_the_same_tensors(tmp_path, run):
     # and the tune tensors read from the Meta files equal those read from HF
     a, b = api.load_state_dict(str(tmp_path / "meta"))[0], api.load_state_dict(hf)[0]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_peft_adapter_exports_as_itself_or_merged(tmp_path):
+    from tests import hfmodels
+    from tests.test_peft import peft_adapter
+
+    base = hfmodels.save("mistral", str(tmp_path / "base"))
+    pm = peft_adapter(base, str(tmp_path / "ad"), r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "down_proj"],
+                      rank_pattern={"down_proj": 2}, use_rslora=True)
+    m = export.run(str(tmp_path / "ad"), str(tmp_path / "same"))              # original = peft
+    assert m.format == "peft"
+    assert tensors(str(tmp_path / "ad")).keys() == tensors(str(tmp_path / "same")).keys()
+    for k, v in tensors(str(tmp_path / "ad")).items():
+        assert torch.equal(v, tensors(str(tmp_path / "same"))[k]), k       # q/k lora_B un-permuted exactly
+    cfg = json.load(open(tmp_path / "same" / "adapter_config.json"))
+    assert (cfg["r"], cfg["use_rslora"], cfg["rank_pattern"]) == (4, True, {f"model.layers.{i}.mlp.down_proj": 2
+                                                                             for i in range(2)})
+    export.run(str(tmp_path / "ad"), str(tmp_path / "hf"), format="hf")      # base from base_model_name_or_path
+    x = tokens()
+    with torch.no_grad():
+        want = pm.eval()(x).logits
+    torch.testing.assert_close(hf_logits(str(tmp_path / "hf"), x), want, atol=1e-5, rtol=0)

@@ -216,3 +216,12 @@ def test_written_adapter_loads_in_peft_with_ckptflow_logits(tmp_path, family):
     with torch.no_grad(), pm.disable_adapter():
         assert (pm(x).logits - got).abs().max() > 1e-3     # the adapter is really there
     assert sum(1 for k in pm.state_dict() if "lora_" in k) == 2 * 5 * 2
+
+
+def test_convert_of_an_adapter_merges_and_records_it(tmp_path, llama_dir):
+    peft_adapter(llama_dir, str(tmp_path / "a1"), seed=1, **VARIANTS["plain"])
+    peft_adapter(llama_dir, str(tmp_path / "a2"), seed=2, **VARIANTS["plain"])   # same shapes, other numbers
+    first = convert.run(str(tmp_path / "a1"), str(tmp_path / "out"), to="hf")
+    assert [s["stage"] for s in first.lineage["stages"]] == ["merge", "convert"]
+    second = convert.run(str(tmp_path / "a2"), str(tmp_path / "out"), to="hf")
+    assert second.inputs != first.inputs and second.files != first.files

@@ -311,7 +311,8 @@ def write_view(view, out, *, out_dtype: str | None = None, max_shard: int | None
 def base_model_name(view) -> tuple[str, str | None]:
     """What adapter_config.json names as the base: the Hub id the run started from, else the HF
     directory the base was converted from, else the base directory itself."""
-    m = view.manifest
+    base = view.adapter.base if view.adapter is not None else None
+    m = manifest.read(base) if base and storage.isdir(base) else view.manifest
     lin = (m.lineage if m is not None else None) or {}
     src = str(lin.get("source") or "")
     if src.startswith("hf://"):
@@ -320,7 +321,7 @@ def base_model_name(view) -> tuple[str, str | None]:
     hf_dir = ((m.inputs.get("source") or {}).get("uri") if m is not None else None)
     if hf_dir and storage.isfile(storage.join(hf_dir, "config.json")):
         return hf_dir, None
-    return view.uri, None
+    return base or view.uri, None
 
 
 def _out_item(name: str, src: Item, permute: tuple | None, out_dtype: str | None) -> Item:

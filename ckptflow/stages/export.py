@@ -165,17 +165,15 @@ def target_format(fmt: str, source: Source) -> str:
 
 def lineage(source: Source, fmt: str, dst: str, dtype: str | None) -> dict:
     """Source model and revision, run, step, every stage (download, convert, train, merge), dtype."""
-    m, ad = source.manifest, source.view.adapter
-    own = (m.lineage if m is not None else None) or {}
-    if own.get("stages") or source.base is None:
-        lin = dict(own)
-    else:  # an adapter that records no lineage of its own: start from its base's
-        lin = dict((source.base.manifest.lineage if source.base.manifest is not None else None) or {})
-    lin.setdefault("source", (source.base or source.view).uri)
+    ad = source.view.adapter
+    if ad is not None and fmt == "peft":      # written unmerged: no merge stage
+        lin = merge.adapter_lineage(source.base, ad)
+    else:                                     # a merged view's manifest already records the merge
+        m = source.view.manifest
+        lin = dict((m.lineage if m is not None else None) or {})
+    lin.setdefault("source", source.view.uri)
     lin.setdefault("revision", None)
     stages = list(lin.get("stages", []))
-    if ad is not None and fmt != "peft":
-        stages.append(merge.merge_stage(ad, ad.content_fingerprint(), None, source.base.format))
     stages.append({"stage": "export", "from": source.view.format, "to": fmt, "uri": dst, "dtype": dtype})
     lin.update(stages=stages, run=source.run or lin.get("run"), step=source.step, dtype=dtype)
     return lin

@@ -45,7 +45,7 @@ def run(adapter: str, base: str | None, dst: str, *, overwrite: bool = False) ->
         return existing
     fp = ad.content_fingerprint()
     refuse_remerge(base_view, ad, fp)
-    view = merged_view(base_view, ad)
+    view = merged_view(base_view, ad, fp)
     out = Output(dst, overwrite=overwrite or existing is not None)
     with progress.bar(sum(it.out_nbytes for it in view.items.values()), "merge") as bar:
         m = WRITERS["tune"](view, out, out_dtype=None, max_shard=None, progress=bar)
@@ -82,9 +82,11 @@ def _merged_tensor(w_item: Item, module: LoraModule, use_rslora: bool):
     return merge_weight(w, a, b, module, use_rslora)
 
 
-def merged_view(base_view: View, ad: Adapter) -> View:
+def merged_view(base_view: View, ad: Adapter, fp: str | None = None) -> View:
     """The base with every targeted weight replaced by a lazy merged tensor; `adapter` kept for
-    writers that want it unmerged (peft)."""
+    writers that want it unmerged (peft). Its manifest (not committed anywhere) names base and
+    adapter as inputs and carries the merge in its lineage, so whatever writes this view (convert,
+    export) is idempotent per adapter and records the merge."""
     if ad.family.NAME != base_view.family.NAME or ad.args.to_dict() != base_view.args.to_dict():
         raise CkptError(f"{ad.uri}: adapter was read for a {ad.family.NAME} model that differs from "
                         f"the base {base_view.uri} ({base_view.family.NAME})")
@@ -96,9 +98,22 @@ def merged_view(base_view: View, ad: Adapter) -> View:
             raise CkptError(f"{ad.uri}: adapter module {path!r} has no base weight {key!r} in {base_view.uri}{tied}")
         w = items[key]
         items[key] = Item(key, w.dtype, list(w.shape), load=functools.partial(_merged_tensor, w, m, ad.use_rslora))
+    m = merged_manifest(base_view, ad, fp or ad.content_fingerprint())
     return View(base_view.uri, base_view.format, base_view.family, base_view.args, items, base_view.original,
-                dict(base_view.assets), manifest=base_view.manifest, partition=base_view.partition,
+                dict(base_view.assets), manifest=m, partition=base_view.partition,
                 notes=list(base_view.notes), adapter=ad)
+
+
+def merged_manifest(bv: View, ad: Adapter, fp: str) -> Manifest:
+    from ckptflow.stages.convert import source_ref
+
+    bm = bv.manifest
+    m = Manifest(kind="model", format=bv.format, family=bv.family.NAME, model_args=bv.args.to_dict(),
+                 dtype=bm.dtype if bm is not None else None, step=ad.step,
+                 inputs={"base": source_ref(bv), "adapter": adapter_ref(ad)}, lineage=lineage(bv, ad, fp, None),
+                 extra={"merged": {"adapter": ad.uri, "format": ad.format, "fingerprint": fp, **ad.lora_config()}})
+    m.uri = ad.uri
+    return m
 
 
 # --- reading adapters -----------------------------------------------------------------------
@@ -215,15 +230,23 @@ def merge_stage(ad: Adapter, fp: str, dst: str | None, base_format: str) -> dict
     return stage
 
 
-def lineage(bv: View, ad: Adapter, fp: str, dst: str | None) -> dict:
-    """Source and revision of the base, the adapter's training (a step records it), this merge."""
-    src = ad.manifest.lineage if ad.manifest is not None and ad.manifest.kind == "train_state" else None
-    lin = dict(src or (bv.manifest.lineage if bv.manifest is not None else {}) or {})
+def adapter_lineage(bv: View, ad: Adapter) -> dict:
+    """Source and revision of the base and how the adapter came to be (a step records its
+    training); an adapter that records nothing starts from its base's lineage."""
+    own = (ad.manifest.lineage if ad.manifest is not None else None) or {}
+    lin = dict(own if own.get("stages") else (bv.manifest.lineage if bv.manifest is not None else None) or {})
     lin.setdefault("source", bv.uri)
-    lin["stages"] = list(lin.get("stages", [])) + [merge_stage(ad, fp, dst, bv.format)]
+    lin.setdefault("revision", None)
+    lin["stages"] = list(lin.get("stages", []))
     if ad.manifest is not None and ad.manifest.kind == "train_state":
         lin["run"] = ad.manifest.extra.get("run") or run_of(ad.uri)
         lin["step"] = ad.step
+    return lin
+
+
+def lineage(bv: View, ad: Adapter, fp: str, dst: str | None) -> dict:
+    lin = adapter_lineage(bv, ad)
+    lin["stages"].append(merge_stage(ad, fp, dst, bv.format))
     return lin
 
 
