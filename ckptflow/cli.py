@@ -97,6 +97,50 @@ def download(source: str, dst: str,
 
 
 @app.command()
+def generate(src: str, prompt: str = typer.Option(..., "--prompt", help="text to continue"),
+             max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
+             temperature: float = typer.Option(0.0, "--temperature", help="0: greedy"),
+             top_k: Optional[int] = typer.Option(None, "--top-k"),
+             seed: int = typer.Option(0, "--seed", help="sampling seed (temperature > 0)"),
+             step: Optional[int] = typer.Option(None, "--step", help="a run's step (default: the newest committed)"),
+             base: Optional[str] = typer.Option(None, "--base", help="the base model of an adapter (default: the one it names)"),
+             device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+             as_json: bool = JSON):
+    """Continue --prompt with the model at SRC (any format, a run, a step or an adapter)."""
+    from ckptflow import generate as gen
+
+    out = gen.run(src, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed,
+                  step=step, base=base, device=device)
+    emit(out, as_json, out["completion"])
+
+
+@app.command()
+def evaluate(src: str, data: str = typer.Option(..., "--data", help="held-out JSONL or text (any fsspec URI)"),
+             base: Optional[str] = typer.Option(None, "--base", help="also evaluate this model and report the change"),
+             out: Optional[str] = typer.Option(None, "--out", help="default: {run}/eval"),
+             step: Optional[int] = typer.Option(None, "--step", help="a run's step (default: the newest committed)"),
+             prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="sample prompts (repeat the option)"),
+             max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
+             batch_size: int = typer.Option(8, "--batch-size"), seq_len: int = typer.Option(256, "--seq-len"),
+             max_batches: Optional[int] = typer.Option(None, "--max-batches"),
+             tasks: str = typer.Option("hellaswag,arc_easy,lambada_openai", "--tasks", help="lm_eval tasks for request.json"),
+             device: str = typer.Option("auto", "--device"),
+             overwrite: bool = typer.Option(False, "--overwrite"), as_json: bool = JSON):
+    """Held-out perplexity and samples of SRC, and {out}/request.json for lm-evaluation-harness."""
+    from ckptflow.stages import evaluate as stage
+
+    kw = {"prompts": prompt} if prompt else {}
+    m = stage.run(src, data=data, base=base, out=out, step=step, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                  seq_len=seq_len, max_batches=max_batches, tasks=[t for t in tasks.split(",") if t], device=device,
+                  overwrite=overwrite, **kw)
+    s = manifest_summary(m)
+    ch = m.extra.get("change")
+    text = f"{m.uri}: perplexity {m.extra['perplexity']:.3f}" + (
+        f" (base {ch['perplexity']['before']:.3f})" if ch else "") + f"\nmodel for lm_eval: {m.extra['model']}"
+    emit(s, as_json, text)
+
+
+@app.command()
 def train(config: str = typer.Argument(..., help="run config YAML (any fsspec URI)"),
           overrides: Optional[list[str]] = typer.Argument(None, help="dotted KEY=VALUE overrides, e.g. train.steps=100"),
           stop_after: Optional[int] = typer.Option(None, "--stop-after", help="stop (with a checkpoint) at this step"),
