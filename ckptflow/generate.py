@@ -48,12 +48,21 @@ def pick_device(name: str = "auto"):
 def load(src: str, *, step: int | None = None, base: str | None = None, device: str = "auto",
          dtype: str | None = None) -> Loaded:
     """The model at `src` (any readable checkpoint, run or step) with its tokenizer."""
+    return load_source(resolve(src, step=step, base=base), device=device, dtype=dtype)
+
+
+def resolve(src: str, *, step: int | None = None, base: str | None = None):
+    """What `src` means (stages.export.Source), before any weight is read."""
+    from ckptflow.stages import export
+
+    return export.resolve(storage.normalize(src), step=step, base=base)
+
+
+def load_source(source, *, device: str = "auto", dtype: str | None = None) -> Loaded:
     import torch
 
     from ckptflow.model import Transformer
-    from ckptflow.stages import export
 
-    source = export.resolve(storage.normalize(src), step=step, base=base)
     torch_dtype = getattr(torch, dtype) if dtype else None
     sd = state_dict(source.view, torch_dtype)
     model = Transformer.from_state_dict(source.view.args, sd, device=pick_device(device), dtype=torch_dtype)

@@ -88,7 +88,7 @@ def test_out_is_required_outside_a_run_and_bad_data_is_named(tmp_path):
     bad.write_text('{"text": "fine"}\n{"txt": "typo"}\n')
     with pytest.raises(CkptError, match=r"bad.jsonl:2: expected a string 'text'"):
         evaluate.run(src, data=str(bad), out=str(tmp_path / "eval"), device="cpu")
-    assert not os.path.exists(tmp_path / "eval" / "results.json")
+    assert not os.path.exists(tmp_path / "eval"), "bad data must leave --out untouched"
 
 
 def test_cli(run, capsys):
@@ -99,3 +99,18 @@ def test_cli(run, capsys):
     s = json.loads(out.out)
     assert s["kind"] == "eval" and s["extra"]["change"]["perplexity"]["ratio"] < 1
     assert read(f"{run}/eval-cli", "results.json")["samples"][0]["prompt"] == PROMPTS[0]
+
+
+def test_request_reuses_the_runs_hf_export_of_the_same_step(run):
+    from ckptflow.stages import export
+
+    exported = export.run(run, f"{run}/export", format="hf")
+    try:
+        m = evaluate.run(run, data=EVAL, out=f"{run}/eval-export", prompts=PROMPTS[:1], max_new_tokens=2, device="cpu")
+        req = read(m.uri, "request.json")
+        assert req["model"] == exported.uri and req["lineage"] == exported.lineage
+        assert not os.path.exists(f"{run}/eval-export/hf")
+    finally:
+        import shutil
+
+        shutil.rmtree(exported.uri)   # the other tests expect a run without an export

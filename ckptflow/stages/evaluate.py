@@ -41,36 +41,41 @@ def run(src: str, *, data: str, base: str | None = None, out: str | None = None,
     from ckptflow import generate
 
     src, data = storage.normalize(src), storage.normalize(data)
-    loaded = generate.load(src, step=step, device=device)
-    out = storage.normalize(out) if out else default_out(loaded.source)
+    source = generate.resolve(src, step=step)
+    base_source = generate.resolve(base) if base else None
+    out = storage.normalize(out) if out else default_out(source)
     settings = {"data": data, "prompts": list(prompts), "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-                "seq_len": seq_len, "max_batches": max_batches, "tasks": list(tasks), "step": loaded.step,
+                "seq_len": seq_len, "max_batches": max_batches, "tasks": list(tasks), "step": source.step,
                 "lm_eval_batch_size": lm_eval_batch_size}
-    inputs = {"model": model_ref(loaded.source), "data": data_ref(data)}
-    base_loaded = generate.load(base, device=device) if base else None
-    if base_loaded is not None:
-        inputs["base"] = model_ref(base_loaded.source)
+    inputs = {"model": model_ref(source), "data": data_ref(data)}
+    if base_source is not None:
+        inputs["base"] = model_ref(base_source)
     existing = manifest.read(out)
     if manifest.matches(existing, inputs, settings) and not overwrite:
         log.info("%s: already evaluated %s on %s; nothing to do", out, src, data)
         return existing
-    output = Output(out, overwrite=overwrite or existing is not None)
-    results = {"model": describe(loaded), "data": data,
-               "metrics": evaluate(loaded, data, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches),
+    # Everything is computed before DIR is touched: bad data or a failed load leave it as it was.
+    # One model in memory at a time.
+    shape = {"batch_size": batch_size, "seq_len": seq_len, "max_batches": max_batches}
+    loaded = generate.load_source(source, device=device)
+    results = {"model": describe(loaded), "data": data, "metrics": evaluate(loaded, data, **shape),
                "samples": samples(loaded, prompts, max_new_tokens)}
-    if base_loaded is not None:
-        results["base"] = {**describe(base_loaded),
-                           "metrics": evaluate(base_loaded, data, batch_size=batch_size, seq_len=seq_len,
-                                               max_batches=max_batches),
-                           "samples": samples(base_loaded, prompts, max_new_tokens)}
+    tokenizer_uri = loaded.tokenizer.uri
+    del loaded
+    if base_source is not None:
+        bl = generate.load_source(base_source, device=device)
+        results["base"] = {**describe(bl), "metrics": evaluate(bl, data, **shape),
+                           "samples": samples(bl, prompts, max_new_tokens)}
+        del bl
         results["change"] = change(results["base"]["metrics"], results["metrics"])
     results["settings"] = settings
-    request = hand_off(loaded, out, tasks=tasks, batch_size=lm_eval_batch_size)
+    output = Output(out, overwrite=overwrite or existing is not None)
+    request = hand_off(source, tokenizer_uri, out, tasks=tasks, batch_size=lm_eval_batch_size)
     output.put(RESULTS, _json(results))
     output.put(REQUEST, _json(request))
-    m = Manifest(kind="eval", format="eval", family=loaded.source.view.family.NAME,
-                 model_args=loaded.source.view.args.to_dict(), dtype=request["dtype"], step=loaded.step,
-                 inputs=inputs, params=settings, lineage=request["lineage"],
+    m = Manifest(kind="eval", format="eval", family=source.view.family.NAME, model_args=source.view.args.to_dict(),
+                 dtype=request["dtype"], step=source.step, inputs=inputs, params=settings,
+                 lineage=request["lineage"],
                  extra={"perplexity": results["metrics"]["perplexity"], "model": request["model"],
                         **({"change": results["change"]} if "change" in results else {})})
     return output.commit(m)
@@ -140,22 +145,22 @@ def change(before: dict, after: dict) -> dict:
 
 # --- the hand-off ---------------------------------------------------------------------------
 
-def hand_off(loaded, out: str, *, tasks, batch_size: str) -> dict:
+def hand_off(source, tokenizer_uri: str, out: str, *, tasks, batch_size: str) -> dict:
     """request.json: an HF directory of the evaluated weights and the lm_eval command for it."""
-    model_uri, export_m = hf_model(loaded, out)
-    dtype = export_m.dtype if export_m is not None and export_m.dtype else _view_dtype(loaded.source.view)
-    lineage = dict((export_m.lineage if export_m is not None else None) or _lineage(loaded.source))
+    model_uri, export_m = hf_model(source, out)
+    dtype = export_m.dtype if export_m is not None and export_m.dtype else _view_dtype(source.view)
+    lineage = dict((export_m.lineage if export_m is not None else None) or _lineage(source))
     argv = lm_eval_argv(model_uri, dtype, tasks, batch_size, storage.join(out, "lm_eval"))
     return {"model": model_uri, "format": "hf", "dtype": dtype, "tokenizer": model_uri,
-            "step": loaded.step, "run": loaded.source.run, "family": loaded.source.view.family.NAME,
-            "lineage": lineage, "tasks": list(tasks), "argv": argv, "command": shlex.join(argv)}
+            "evaluated_tokenizer": tokenizer_uri, "step": source.step, "run": source.run,
+            "family": source.view.family.NAME, "lineage": lineage, "tasks": list(tasks), "argv": argv,
+            "command": shlex.join(argv)}
 
 
-def hf_model(loaded, out: str):
+def hf_model(s, out: str):
     """(URI of an HF directory holding exactly the evaluated weights, its manifest or None)."""
     from ckptflow.stages import export
 
-    s = loaded.source
     if s.view.format == "hf" and s.view.adapter is None:
         return s.uri, s.manifest
     if s.run:
