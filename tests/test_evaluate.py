@@ -8,14 +8,14 @@ import pytest
 from ckptflow import cli, generate, manifest
 from ckptflow.errors import CkptError
 from ckptflow.stages import download, evaluate
-from tests.tinyrun import EVAL, SEED, lora_run
+from tests.tinyrun import EVAL, SEED
 
 PROMPTS = ["Q: What is the capital of France?\nA:", "Q: Where does the camel live?\nA:"]
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return lora_run(str(tmp_path_factory.mktemp("eval-run")))
+@pytest.fixture
+def run(tiny_lora_run):
+    return tiny_lora_run
 
 
 def read(out, name):

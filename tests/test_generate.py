@@ -6,7 +6,7 @@ import pytest
 from ckptflow import cli, generate
 from ckptflow.errors import CkptError
 from ckptflow.stages import convert, download, export
-from tests.tinyrun import SEED, lora_run
+from tests.tinyrun import SEED
 
 PROMPT = "Q: What is the capital of France?\nA:"
 
@@ -18,9 +18,9 @@ def seed_hf(tmp_path_factory):
     return str(d)
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return lora_run(str(tmp_path_factory.mktemp("gen-run")))
+@pytest.fixture
+def run(tiny_lora_run):
+    return tiny_lora_run
 
 
 def reference_greedy(loaded, prompt, n):

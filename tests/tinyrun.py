@@ -1,7 +1,13 @@
-"""A tiny LoRA run for tests that need a trained step: seed model, the demo corpus, a few steps."""
+"""A tiny LoRA run for tests that need a trained step: seed model, the demo corpus, a few steps.
+
+Loaded as a pytest plugin (tests/conftest.py), so `tiny_lora_run` is trained once per session.
+Tests may add directories to the run (eval/, ...) but must leave its base and steps alone.
+"""
 from __future__ import annotations
 
 import os
+
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "deployments", "data", "demo.jsonl")
@@ -29,3 +35,9 @@ def lora_run(storage: str, run_id: str = "run", steps: int = 12) -> str:
     cfg = lora_config(storage, run_id, steps)
     train.run(cfg)
     return config.run_dir(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_lora_run(tmp_path_factory) -> str:
+    """A run directory with base/ and one LoRA step checkpoint, train/step-000012."""
+    return lora_run(str(tmp_path_factory.mktemp("tiny-lora-run")))
