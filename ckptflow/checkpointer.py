@@ -20,7 +20,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from ckptflow import manifest, storage
-from ckptflow.commit import Output
+from ckptflow.commit import MARKER, Output
 from ckptflow.errors import CkptError
 from ckptflow.formats import st
 from ckptflow.manifest import Manifest
@@ -197,6 +197,7 @@ class Checkpointer:
 
     def _write(self, uri: str, step: int, snap: dict, bodies: dict, m: Manifest, rec: dict) -> Manifest:
         t0 = time.perf_counter()
+        _clear_our_leftovers(uri, set(snap) | set(bodies))
         out = Output(uri, overwrite=True)   # a same-numbered step of an abandoned branch is replaced
         for name, sd in snap.items():
             write_tensors(out, name, sd)
@@ -218,6 +219,18 @@ class Checkpointer:
         for s in doomed:
             log.info("%s: deleted by retention (keep_last=%s)", steps[s], self.cfg.keep_last)
             delete_step(steps[s])
+
+
+def _clear_our_leftovers(uri: str, ours: set[str]) -> None:
+    """An uncommitted step directory holding only names a save writes is ours, whatever killed it:
+    a save killed while putting its `.ckptflow-writing` marker leaves only the marker's temp
+    file, and a retention delete killed half way leaves some files and no marker. commit.Output
+    would refuse both as a stranger's directory; a file with any other name still makes it refuse."""
+    names = storage.listdir(uri)
+    if not names or manifest.NAME in names:
+        return
+    if all(n in ours or n.startswith(MARKER) or ".tmp-" in n for n in names):
+        storage.remove(uri)
 
 
 def _to_cpu(tensors: dict[str, dict]) -> dict[str, dict]:

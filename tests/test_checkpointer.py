@@ -1,0 +1,168 @@
+import os
+import threading
+import time
+
+import pytest
+import torch
+
+from ckptflow import checkpointer, manifest
+from ckptflow.checkpointer import Checkpointer, plan_retention, read_tensors
+from ckptflow.commit import MARKER
+from ckptflow.config import CheckpointConfig
+from ckptflow.errors import CkptError
+from ckptflow.manifest import Manifest
+
+
+def cfg(**kw):
+    kw.setdefault("every_steps", 1)
+    return CheckpointConfig(**kw)
+
+
+def state(step: int) -> dict:
+    g = torch.Generator().manual_seed(step)
+    return {"model.safetensors": {"w": torch.randn(64, 32, generator=g), "b": torch.zeros(3, dtype=torch.bfloat16)},
+            "optimizer.safetensors": {"w.step": torch.tensor(float(step)), "w.exp_avg": torch.randn(64, 32, generator=g)}}
+
+
+def save(ck, step, tensors=None):
+    return ck.save(step, tensors or state(step), {"trainer_state.json": {"step": step}},
+                   Manifest(kind="train_state", format="tune", step=step))
+
+
+@pytest.mark.parametrize("steps,newest,kw,doomed", [
+    ([10, 20, 30, 40], 40, dict(keep_last=2, keep_every=None, pin=[]), [10, 20]),
+    ([10, 20, 30, 40], 40, dict(keep_last=None, keep_every=None, pin=[]), []),
+    ([10, 20, 30, 40, 50], 50, dict(keep_last=1, keep_every=20, pin=[]), [10, 30]),
+    ([10, 20, 30, 40], 40, dict(keep_last=1, keep_every=None, pin=[10]), [20, 30]),
+    ([10, 20, 30, 40], 20, dict(keep_last=1, keep_every=None, pin=[]), [10]),   # never past the newest
+])
+def test_plan_retention(steps, newest, kw, doomed):
+    assert plan_retention(steps, newest, **kw) == doomed
+
+
+@pytest.mark.parametrize("use_async", [True, False])
+def test_saves_commit_verify_and_round_trip_bit_exact(tmp_path, use_async):
+    ck = Checkpointer(str(tmp_path), cfg(async_=use_async, keep_last=None))
+    uri = save(ck, 5)
+    m = ck.close()
+    assert m.uri == uri and uri.endswith("step-000005") and m.step == 5
+    assert manifest.verify(uri) == []
+    assert set(m.files) == {"model.safetensors", "optimizer.safetensors", "trainer_state.json"}
+    for name, want in state(5).items():
+        got = read_tensors(uri, name)
+        assert set(got) == set(want)
+        for k in want:
+            assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k])
+    assert ck.stats[0]["blocked_s"] >= 0 and ck.stats[0]["write_s"] >= 0 and ck.stats[0]["async"] is use_async
+
+
+def test_async_save_writes_the_snapshot_not_later_updates(tmp_path):
+    ck = Checkpointer(str(tmp_path), cfg(keep_last=None))
+    live = state(1)
+    save(ck, 1, live)
+    live["model.safetensors"]["w"].add_(1.0)       # training goes on while the write runs
+    ck.close()
+    assert torch.equal(read_tensors(str(tmp_path / "step-000001"), "model.safetensors")["w"], state(1)["model.safetensors"]["w"])
+
+
+def test_at_most_one_save_in_flight(tmp_path, monkeypatch):
+    release, writing = threading.Event(), threading.Event()
+    real = checkpointer.write_tensors
+
+    def slow(out, name, tensors):
+        if out.uri.endswith("step-000001"):
+            writing.set()
+            release.wait(5)
+        return real(out, name, tensors)
+
+    monkeypatch.setattr(checkpointer, "write_tensors", slow)
+    ck = Checkpointer(str(tmp_path), cfg(keep_last=None))
+    t0 = time.perf_counter()
+    save(ck, 1)
+    assert time.perf_counter() - t0 < 2 and writing.wait(5)       # the first save returned while writing
+    threading.Timer(0.3, release.set).start()
+    save(ck, 2)                                                  # waits for step 1 to commit first
+    assert manifest.is_committed(str(tmp_path / "step-000001"))
+    assert ck.stats[1]["wait_s"] >= 0.2
+    ck.close()
+    assert manifest.is_committed(str(tmp_path / "step-000002"))
+
+
+def test_retention_deletes_only_after_a_newer_commit(tmp_path):
+    ck = Checkpointer(str(tmp_path), cfg(keep_last=2, pin=["step-000001"]))
+    for s in range(1, 6):
+        save(ck, s)
+        ck.wait()
+        assert manifest.is_committed(str(tmp_path / f"step-{s:06d}"))   # the newest is never the victim
+    ck.close()
+    assert [s for s, _ in checkpointer.list_steps(str(tmp_path))] == [1, 4, 5]
+
+
+def test_errors_in_the_writer_surface_at_the_next_call(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    ck = Checkpointer(str(blocker), cfg())
+    save(ck, 1)                                  # returns: the failure happens in the thread
+    with pytest.raises(OSError):
+        ck.close()
+
+
+def test_due_by_steps_and_by_wall_time(tmp_path):
+    ck = Checkpointer(str(tmp_path), cfg(every_steps=10, every_seconds=0.05))
+    assert ck.due(20) and not ck.due(21)
+    time.sleep(0.06)
+    assert ck.due(21)
+    assert not Checkpointer(str(tmp_path), cfg(every_steps=None, every_seconds=None)).due(7)
+
+
+def test_latest_skips_interrupted_and_damaged_steps(tmp_path):
+    ck = Checkpointer(str(tmp_path), cfg(keep_last=None, async_=False))
+    for s in (1, 2, 3):
+        save(ck, s)
+    ck.close()
+    (tmp_path / "step-000004").mkdir()
+    (tmp_path / "step-000004" / MARKER).write_text("{}")         # a save killed half way
+    (tmp_path / "step-000004" / "model.safetensors").write_bytes(b"partial")
+    with open(tmp_path / "step-000003" / "model.safetensors", "r+b") as f:   # a flipped byte
+        f.seek(100)
+        f.write(b"\xff")
+    assert checkpointer.latest(str(tmp_path)).step == 2
+    assert checkpointer.find(str(tmp_path), 1).step == 1
+    with pytest.raises(CkptError, match=r"no committed checkpoint for step 4 \(committed steps: \[1, 2, 3\]\)"):
+        checkpointer.find(str(tmp_path), 4)
+    with pytest.raises(CkptError, match="does not verify"):
+        checkpointer.find(str(tmp_path), 3)
+    assert checkpointer.latest(str(tmp_path / "nothing")) is None
+
+
+def test_a_rewrite_of_an_interrupted_step_replaces_it(tmp_path):
+    (tmp_path / "step-000002").mkdir()
+    (tmp_path / "step-000002" / MARKER).write_text("{}")
+    (tmp_path / "step-000002" / "junk").write_text("x")
+    ck = Checkpointer(str(tmp_path), cfg(async_=False))
+    save(ck, 2)
+    ck.close()
+    assert manifest.verify(str(tmp_path / "step-000002")) == []
+    assert not (tmp_path / "step-000002" / "junk").exists()
+
+
+@pytest.mark.parametrize("leftovers", [[MARKER + ".tmp-1a2b3c4d"],                 # killed putting the marker
+                                       ["optimizer.safetensors", "trainer_state.json"]])  # killed deleting
+def test_our_own_leftovers_without_a_marker_are_cleared(tmp_path, leftovers):
+    (tmp_path / "step-000003").mkdir()
+    for name in leftovers:
+        (tmp_path / "step-000003" / name).write_text("")
+    ck = Checkpointer(str(tmp_path), cfg(async_=False))
+    save(ck, 3)
+    ck.close()
+    assert sorted(os.listdir(tmp_path / "step-000003")) == ["ckptflow.json", "model.safetensors",
+                                                          "optimizer.safetensors", "trainer_state.json"]
+
+
+def test_a_strangers_file_is_never_deleted(tmp_path):
+    (tmp_path / "step-000003").mkdir()
+    (tmp_path / "step-000003" / "notes.txt").write_text("mine")
+    ck = Checkpointer(str(tmp_path), cfg(async_=False))
+    with pytest.raises(CkptError, match="not written by ckptflow"):
+        save(ck, 3)
+    assert (tmp_path / "step-000003" / "notes.txt").read_text() == "mine"
