@@ -250,3 +250,12 @@ def test_storage_and_seed_reruns_do_nothing(seed_files, tmp_path):
         download.run(SEED, str(tmp_path / "seed"), in_place=True)
     with pytest.raises(CkptError, match="--format 'gguf'"):
         download.run(SEED, str(tmp_path / "seed"), format="gguf")
+
+
+def test_repo_without_weights_is_refused_before_dst_is_touched(hub_server, seed_files, tmp_path):
+    hub_server.add_repo("org/noweights", {"config.json": seed_files["config.json"], "README.md": b"hi"})
+    with pytest.raises(CkptError, match="no model.safetensors, pytorch_model.bin or their index"):
+        get(hub_server, "hf://org/noweights", tmp_path / "x")
+    with pytest.raises(CkptError, match="no Meta weights"):
+        get(hub_server, "hf://org/noweights", tmp_path / "x", format="meta")
+    assert not (tmp_path / "x").exists() and hub_server.fetched() == []

@@ -148,11 +148,12 @@ def from_hub(source: str, dst: str, client: hub.Client, *, format: str, existing
     if same and existing.params.get("revision") == snap.sha:
         log.info("%s: %s already downloaded at %s", dst, source, snap.sha)
         return existing
+    first, index = select(snap, format)   # before DST is touched: a repo without weights is bad input
     local = storage.is_local(dst)
     # Local: the files land in DST itself. Remote: in a local staging directory, then copied.
     staging = storage.local_path(dst) if local else _staging_dir(client, snap)
     out = _Resumable(dst, overwrite=replace) if local else Output(dst, overwrite=replace)
-    names = fetch_snapshot(client, snap, format, staging)
+    names = fetch_snapshot(client, snap, first, index, staging)
     if local:
         for name, d in names.items():
             out.files[name] = {"size": d["size"], "sha256": d["sha256"]}
@@ -169,9 +170,9 @@ def from_hub(source: str, dst: str, client: hub.Client, *, format: str, existing
     return committed
 
 
-def fetch_snapshot(client: hub.Client, snap: hub.Snapshot, format: str, local_dir: str) -> dict[str, dict]:
-    """Fetch what `format` needs into local_dir; {repo path: {size, sha256, git_oid}}."""
-    first, index = select(snap, format)
+def fetch_snapshot(client: hub.Client, snap: hub.Snapshot, first: list[str], index: str | None,
+                   local_dir: str) -> dict[str, dict]:
+    """Fetch `first`, then the shards `index` names, into local_dir; {repo path: {size, sha256, git_oid}}."""
     got = _fetch_all(client, snap, first, local_dir)
     if index:  # the shards are the files the index names, no more (Mistral repos hold two layouts)
         got.update(_fetch_all(client, snap, _index_shards(snap, os.path.join(local_dir, index), index), local_dir))
