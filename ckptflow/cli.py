@@ -72,6 +72,17 @@ def verify(uri: str, as_json: bool = JSON):
 
 
 @app.command()
+def gc(uri: str, dry_run: bool = typer.Option(False, "--dry-run", help="only list what would be deleted"),
+       as_json: bool = JSON):
+    """Delete uncommitted leftovers under a run (interrupted writes); never a committed directory."""
+    from ckptflow import gc as collector
+
+    r = collector.run(uri, dry_run=dry_run)
+    verb = "would delete" if dry_run else "deleted"
+    emit(r, as_json, "\n".join(f"{verb} {u}" for u in r["deleted"]) or f"{r['uri']}: nothing to delete")
+
+
+@app.command()
 def inspect(uri: str, as_json: bool = JSON):
     """Show a manifest, a run, or the step checkpoints of a run."""
     from ckptflow import inspect as insp

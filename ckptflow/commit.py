@@ -6,6 +6,14 @@
 
 A `.ckptflow-writing` marker says "ckptflow is writing here": a directory holding it and no
 ckptflow.json is an interrupted write that the next writer (or `ckptflow gc`) may delete.
+
+What a reader can see at any instant, whatever kills the writer (tests/test_crash.py): no
+ckptflow.json (not committed: ignored), or a ckptflow.json whose every listed file is complete
+and matches its size and sha256. Locally the data files are fsynced before the manifest's
+rename; on object stores every file is one whole object (a single PUT or a completed multipart
+upload) that exists before the manifest's PUT starts. Replacing a committed output
+(overwrite) removes its manifest first, so a crash in the middle leaves it uncommitted, never
+stale files under a manifest.
 """
 from __future__ import annotations
 
@@ -15,7 +23,7 @@ import os
 import socket
 import time
 
-from ckptflow import manifest, storage
+from ckptflow import lease, manifest, storage
 from ckptflow.errors import CkptError
 from ckptflow.manifest import Manifest
 
@@ -54,6 +62,9 @@ class Output:
         return storage.join(self.uri, storage.safe_relpath(name, self.uri))
 
     def open(self, name: str) -> "_Tracked":
+        """A hashing writer for file `name`. On object stores the bytes are spooled and uploaded
+        whole when it closes, retried whole on a transient fault (storage.HashingWriter), so
+        open/put/copy never leave half a file behind a retry and the digest is of what was written."""
         return _Tracked(self, name)
 
     def put(self, name: str, data: bytes) -> dict:
@@ -71,6 +82,7 @@ class Output:
         for fut in self.pending:
             fut.result()        # every data file is durable before the marker exists
         self.pending.clear()
+        lease.check_for(self.uri)   # a writer that lost its run's lease must not commit into it
         m.files = dict(sorted(self.files.items()))
         out = manifest.write(self.uri, m)
         storage.remove(storage.join(self.uri, MARKER))

@@ -1,12 +1,29 @@
-"""Retries for storage and network calls: exponential backoff with jitter on transient faults only.
+"""Retries for storage and network calls: exponential backoff with full jitter on transient faults only.
 
-Transient: connection resets, timeouts, 5xx, throttling. Not transient: missing files or
-buckets, access denied, bad input. Those fail at once, with the URI in the message.
+Transient: connection refused/reset/closed, timeouts, HTTP 5xx, throttling (429, SlowDown).
+Not transient: missing files or buckets, access denied, bad credentials, bad input. Those fail
+at once. Every error that leaves `call` names the URI.
+
+The classes were checked against what s3fs 2026.9 / aiobotocore / aiohttp really raise
+(tests/test_retry.py drives a closed port, a server answering 500/502/503/429, a server that
+drops connections, a missing bucket and bad credentials on the loopback S3 server):
+
+    closed port          botocore EndpointConnectionError <- aiohttp ClientConnectorError <- ConnectionRefusedError
+    dropped / hung conn  botocore ReadTimeoutError / ConnectionClosedError (aiohttp ServerDisconnectedError)
+    503 / SlowDown       OSError(EBUSY)      <- botocore ClientError, HTTPStatusCode 503
+    500 / InternalError  OSError(EREMOTEIO)  <- ClientError 500
+    502, 504, 429        OSError(EIO)        <- ClientError with that status
+    no such key/bucket   FileNotFoundError   <- NoSuchKey / NoSuchBucket
+    bad key or secret    PermissionError     <- ClientError 403 / SignatureDoesNotMatch
+
+s3fs (5 tries) and botocore (its own retry mode) already retry some of these underneath; this
+layer covers what they give up on and every other fsspec backend (gcsfs, memory, local, ...).
 """
 from __future__ import annotations
 
 import errno
 import logging
+import os
 import random
 import time
 
@@ -14,31 +31,83 @@ from ckptflow.errors import CkptError, TransientError
 
 log = logging.getLogger(__name__)
 
-ATTEMPTS = 6
-BASE_DELAY = 0.05
-MAX_DELAY = 5.0
+ATTEMPTS = int(os.environ.get("CKPTFLOW_RETRY_ATTEMPTS", "6"))
+BASE_DELAY = float(os.environ.get("CKPTFLOW_RETRY_BASE_DELAY", "0.1"))
+MAX_DELAY = 10.0
 
-_TRANSIENT_ERRNOS = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EPIPE,
-                     errno.ECONNABORTED, errno.EAGAIN, errno.EBUSY}
-_TRANSIENT_WORDS = ("timeout", "timed out", "connection reset", "connection aborted", "throttl",
-                    "slowdown", "slow down", "internalerror", "serviceunavailable", "service unavailable",
-                    "503", "502", "500", "504", "429", "too many requests", "temporarily", "broken pipe",
-                    "remotedisconnected", "server disconnected", "connection closed")
-_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
-              CkptError, ValueError, KeyError, TypeError)
+_TRANSIENT_ERRNOS = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EPIPE, errno.ECONNABORTED,
+                     errno.EAGAIN, errno.EBUSY, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN,
+                     getattr(errno, "EREMOTEIO", 121)}
+# S3 / GCS error codes that mean "try again later" (the HTTP status is checked separately).
+_TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestLimitExceeded",
+                    "TooManyRequests", "TooManyRequestsException", "RequestTimeout", "RequestTimeoutException",
+                    "InternalError", "ServiceUnavailable", "BadGateway", "GatewayTimeout",
+                    "ProvisionedThroughputExceededException", "TransactionInProgressException"}
+# Last resort for wrappers that lose the type: specific phrases only (never bare status numbers,
+# which also occur in URIs such as train/step-000500).
+_TRANSIENT_PHRASES = ("timed out", "timeout on", "connection reset", "connection aborted", "connection refused",
+                      "server disconnected", "connection closed", "broken pipe", "reduce your request rate",
+                      "service unavailable", "too many requests", "please slow down", "temporarily unavailable")
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError,
+              CkptError, ValueError, KeyError, TypeError, AttributeError, NotImplementedError)
+# botocore / aiohttp / google classes that mean a transport fault, by name so this module never imports them.
+_TRANSIENT_CLASSES = {"EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError", "ConnectTimeoutError",
+                      "IncompleteReadError", "ResponseStreamingError", "AWSConnectionError", "ProxyConnectionError",
+                      "ClientConnectionError", "ClientConnectorError", "ServerDisconnectedError", "ClientPayloadError",
+                      "ServerTimeoutError", "SocketTimeoutError", "ClientOSError", "TransportError",
+                      "RetryError", "ChecksumError", "IncompleteRead", "RemoteDisconnected"}
 
 
-def is_transient(exc: BaseException) -> bool:
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _status(exc: BaseException) -> tuple[int | None, str | None]:
+    """(HTTP status, service error code) of a botocore ClientError, aiohttp or gcsfs HTTP error."""
+    resp = getattr(exc, "response", None)
+    if isinstance(resp, dict):
+        meta = resp.get("ResponseMetadata") or {}
+        return meta.get("HTTPStatusCode"), (resp.get("Error") or {}).get("Code")
+    for attr in ("status", "code", "status_code"):
+        value = getattr(exc, attr, None)
+        if isinstance(value, int) and 100 <= value < 600:
+            return value, None
+    return None, None
+
+
+def _transient_one(exc: BaseException) -> bool | None:
+    """True/False when this exception alone decides; None when it does not say."""
     if isinstance(exc, TransientError):
         return True
-    if isinstance(exc, _PERMANENT):
+    status, code = _status(exc)
+    if code in _TRANSIENT_CODES or (status is not None and (status >= 500 or status in (408, 429))):
+        return True
+    if status is not None and 400 <= status < 500:
         return False
+    if type(exc).__name__ in _TRANSIENT_CLASSES:
+        return True
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
     if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
         return True
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth retrying? The outermost exception decides when it is a permanent kind (a missing
+    file stays missing); otherwise the first link of its cause chain that says anything."""
+    if isinstance(exc, _PERMANENT) and not isinstance(exc, TransientError):
+        return False
+    for link in _chain(exc):
+        verdict = _transient_one(link)
+        if verdict is not None:
+            return verdict
     text = f"{type(exc).__name__} {exc}".lower()
-    return any(word in text for word in _TRANSIENT_WORDS)
+    return any(p in text for p in _TRANSIENT_PHRASES)
 
 
 def delay(attempt: int) -> float:
@@ -47,16 +116,42 @@ def delay(attempt: int) -> float:
 
 
 def call(fn, *args, uri: str = "", what: str = "", attempts: int | None = None, **kwargs):
+    """fn(*args, **kwargs), retried on transient faults; errors that escape name `uri`."""
     attempts = attempts or ATTEMPTS
     for attempt in range(attempts):
         try:
             return fn(*args, **kwargs)
-        except BaseException as exc:  # noqa: BLE001 - classified below
+        except Exception as exc:  # noqa: BLE001 - classified below
             if not is_transient(exc):
-                raise
+                named = with_uri(exc, uri, what)
+                if named is exc:
+                    raise
+                raise named from exc
             if attempt + 1 >= attempts:
-                raise TransientError(f"{uri}: {what} failed after {attempts} attempts: {exc}") from exc
+                raise TransientError(f"{uri}: {what} failed after {attempts} attempts: {_first_line(exc)}") from exc
             wait = delay(attempt)
-            log.warning("%s: %s failed (%s); retry %d/%d in %.2fs", uri, what, exc, attempt + 1, attempts - 1, wait)
+            log.warning("%s: %s failed (%s: %s); retry %d/%d in %.2fs", uri, what, type(exc).__name__,
+                        _first_line(exc), attempt + 1, attempts - 1, wait)
             time.sleep(wait)
     raise AssertionError("unreachable")
+
+
+def with_uri(exc: Exception, uri: str, what: str) -> Exception:
+    """The same error, its message naming `uri`. Access denied becomes a CkptError (bad input:
+    the CLI prints one line and exits 2); FileNotFoundError keeps its type for callers that test it."""
+    if isinstance(exc, PermissionError):
+        return CkptError(f"{uri or exc.filename}: permission denied ({what}: {_first_line(exc)})")
+    if not uri or uri in str(exc) or isinstance(exc, CkptError):
+        return exc
+    if isinstance(exc, OSError):
+        try:
+            return type(exc)(f"{uri}: {what} failed: {_first_line(exc)}")
+        except Exception:  # noqa: BLE001 - an OSError subclass with another signature
+            return OSError(f"{uri}: {what} failed: {_first_line(exc)}")
+    return exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+

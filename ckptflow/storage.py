@@ -2,6 +2,16 @@
 
 Everything ckptflow reads or writes goes through here, so retries, storage options and the
 commit protocol live in one place. Writers hash while writing (never a second read).
+
+Object stores (s3://, gs://, ...):
+- configured by the environment (AWS_*, AWS_ENDPOINT_URL; GOOGLE_APPLICATION_CREDENTIALS) and by
+  `set_options(prefix, storage_options)` (the run config's storage_options), see docs/storage.md;
+- listings are never served from a cache, so exists/isfile/listdir see what another process wrote
+  a moment ago (s3fs and gcsfs cache listings per instance by default);
+- a file being written is spooled locally (in memory up to SPOOL_MEMORY, then an anonymous temp
+  file) and uploaded whole on close, so a transient fault retries the whole upload and a crash
+  never leaves a partial object under the file's name;
+- reads reopen at the current offset after a transient fault.
 """
 from __future__ import annotations
 
@@ -9,14 +19,19 @@ import hashlib
 import logging
 import os
 import queue
+import tempfile
 import threading
 import uuid
 
-from ckptflow.errors import CkptError
+from ckptflow.errors import CkptError, TransientError
 
 log = logging.getLogger(__name__)
 
 CHUNK = 16 * 1024 * 1024
+SPOOL_MEMORY = 16 * 1024 * 1024      # larger files spool to an anonymous temp file (gone if we crash)
+SPOOL_DIR = os.environ.get("CKPTFLOW_SPOOL_DIR") or None
+# Protocols whose fsspec implementation caches directory listings; we turn that off (see above).
+LISTING_CACHES = {"s3", "s3a", "gs", "gcs", "abfs", "az", "adl", "oss"}
 _OPTIONS: dict[str, dict] = {}
 
 
@@ -55,7 +70,19 @@ def fs_and_path(uri: str):
 
     if is_local(uri):
         return fsspec.filesystem("file"), local_path(uri)
-    fs, path = fsspec.core.url_to_fs(uri, **options_for(uri))
+    opts = options_for(uri)
+    if protocol(uri) in LISTING_CACHES:
+        opts.setdefault("use_listings_cache", False)
+    fs, path = fsspec.core.url_to_fs(uri, **opts)
+    return fs, path
+
+
+def _fresh(uri: str):
+    """(fs, path) with any cached listing of `path` and its parents dropped (another process may
+    have written there since)."""
+    fs, path = fs_and_path(uri)
+    if not is_local(uri):
+        fs.invalidate_cache(path)
     return fs, path
 
 
@@ -96,30 +123,31 @@ def _call(uri: str, what: str, fn, *args, **kwargs):
 
 
 def exists(uri: str) -> bool:
-    fs, path = fs_and_path(uri)
+    fs, path = _fresh(uri)
     return bool(_call(uri, "exists", fs.exists, path))
 
 
 def isdir(uri: str) -> bool:
-    fs, path = fs_and_path(uri)
+    fs, path = _fresh(uri)
     return bool(_call(uri, "isdir", fs.isdir, path))
 
 
 def isfile(uri: str) -> bool:
-    fs, path = fs_and_path(uri)
+    fs, path = _fresh(uri)
     return bool(_call(uri, "isfile", fs.isfile, path))
 
 
 def size(uri: str) -> int:
-    fs, path = fs_and_path(uri)
-    return int(_call(uri, "size", fs.size, path))
+    fs, path = _fresh(uri)
+    try:
+        return int(_call(uri, "size", fs.size, path))
+    except FileNotFoundError as e:
+        raise CkptError(f"{uri}: no such file") from e
 
 
 def listdir(uri: str) -> list[str]:
     """Names (not paths) directly under `uri`; [] when it does not exist."""
-    fs, path = fs_and_path(uri)
-    if not is_local(uri):
-        fs.invalidate_cache(path)
+    fs, path = _fresh(uri)
     try:
         entries = _call(uri, "ls", fs.ls, path, detail=False)
     except FileNotFoundError:
@@ -130,9 +158,7 @@ def listdir(uri: str) -> list[str]:
 
 def list_files(uri: str) -> list[str]:
     """Relative paths of every file below `uri` (recursive), sorted."""
-    fs, path = fs_and_path(uri)
-    if not is_local(uri):
-        fs.invalidate_cache(path)
+    fs, path = _fresh(uri)
     try:
         found = _call(uri, "find", fs.find, path)
     except FileNotFoundError:
@@ -147,12 +173,15 @@ def read_bytes(uri: str, start: int | None = None, end: int | None = None) -> by
         if start is None and end is None:
             return _call(uri, "read", fs.cat_file, path)
         return _call(uri, "read", fs.cat_file, path, start=start, end=end)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, IsADirectoryError) as e:
         raise CkptError(f"{uri}: no such file") from e
 
 
 def read_text(uri: str) -> str:
-    return read_bytes(uri).decode("utf-8")
+    try:
+        return read_bytes(uri).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CkptError(f"{uri}: not UTF-8 text ({e.reason} at byte {e.start})") from e
 
 
 def read_json(uri: str):
@@ -165,13 +194,77 @@ def read_json(uri: str):
 
 
 def open_read(uri: str):
+    """A binary file for reading (read/seek/tell, a context manager). On object stores a
+    transient fault in the middle of a read reopens the file at the same offset."""
     fs, path = fs_and_path(uri)
     try:
-        return _call(uri, "open", fs.open, path, "rb")
-    except FileNotFoundError as e:
+        f = _call(uri, "open", fs.open, path, "rb")
+    except (FileNotFoundError, IsADirectoryError) as e:
         raise CkptError(f"{uri}: no such file") from e
-    except PermissionError as e:
-        raise CkptError(f"{uri}: permission denied") from e
+    return f if is_local(uri) else _Reader(uri, fs, path, f)
+
+
+class _Reader:
+    """A remote file that survives transient faults: each read is retried whole, after reopening
+    the file at the offset where the failed read started."""
+
+    def __init__(self, uri: str, fs, path: str, f):
+        self.uri, self._fs, self._path, self._f = uri, fs, path, f
+        self._pos = 0
+        self._size = getattr(f, "size", None)
+
+    def _read_once(self, n: int) -> bytes:
+        if self._f is None:
+            self._f = self._fs.open(self._path, "rb")
+            self._f.seek(self._pos)
+        try:
+            data = self._f.read(n)
+        except Exception:
+            self._drop()
+            raise
+        self._pos += len(data)
+        return data
+
+    def read(self, n: int = -1) -> bytes:
+        return _call(self.uri, "read", self._read_once, n)
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence == 1:
+            pos += self._pos
+        elif whence == 2:
+            if self._size is None:
+                self._size = size(self.uri)
+            pos += self._size
+        self._pos = pos
+        if self._f is not None:
+            self._f.seek(pos)
+        return pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def _drop(self) -> None:
+        f, self._f = self._f, None
+        try:
+            f.close()
+        except Exception:  # noqa: BLE001 - the handle is already broken
+            pass
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._drop()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        self.close()
 
 
 def remove(uri: str) -> None:
@@ -191,21 +284,39 @@ def makedirs(uri: str) -> None:
 
 
 def put_atomic(uri: str, data: bytes) -> None:
-    """One atomic write: temp file + fsync + os.replace locally, a single PUT on object stores."""
+    """One atomic write: temp file + fsync + os.replace locally, a single PUT on object stores
+    (retried whole on a transient fault; a PUT either lands entirely or not at all)."""
     if is_local(uri):
         path = local_path(uri)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        tmp = f"{path}{TMP_INFIX}{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
         _fsync_dir(os.path.dirname(path))
         return
     fs, path = fs_and_path(uri)
-    _call(uri, "write", fs.pipe_file, path, data)
+    try:
+        _call(uri, "write", fs.pipe_file, path, bytes(data))
+    except FileNotFoundError as e:
+        raise CkptError(f"{uri}: cannot write: {e} (does the bucket exist?)") from e
     fs.invalidate_cache(path)
+
+
+TMP_INFIX = ".tmp-"    # put_atomic's temp files: `{name}.tmp-XXXXXXXX` (gc removes strays)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def _fsync_dir(path: str) -> None:
@@ -265,20 +376,27 @@ class Hasher:
 
 
 class HashingWriter:
-    """A binary file being written into an uncommitted directory; size and sha256 as it goes."""
+    """A binary file being written into an uncommitted directory; size and sha256 as it goes.
+
+    Locally the bytes go straight to the file. On object stores they are spooled (memory, then
+    an anonymous temp file that the OS frees even after SIGKILL) and uploaded whole by close(),
+    retried whole on a transient fault: the hash is taken once, over the bytes the caller wrote,
+    and the upload is checked against that size, so a retried upload cannot change the digest."""
 
     def __init__(self, uri: str):
         self.uri = uri
+        self.synced = None
         self._hasher = Hasher()
-        if is_local(uri):
+        self._local = is_local(uri)
+        if self._local:
             path = local_path(uri)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            self._f = open(path, "wb")
-            self._local = True
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                self._f = open(path, "wb")
+            except PermissionError as e:
+                raise CkptError(f"{uri}: permission denied ({e.strerror})") from e
         else:
-            fs, path = fs_and_path(uri)
-            self._f = _call(uri, "open", fs.open, path, "wb", block_size=CHUNK * 4)
-            self._local = False
+            self._f = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY, dir=SPOOL_DIR)
 
     def write(self, data) -> int:
         if isinstance(data, (bytearray, memoryview)):
@@ -290,8 +408,9 @@ class HashingWriter:
     def close(self, *, durable: bool = True) -> dict:
         """Finish the file; {size, sha256}. Locally the data is fsynced before this returns,
         or, with durable=False, in the background: `self.synced` is then a Future that the
-        committer waits for before it writes the manifest (the flush overlaps the next file)."""
-        self.synced = None
+        committer waits for before it writes the manifest (the flush overlaps the next file).
+        On object stores the upload is done (and the object's size checked) when this returns."""
+        digest = {"size": self._hasher.size, "sha256": self._hasher.hexdigest()}
         if self._local:
             self._f.flush()
             if durable:
@@ -302,10 +421,15 @@ class HashingWriter:
                 self._f.close()
                 self.synced = _fsync_pool().submit(_fsync_fd, fd)
         else:
-            self._f.close()
-        return {"size": self._hasher.size, "sha256": self._hasher.hexdigest()}
+            try:
+                upload(self._f, self.uri, digest["size"])
+            finally:
+                self._f.close()
+        return digest
 
     def abort(self) -> None:
+        """Give up on the file. Remotely nothing was uploaded; locally the partial file stays in
+        the uncommitted directory (the next writer or `ckptflow gc` removes it)."""
         try:
             self._f.close()
         except Exception:  # noqa: BLE001 - the write already failed; keep the first error
@@ -317,6 +441,51 @@ class HashingWriter:
     def __exit__(self, exc_type, *_):
         if exc_type is not None:
             self.abort()
+
+
+def upload(f, uri: str, nbytes: int) -> None:
+    """Upload the whole of open binary file `f` to `uri`, retried whole on a transient fault,
+    then check that the object has `nbytes` bytes."""
+    fs, path = fs_and_path(uri)
+
+    def once() -> None:
+        f.seek(0)
+        if nbytes <= SPOOL_MEMORY:
+            fs.pipe_file(path, f.read())
+        elif os.path.exists(_fd_path(f)):
+            fs.put_file(_fd_path(f), path)     # s3fs uploads the parts concurrently
+        else:
+            _stream(f, fs, path)
+        fs.invalidate_cache(path)
+        got = fs.size(path)
+        if got != nbytes:
+            raise TransientError(f"{uri}: uploaded {nbytes} bytes but the store holds {got}")
+
+    try:
+        _call(uri, "upload", once)
+    except FileNotFoundError as e:
+        raise CkptError(f"{uri}: cannot write: {e} (does the bucket exist?)") from e
+
+
+def _fd_path(f) -> str:
+    """A path that opens the anonymous temp file behind `f` (Linux /proc magic link): fsspec's
+    put_file wants a path, and the spool file has no name, so that a crash leaks nothing."""
+    f.flush()
+    return f"/proc/self/fd/{f.fileno()}"
+
+
+def _stream(f, fs, path: str) -> None:
+    """Upload without a path (no /proc): a multipart stream, aborted (never completed) on error."""
+    out = fs.open(path, "wb", block_size=CHUNK * 4)
+    try:
+        while chunk := f.read(CHUNK):
+            out.write(chunk)
+    except BaseException:
+        discard = getattr(out, "discard", None)
+        if discard is not None:
+            discard()
+        raise
+    out.close()
 
 
 def copy_file(src: str, dst: str) -> dict:

@@ -1,0 +1,141 @@
+"""Delete what interrupted writes left under a run, and nothing else.
+
+    ckptflow gc URI [--dry-run] [--json]
+
+URI is a run, a storage root holding runs (dirs with run.json), or any directory. Deleted:
+  - a directory holding `.ckptflow-writing` and no ckptflow.json (an interrupted write);
+  - a stage directory of a run without ckptflow.json (see STAGE_DIRS; the run is URI itself and
+    every directory holding run.json);
+  - inside a committed directory: a stale `.ckptflow-writing` (a crash between the commit and
+    its removal) and put_atomic temp files (`NAME.tmp-XXXXXXXX`) that the manifest does not list.
+Never deleted: committed directories and their files, run.json, the lease, any other file or
+directory, and a directory that holds a committed one. A run whose writer lease is held by a
+live process is refused, naming the holder (gc would delete the directory being written).
+"""
+from __future__ import annotations
+
+import logging
+import re
+
+from ckptflow import commit, lease, manifest, storage
+from ckptflow.errors import CkptError
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+# A run's stage directories (DESIGN.md "Run layout"); "*" = every child of that directory.
+STAGE_DIRS = ("source", "base", "merged", "export", "eval", "train/step-*", "exports/*")
+STEP_RE = re.compile(r"step-\d+$")
+TMP_RE = re.compile(re.escape(storage.TMP_INFIX) + r"[0-9a-f]{8}$")
+ANCESTOR_LEASES = 3   # also respect a writer lease held this many levels above URI
+
+
+def run(uri: str, *, dry_run: bool = False) -> dict:
+    """{"uri", "dry_run", "deleted": [URIs], "committed": [URIs]}."""
+    root = storage.normalize(uri)
+    if not storage.isdir(root):
+        raise CkptError(f"{root}: no such directory")
+    tree = _tree(root)
+    runs = [""] + sorted(d for d, files in tree.items() if RUN_FILE in files and d)
+    victims = _victims(root, tree, runs)
+    committed = sorted(storage.join(root, d) if d else root for d, f in tree.items() if manifest.NAME in f)
+    if not dry_run and victims:
+        _delete(root, runs, victims)
+    deleted = [storage.join(root, rel) if rel else root for rel in victims]
+    return {"uri": root, "dry_run": dry_run, "deleted": deleted, "committed": committed}
+
+
+def _tree(root: str) -> dict[str, set[str]]:
+    """Directory (relative, "" = root) -> names of the files directly in it; every ancestor of a
+    file is present, so are the empty stage directories of the root run."""
+    tree: dict[str, set[str]] = {"": set()}
+    for rel in storage.list_files(root):
+        parts = rel.split("/")
+        for i in range(1, len(parts)):
+            tree.setdefault("/".join(parts[:i]), set())
+        tree["/".join(parts[:-1])].add(parts[-1])
+    for name in storage.listdir(root):   # empty directories do not show in a recursive file listing
+        if name in STAGE_DIRS and name not in tree and storage.isdir(storage.join(root, name)):
+            tree[name] = set()
+    return tree
+
+
+def _victims(root: str, tree: dict[str, set[str]], runs: list[str]) -> list[str]:
+    """Relative paths to delete, shallowest first, none inside another."""
+    out: list[str] = []
+    for d in sorted(tree, key=lambda p: (p.count("/") if p else -1, p)):
+        if any(_inside(d, v) for v in out) or _in_committed(d, tree):
+            continue
+        files = tree[d]
+        if manifest.NAME in files:
+            out.extend(_join(d, f) for f in sorted(files) if f == commit.MARKER or _stray_tmp(root, d, f))
+            continue
+        if (commit.MARKER in files or _is_stage(d, runs)) and not _holds_committed(d, tree):
+            out.append(d)
+    return out
+
+
+def _stray_tmp(root: str, d: str, name: str) -> bool:
+    if not TMP_RE.search(name):
+        return False
+    m = manifest.read(storage.join(root, d) if d else root)
+    return m is not None and _join(d, name) not in m.files and name not in m.files
+
+
+def _is_stage(d: str, runs: list[str]) -> bool:
+    for r in runs:
+        if r and not d.startswith(r + "/"):
+            continue
+        rel = d[len(r) + 1:] if r else d
+        for pattern in STAGE_DIRS:
+            head, _, tail = pattern.partition("/")
+            if rel == head and not tail:
+                return True
+            if tail and rel.startswith(head + "/") and rel.count("/") == 1:
+                child = rel.split("/", 1)[1]
+                if tail == "*" or (tail == "step-*" and STEP_RE.match(child)):
+                    return True
+    return False
+
+
+def _in_committed(d: str, tree: dict[str, set[str]]) -> bool:
+    parts = d.split("/") if d else []
+    return any(manifest.NAME in tree.get("/".join(parts[:i]), ()) for i in range(len(parts)))
+
+
+def _holds_committed(d: str, tree: dict[str, set[str]]) -> bool:
+    return any(manifest.NAME in files and _inside(other, d) for other, files in tree.items())
+
+
+def _inside(path: str, parent: str) -> bool:
+    return parent == "" or path == parent or path.startswith(parent + "/")
+
+
+def _join(d: str, name: str) -> str:
+    return f"{d}/{name}" if d else name
+
+
+def _delete(root: str, runs: list[str], victims: list[str]) -> None:
+    _check_ancestors(root)
+    for r in sorted(runs, key=len, reverse=True):
+        mine = [v for v in victims if _inside(v, r) and not any(_inside(v, o) for o in runs if len(o) > len(r))]
+        if not mine:
+            continue
+        run_uri = storage.join(root, r) if r else root
+        with lease.hold(run_uri, owner="ckptflow gc"):
+            for rel in mine:
+                target = storage.join(root, rel) if rel else root
+                log.info("gc: deleting %s", target)
+                storage.remove(target)
+
+
+def _check_ancestors(root: str) -> None:
+    uri = root
+    for _ in range(ANCESTOR_LEASES):
+        up = storage.parent(uri)
+        if not up or up == uri or up.endswith(":/") or up.endswith("://"):
+            return
+        rec = lease.read(up)
+        if rec is not None and lease.is_live(rec):
+            raise CkptError(f"{up}: another process is writing this run: {lease.describe(rec)}; gc refused")
+        uri = up
