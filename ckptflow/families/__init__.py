@@ -161,6 +161,61 @@ def tune_state_dict_to_hf(sd: dict, family, args: ModelArgs, where: str | None =
     return out
 
 
+def _by_structure(predicate: str, cfg: dict, where: str, what: str) -> ModuleType:
+    hits = [f for f in FAMILIES.values() if hasattr(f, predicate) and getattr(f, predicate)(cfg)]
+    if len(hits) != 1:
+        found = " and ".join(f.NAME for f in hits) if hits else "no family"
+        raise UnknownFamilyError(f"{where}: this {what} matches {found}; give the architecture another way "
+                                 "(--model-config with a config.json)")
+    return hits[0]
+
+
+def for_meta_params(params: dict, where: str = "params.json") -> ModuleType:
+    """The family of a Meta-layout params.json, by its shape (families define is_meta_params)."""
+    return _by_structure("is_meta_params", params, where, "params.json")
+
+
+def for_litgpt_config(cfg: dict, where: str = "model_config.yaml") -> ModuleType:
+    """The family of a litgpt model_config.yaml, by its structure (families define is_litgpt_config)."""
+    return _by_structure("is_litgpt_config", cfg, where, "litgpt config")
+
+
+def template_of(key: str) -> str:
+    """The `{}`-templated form of a key ("layers.3.attn.q_proj.weight" -> "layers.{}.attn.q_proj.weight")."""
+    return _template(key)[0]
+
+
+def table(family, name: str) -> dict:
+    """A family's key table for another tool's layout ("META_TO_TUNE", "LITGPT_TO_TUNE", ...)."""
+    found = getattr(family, name, None)
+    if found is None:
+        raise CkptError(f"family {family.NAME!r} has no {name} table: that format is not supported for it")
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def _reverse(family, name: str) -> dict[str, str]:
+    return {tune: other for other, tune in table(family, name).items() if isinstance(tune, str)}
+
+
+def foreign_key_to_tune(family, name: str, key: str, where: str | None = None):
+    """`key` of another tool's layout in tune names through table `name`: a tune key, None (drop),
+    or a tuple of tune keys (a fused tensor, e.g. litgpt's qkv). Unmapped keys raise UnknownKeyError."""
+    template, index = _template(key)
+    found = table(family, name)
+    if template not in found:
+        raise UnknownKeyError(key, family.NAME, where)
+    target = found[template]
+    if isinstance(target, tuple):
+        return tuple(t.format(*index) for t in target)
+    return None if target is None else target.format(*index)
+
+
+def tune_key_to_foreign(family, name: str, key: str, where: str | None = None) -> str:
+    """The inverse of foreign_key_to_tune for one-to-one entries."""
+    return _lookup(_reverse(family, name), key, family, where)
+
+
 def hf_dtype(config: dict) -> str | None:
     """The weights' dtype a config.json declares: "dtype" (transformers >= 4.56) or "torch_dtype"."""
     return config.get("dtype") or config.get("torch_dtype")

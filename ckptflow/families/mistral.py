@@ -53,3 +53,102 @@ def hf_config(args: ModelArgs, like: dict | None = None, dtype: str | None = Non
     fields = {"sliding_window": args.extra.get("sliding_window")}
     return _hf.new_config(args, model_type="mistral", architecture="MistralForCausalLM", dtype=dtype,
                           fields=fields, extra_keys=EXTRA_KEYS)
+
+
+# --- Mistral's own consolidated files (Meta key names, params.json with hidden_dim) ----------
+
+META_TO_TUNE = {
+    "tok_embeddings.weight": "tok_embeddings.weight",
+    "layers.{}.attention_norm.weight": "layers.{}.sa_norm.scale",
+    "layers.{}.attention.wq.weight": "layers.{}.attn.q_proj.weight",
+    "layers.{}.attention.wk.weight": "layers.{}.attn.k_proj.weight",
+    "layers.{}.attention.wv.weight": "layers.{}.attn.v_proj.weight",
+    "layers.{}.attention.wo.weight": "layers.{}.attn.output_proj.weight",
+    "layers.{}.ffn_norm.weight": "layers.{}.mlp_norm.scale",
+    "layers.{}.feed_forward.w1.weight": "layers.{}.mlp.w1.weight",
+    "layers.{}.feed_forward.w2.weight": "layers.{}.mlp.w2.weight",
+    "layers.{}.feed_forward.w3.weight": "layers.{}.mlp.w3.weight",
+    "norm.weight": "norm.scale",
+    "output.weight": "output.weight",
+}
+
+# Model-parallel split dimensions, as in llama.META_MP_DIM (Mistral ships one file; kept for symmetry).
+META_MP_DIM = {
+    "tok_embeddings.weight": "embedding",
+    "layers.{}.attention_norm.weight": None,
+    "layers.{}.attention.wq.weight": 0,
+    "layers.{}.attention.wk.weight": "kv",
+    "layers.{}.attention.wv.weight": "kv",
+    "layers.{}.attention.wo.weight": 1,
+    "layers.{}.ffn_norm.weight": None,
+    "layers.{}.feed_forward.w1.weight": 0,
+    "layers.{}.feed_forward.w2.weight": 1,
+    "layers.{}.feed_forward.w3.weight": 0,
+    "norm.weight": None,
+    "output.weight": 0,
+}
+
+
+def is_meta_params(params: dict) -> bool:
+    return "hidden_dim" in params or "sliding_window" in params
+
+
+def args_from_meta(params: dict, where: str = "params.json", *, vocab_size: int | None = None,
+                   rope_factor: float | None = None) -> ModelArgs:
+    from ckptflow.families import _meta
+
+    _meta.check(params, where)
+    if not isinstance(params.get("hidden_dim"), int):
+        raise CkptError(f"{where}: missing hidden_dim")
+    vocab = params.get("vocab_size") or vocab_size
+    if not vocab or vocab <= 0:
+        raise CkptError(f"{where}: vocab_size is missing and no embedding says it")
+    rope = _meta.rope_scaling(params, where, rope_factor)
+    return _meta.args_from_params(params, where, vocab_size=vocab, hidden_dim=params["hidden_dim"], rope=rope,
+                                  max_seq_len=None, extra={"sliding_window": params.get("sliding_window")})
+
+
+def meta_params(args: ModelArgs) -> dict:
+    from ckptflow.families import _meta
+
+    _meta.check_writable(args, NAME)
+    out = _meta.common_params(args)
+    out.update(head_dim=args.hd, hidden_dim=args.hidden_dim)
+    if args.extra.get("sliding_window") is not None:
+        out["sliding_window"] = args.extra["sliding_window"]
+    return out
+
+
+# --- litgpt (same key names as llama) --------------------------------------------------------
+
+LITGPT_TO_TUNE = {
+    "transformer.wte.weight": "tok_embeddings.weight",
+    "transformer.h.{}.norm_1.weight": "layers.{}.sa_norm.scale",
+    "transformer.h.{}.attn.qkv.weight": ("layers.{}.attn.q_proj.weight", "layers.{}.attn.k_proj.weight",
+                                         "layers.{}.attn.v_proj.weight"),
+    "transformer.h.{}.attn.proj.weight": "layers.{}.attn.output_proj.weight",
+    "transformer.h.{}.norm_2.weight": "layers.{}.mlp_norm.scale",
+    "transformer.h.{}.mlp.fc_1.weight": "layers.{}.mlp.w1.weight",
+    "transformer.h.{}.mlp.fc_2.weight": "layers.{}.mlp.w3.weight",
+    "transformer.h.{}.mlp.proj.weight": "layers.{}.mlp.w2.weight",
+    "transformer.ln_f.weight": "norm.scale",
+    "lm_head.weight": "output.weight",
+}
+
+LITGPT_LEGACY_QKV = {
+    "transformer.h.{}.attn.attn.weight": ("layers.{}.attn.q_proj.weight", "layers.{}.attn.k_proj.weight",
+                                          "layers.{}.attn.v_proj.weight"),
+}
+
+
+def is_litgpt_config(cfg: dict) -> bool:
+    return not cfg.get("attn_bias") and cfg.get("sliding_window_size") is not None
+
+
+def args_from_litgpt(cfg: dict, where: str = "model_config.yaml") -> ModelArgs:
+    from ckptflow.families import _litgpt
+
+    if cfg.get("sliding_window_indices") not in (None, [1] * cfg.get("n_layer", 0)):
+        raise CkptError(f"{where}: a sliding window on some layers only is not supported")
+    return _litgpt.args_from_config(cfg, where, rope_interleaved=ROPE_INTERLEAVED,
+                                    extra={"sliding_window": cfg["sliding_window_size"]})

@@ -52,3 +52,40 @@ def hf_config(args: ModelArgs, like: dict | None = None, dtype: str | None = Non
     fields = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": args.n_layers}
     return _hf.new_config(args, model_type="qwen2", architecture="Qwen2ForCausalLM", dtype=dtype,
                           fields=fields, head_dim=False)
+
+
+# --- litgpt (qkv weight and bias fused as [q; k; v]) -----------------------------------------
+
+LITGPT_TO_TUNE = {
+    "transformer.wte.weight": "tok_embeddings.weight",
+    "transformer.h.{}.norm_1.weight": "layers.{}.sa_norm.scale",
+    "transformer.h.{}.attn.qkv.weight": ("layers.{}.attn.q_proj.weight", "layers.{}.attn.k_proj.weight",
+                                         "layers.{}.attn.v_proj.weight"),
+    "transformer.h.{}.attn.qkv.bias": ("layers.{}.attn.q_proj.bias", "layers.{}.attn.k_proj.bias",
+                                       "layers.{}.attn.v_proj.bias"),
+    "transformer.h.{}.attn.proj.weight": "layers.{}.attn.output_proj.weight",
+    "transformer.h.{}.norm_2.weight": "layers.{}.mlp_norm.scale",
+    "transformer.h.{}.mlp.fc_1.weight": "layers.{}.mlp.w1.weight",
+    "transformer.h.{}.mlp.fc_2.weight": "layers.{}.mlp.w3.weight",
+    "transformer.h.{}.mlp.proj.weight": "layers.{}.mlp.w2.weight",
+    "transformer.ln_f.weight": "norm.scale",
+    "lm_head.weight": "output.weight",
+}
+
+LITGPT_LEGACY_QKV = {
+    "transformer.h.{}.attn.attn.weight": ("layers.{}.attn.q_proj.weight", "layers.{}.attn.k_proj.weight",
+                                          "layers.{}.attn.v_proj.weight"),
+    "transformer.h.{}.attn.attn.bias": ("layers.{}.attn.q_proj.bias", "layers.{}.attn.k_proj.bias",
+                                        "layers.{}.attn.v_proj.bias"),
+}
+
+
+def is_litgpt_config(cfg: dict) -> bool:
+    # q/k/v bias without an output or MLP bias is Qwen2's structure.
+    return bool(cfg.get("attn_bias")) and not cfg.get("bias") and cfg.get("sliding_window_size") is None
+
+
+def args_from_litgpt(cfg: dict, where: str = "model_config.yaml") -> ModelArgs:
+    from ckptflow.families import _litgpt
+
+    return _litgpt.args_from_config(cfg, where, qkv_bias=True, rope_interleaved=ROPE_INTERLEAVED)

@@ -75,7 +75,13 @@ def _read_peft(uri: str, base: str | None = None, **_) -> View:
     return merge.merged_view(base_view, adapter)
 
 
-READERS: dict[str, callable] = {"hf": _read_hf, "tune": _read_tune, "peft": _read_peft}
+def _read_meta(uri: str, **opts) -> View:
+    from ckptflow.formats import meta
+
+    return meta.open_view(uri, **opts)
+
+
+READERS: dict[str, callable] = {"hf": _read_hf, "tune": _read_tune, "peft": _read_peft, "meta": _read_meta}
 
 
 def open_view(uri: str, **opts) -> View:
@@ -106,5 +112,11 @@ def _write_peft(view, out, **kw):
     return peft.write_view(view, out, **kw)
 
 
+def _write_meta(view, out, **kw):
+    from ckptflow.formats import meta
+
+    return meta.write_view(view, out, **kw)
+
+
 # format name -> writer(view, out: commit.Output, *, out_dtype, max_shard, progress) -> Manifest
-WRITERS: dict[str, callable] = {"hf": _write_hf, "tune": _write_tune, "peft": _write_peft}
+WRITERS: dict[str, callable] = {"hf": _write_hf, "tune": _write_tune, "peft": _write_peft, "meta": _write_meta}

@@ -27,8 +27,14 @@ def _peft(names: list[str]) -> bool:
     return peft.is_peft(names)
 
 
+def _meta(names: list[str]) -> bool:
+    from ckptflow.formats import meta
+
+    return meta.is_meta(names)
+
+
 # format name -> predicate over the names in the directory. Other format modules add theirs.
-MARKERS: dict[str, callable] = {"hf": _hf, "peft": _peft}
+MARKERS: dict[str, callable] = {"hf": _hf, "peft": _peft, "meta": _meta}
 
 
 @dataclass
@@ -109,4 +115,24 @@ def _describe_peft(uri: str) -> Detection:
     return peft.describe(uri)
 
 
-DESCRIBERS: dict[str, callable] = {"hf": _describe_hf, "peft": _describe_peft}
+def summarize(shapes_and_dtypes) -> tuple[str | None, int]:
+    """(dominant dtype name, parameter count) of (shape, safetensors dtype code) pairs."""
+    from ckptflow.formats import st
+
+    counts: dict[str, int] = {}
+    for shape, code in shapes_and_dtypes:
+        numel = 1
+        for s in shape:
+            numel *= s
+        counts[code] = counts.get(code, 0) + numel
+    dtype = st.TORCH_NAME.get(max(counts, key=counts.get)) if counts else None
+    return dtype, sum(counts.values())
+
+
+def _describe_meta(uri: str) -> Detection:
+    from ckptflow.formats import meta
+
+    return meta.describe(uri)
+
+
+DESCRIBERS: dict[str, callable] = {"hf": _describe_hf, "peft": _describe_peft, "meta": _describe_meta}
