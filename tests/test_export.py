@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ckptflow import api, cli, families, formats, inspect, manifest
+from ckptflow import api, cli, families, manifest
 from ckptflow.errors import CkptError
 from ckptflow.stages import download, export, merge
 from tests.test_peft import lora_step, make_run, own_model, tokens
@@ -191,7 +191,6 @@ def test_bad_requests_are_one_clear_error(tmp_path, run):
     assert manifest.require(str(tmp_path / "c")).format == "peft"
 
 
-@pytest.mark.skipif("meta" not in formats.WRITERS, reason="formats/meta.py is not there yet")
 def test_meta_and_hf_round_trip_to_the_same_tensors(tmp_path, run):
     hf = os.path.join(run, "source")
     export.run(hf, str(tmp_path / "meta"), format="meta")
@@ -225,3 +224,19 @@ def test_a_peft_adapter_exports_as_itself_or_merged(tmp_path):
     with torch.no_grad():
         want = pm.eval()(x).logits
     torch.testing.assert_close(hf_logits(str(tmp_path / "hf"), x), want, atol=1e-5, rtol=0)
+
+
+def test_a_meta_sourced_lora_run_exports_meta_as_original(tmp_path, run):
+    export.run(os.path.join(run, "source"), str(tmp_path / "meta"), format="meta")
+    r = make_run(str(tmp_path), hf_dir=str(tmp_path / "meta"))
+    step = lora_step(r, 6, LORA, seed=6)
+    m = export.run(r, str(tmp_path / "out"))
+    assert m.format == "meta" and m.lineage["stages"][-1]["to"] == "meta"
+    merged = merge.run(step.uri, "-", str(tmp_path / "merged"))
+    got, want = api.load_state_dict(str(tmp_path / "out"))[0], api.load_state_dict(merged.uri)[0]
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    x = tokens()
+    export.run(r, str(tmp_path / "hf"), format="hf")
+    with torch.no_grad():
+        ref = own_model(r, step.uri)(x)
+    torch.testing.assert_close(hf_logits(str(tmp_path / "hf"), x), ref, atol=1e-5, rtol=0)

@@ -8,9 +8,8 @@ import torch
 from ckptflow import families, lora, manifest
 from ckptflow.commit import Output
 from ckptflow.errors import CkptError
-from ckptflow.formats import detect, peft
+from ckptflow.formats import detect
 from ckptflow.manifest import Manifest
-from ckptflow.model import Transformer
 from ckptflow.model_args import ModelArgs
 from ckptflow.stages import convert, export, merge
 from tests import hfmodels
