@@ -121,3 +121,14 @@ def test_lora_on_a_tied_head_is_refused(tmp_path):
     save_file({k: v for k, v in load_file(path).items() if "base_layer" not in k}, path, {"format": "pt"})
     with pytest.raises(CkptError, match="'output' has no base weight 'output.weight'.*is tied to tok_embeddings"):
         merge.run(str(tmp_path / "ad"), base, str(tmp_path / "m"))
+
+
+def test_a_lora_step_loads_as_its_merged_model(run):
+    from tests.test_peft import own_model, tokens
+
+    step = lora_step(run, 12, {"rank": 4, "alpha": 8.0, "targets": ["q_proj", "k_proj", "w3"]}, seed=12)
+    model, view = api.load(step.uri)
+    assert view.adapter is not None and view.manifest.step == 12
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), own_model(run, step.uri)(x), atol=1e-5, rtol=0)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ckptflow import storage
+from ckptflow import manifest, storage
 from ckptflow.errors import CkptError
 from ckptflow.formats.plan import FilePlan, Item, repartition
 from ckptflow.manifest import Manifest
@@ -56,10 +56,13 @@ def _read_hf(uri: str, **_) -> View:
                 partition=[[it.name for it in p.items] for p in plans])
 
 
-def _read_tune(uri: str, **_) -> View:
+def _read_tune(uri: str, base: str | None = None, **_) -> View:
     from ckptflow import families
     from ckptflow.formats import tune
 
+    m = manifest.read(uri)
+    if m is not None and m.kind == "train_state" and m.extra.get("lora"):
+        return _read_peft(uri, base)    # a LoRA step holds only the adapter: its base, merged lazily
     d = tune.open_dir(uri)
     assets = {name[len(tune.ASSETS) + 1:]: storage.join(d.uri, name)
               for name in d.manifest.files if name.startswith(tune.ASSETS + "/")}
@@ -81,7 +84,14 @@ def _read_meta(uri: str, **opts) -> View:
     return meta.open_view(uri, **opts)
 
 
-READERS: dict[str, callable] = {"hf": _read_hf, "tune": _read_tune, "peft": _read_peft, "meta": _read_meta}
+def _read_dcp(uri: str, **opts) -> View:
+    from ckptflow.formats import dcp
+
+    return dcp.open_view(uri, **opts)
+
+
+READERS: dict[str, callable] = {"hf": _read_hf, "tune": _read_tune, "peft": _read_peft, "meta": _read_meta,
+                                "dcp": _read_dcp}
 
 
 def open_view(uri: str, **opts) -> View:
@@ -118,5 +128,12 @@ def _write_meta(view, out, **kw):
     return meta.write_view(view, out, **kw)
 
 
+def _write_dcp(view, out, **kw):
+    from ckptflow.formats import dcp
+
+    return dcp.write_view(view, out, **kw)
+
+
 # format name -> writer(view, out: commit.Output, *, out_dtype, max_shard, progress) -> Manifest
-WRITERS: dict[str, callable] = {"hf": _write_hf, "tune": _write_tune, "peft": _write_peft, "meta": _write_meta}
+WRITERS: dict[str, callable] = {"hf": _write_hf, "tune": _write_tune, "peft": _write_peft, "meta": _write_meta,
+                                "dcp": _write_dcp}
