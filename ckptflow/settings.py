@@ -31,4 +31,7 @@ def apply_prefect_defaults(environ: dict | None = None) -> dict:
     wanted = dict(PREFECT_DEFAULTS, PREFECT_HOME=os.path.expanduser(DEFAULT_HOME))
     applied = {k: v for k, v in wanted.items() if k not in env}
     env.update(applied)
+    if "PREFECT_HOME" in applied:
+        # Prefect creates its home without parents: ~/.ckptflow may not exist yet.
+        os.makedirs(applied["PREFECT_HOME"], exist_ok=True)
     return applied

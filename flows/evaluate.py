@@ -23,7 +23,8 @@ def evaluate(request: EvalRequest) -> dict:
         if uri and request.storage_options:
             storage.set_options(uri, request.storage_options)
     out = request.destination()
-    task = common.bind(evaluate_task, common.result_storage(storage.parent(out), request.storage_options))
+    home = storage.parent(storage.normalize(request.run)) if request.run else storage.parent(out)
+    task = common.bind(evaluate_task, common.result_storage(home, request.storage_options))
     args = (storage.normalize(request.source), request.data, request.base, out, request.settings)
     if not request.run:
         return task(*args)

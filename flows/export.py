@@ -1,14 +1,16 @@
-"""The export-only flow: any checkpoint of any run to original / hf / meta / peft.
+"""The export-only flow: any checkpoint of any run to original / hf / meta / peft / tune.
 
-    prefect deployment run export/export --param params='{"source": "./runs/demo", "format": "hf"}'
+    prefect deployment run export/export --params '{"params": {"source": "./runs/demo", "format": "hf"}}'
 
-The `export` deployment offers ExportParams as a form in the dashboard.
+The `export` deployment offers ExportParams as a form in the dashboard. A run resolves to its
+newest committed step (or `step`) here, so the task is cached on that step's manifest.
 """
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
 from ckptflow import storage
+from ckptflow.stages import export as export_stage
 from flows.params import ExportParams, dtype_or_none
 from tasks import common
 from tasks.export import export as export_task
@@ -16,15 +18,17 @@ from tasks.export import export as export_task
 
 @flow(name="export")
 def export(params: ExportParams) -> dict:
-    """Export one checkpoint (a run's newest or chosen step, a step, a tune dir, an adapter)."""
+    """Export one checkpoint: a run's newest or chosen step, a step, a tune dir or an adapter."""
     for uri in (params.source, params.dst):
         if uri and params.storage_options:
             storage.set_options(uri, params.storage_options)
-    dst = params.destination()
-    task = common.bind(export_task, common.result_storage(storage.parent(dst), params.storage_options))
-    out = task(storage.normalize(params.source), dst, format=params.format, step=params.step,
-               dtype=dtype_or_none(params.dtype))
-    get_run_logger().info("exported %s (%s) to %s", params.source, params.format, out["uri"])
+    resolved = export_stage.resolve(storage.normalize(params.source), step=params.step)
+    dst = params.destination(resolved.step, resolved.run)
+    # Results beside the runs (the finetune flow's cache) when the source belongs to a run.
+    home = storage.parent(resolved.run) if resolved.run else storage.parent(dst)
+    task = common.bind(export_task, common.result_storage(home, params.storage_options))
+    out = task(resolved.uri, dst, format=params.format, step=None, dtype=dtype_or_none(params.dtype))
+    get_run_logger().info("exported %s (step %s, %s) to %s", resolved.uri, resolved.step, out["format"], out["uri"])
     return out
 
 

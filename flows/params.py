@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ckptflow import storage
 
-ExportFormat = Literal["original", "hf", "meta", "peft"]
+ExportFormat = Literal["original", "hf", "meta", "peft", "tune"]
 Dtype = Literal["keep", "bfloat16", "float16", "float32"]
 
 
@@ -25,27 +25,23 @@ class ExportParams(_Params):
                                                      "newest committed step.")
     format: ExportFormat = Field("original", description="original: the format the model came in; hf: "
                                  "transformers safetensors; meta: consolidated.00.pth + params.json; "
-                                 "peft: the LoRA adapter alone")
+                                 "peft: the LoRA adapter alone; tune: ckptflow's own format")
     dtype: Dtype = Field("keep", description="keep the checkpoint's dtype, or cast to bfloat16 / float16 / float32")
-    dst: str | None = Field(None, description="Where to write the export. Empty: {run}/exports/<format>-<step>-<dtype> "
-                                              "beside the source.")
+    dst: str | None = Field(None, description="Where to write the export. Empty: "
+                                              "{run}/exports/<format>-step-<N>-<dtype> for a run or one of its "
+                                              "steps, <source>-exports/... for anything else.")
     storage_options: dict = Field(default_factory=dict, description="fsspec options for the source and "
                                                                     "destination (e.g. an S3 endpoint_url)")
 
-    def destination(self) -> str:
+    def destination(self, step: int | None, run: str | None) -> str:
+        """`dst`, or a name from what is exported: the step that `source` resolved to, the run
+        it belongs to (None: not part of a run)."""
         if self.dst:
             return storage.normalize(self.dst)
-        src = storage.normalize(self.source)
-        name = f"{self.format}-{'step-%06d' % self.step if self.step is not None else 'newest'}-{self.dtype}"
-        return storage.join(_run_root(src), "exports", name)
-
-
-def _run_root(src: str) -> str:
-    """The run a source belongs to: `{run}/train/step-N` -> `{run}`; anything else -> itself."""
-    parent = storage.parent(src)
-    if storage.basename(src).startswith("step-") and storage.basename(parent) == "train":
-        return storage.parent(parent)
-    return src
+        name = "-".join([self.format, *([f"step-{step:06d}"] if step is not None else []), self.dtype])
+        if run:
+            return storage.join(storage.normalize(run), "exports", name)
+        return storage.join(storage.normalize(self.source) + "-exports", name)
 
 
 class EvalRequest(_Params):

@@ -34,7 +34,7 @@ def _train_params(params: dict) -> dict:
       **common.retry_options())
 def train(config: RunConfig, base_uri: str) -> dict:
     watch = Watch(config)
-    with gpu_slot(), watch:
+    with gpu_slot(watch.logger), watch:
         if config.train.nproc_per_node > 1:
             m = distributed(config, base_uri, watch)
         else:
@@ -97,7 +97,7 @@ def _f(x, spec: str = ".4f") -> str:
 
 
 @contextlib.contextmanager
-def gpu_slot():
+def gpu_slot(logger=log):
     """One slot of the global concurrency limit `gpu` when it exists (`prefect gcl create gpu
     --limit 1`), strictly; no limit, no throttle. Looking the name up first avoids Prefect's
     default, where a missing limit only logs a warning."""
@@ -111,7 +111,7 @@ def gpu_slot():
     except ObjectNotFound:
         yield
         return
-    get_run_logger().info("waiting for a slot of the %r concurrency limit", GPU_LIMIT)
+    logger.info("waiting for a slot of the %r concurrency limit", GPU_LIMIT)
     with concurrency(GPU_LIMIT, occupy=1, strict=True):
         yield
 

@@ -1,0 +1,253 @@
+"""The flows on a Prefect test server (one per session, `prefect_api` in conftest): a failed run
+started again skips its finished stages; a run killed mid-training resumes from its newest step
+to the same weights as an uninterrupted run; artifacts; export-only runs; the gpu limit."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from ckptflow import manifest, storage
+from ckptflow.config import load_config
+from ckptflow.errors import CkptError
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = """\
+run_id: {run_id}
+storage: {storage}
+model:
+  source: seed://llama?dim=64&n_layers=2
+data:
+  train: {repo}/deployments/data/demo.jsonl
+  eval: {repo}/deployments/data/demo-eval.jsonl
+  eval_batches: 2
+train:
+  method: lora
+  steps: 6
+  batch_size: 4
+  seq_len: 32
+  lr: 1.0e-2
+  lora: {{rank: 4, alpha: 8, targets: [q_proj, v_proj, output]}}
+checkpoint:
+  every_steps: 2
+  keep_last: null
+eval:
+  prompts: ["Q: Where does the camel live?\\nA:"]
+  max_new_tokens: 4
+"""
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    # One storage for the module: the runs share the pinned seed base under .cache/base/.
+    return tmp_path_factory.mktemp("flows") / "runs"
+
+
+def tiny(runs: Path, run_id: str) -> Path:
+    path = runs.parent / f"{run_id}.yaml"
+    path.write_text(TINY.format(run_id=run_id, storage=runs, repo=REPO))
+    return path
+
+
+def commits(*dirs: str) -> dict:
+    """ckptflow.json of each directory: its bytes and mtime, to prove nothing rewrote it."""
+    out = {}
+    for d in dirs:
+        p = Path(d) / manifest.NAME
+        out[d] = (p.read_bytes(), p.stat().st_mtime_ns)
+    return out
+
+
+def task_states(flow_run_id) -> dict:
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+                                     sort=TaskRunSort.EXPECTED_START_TIME_ASC, limit=100)
+    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+
+
+def run_json(run_uri: str) -> dict:
+    return json.loads((Path(run_uri) / "run.json").read_text())
+
+
+def sha(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def test_failed_export_started_again_skips_every_finished_stage(prefect_api, runs, monkeypatch):
+    from ckptflow.stages import export as export_stage
+    from flows.finetune import base_dirs, finetune
+
+    cfg = load_config(str(tiny(runs, "export-fails")))
+    real, calls = export_stage.run, []
+
+    def fails_once(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 1:
+            raise CkptError("injected: the export stage fails once")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(export_stage, "run", fails_once)
+    first = finetune(cfg, return_state=True)
+    assert first.is_failed()
+    run_uri, base = str(runs / "export-fails"), base_dirs(cfg)
+    rec = run_json(run_uri)
+    states = {s["name"]: s["state"] for s in rec["stages"]}
+    assert states["train"] == "Completed" and states["export"] == "Failed" and "evaluate" not in states
+    finished = [base["source"], base["tune"], *(f"{run_uri}/train/step-{s:06d}" for s in (2, 4, 6)),
+                f"{run_uri}/merged"]
+    before = commits(*finished)
+
+    second = finetune(cfg, return_state=True)
+    assert second.is_completed(), second.message
+    assert commits(*finished) == before          # nothing finished was written again
+    ran = task_states(second.state_details.flow_run_id)
+    assert {k: ran[k] for k in ("download", "convert", "train", "merge")} == dict.fromkeys(
+        ("download", "convert", "train", "merge"), "Cached")
+    assert ran["export"] == "Completed" and ran["evaluate"] == "Completed"
+    rec = run_json(run_uri)
+    assert [s["name"] for s in rec["stages"]] == ["download", "detect", "convert", "train", "merge", "export",
+                                                  "evaluate"]
+    assert {s["name"]: s["state"] for s in rec["stages"]}["train"] == "Cached"
+    assert all(s["seconds"] is not None and s["output"] for s in rec["stages"])
+    assert manifest.read(f"{run_uri}/export").format == "hf" and len(calls) == 2
+
+    # A cached stage whose output was deleted since runs again; the others stay cached.
+    storage.remove(f"{run_uri}/export")
+    third = finetune(cfg, return_state=True)
+    assert third.is_completed()
+    ran = task_states(third.state_details.flow_run_id)
+    assert ran["export"] == "Completed" and ran["merge"] == "Cached" and ran["evaluate"] == "Cached"
+    assert manifest.verify(f"{run_uri}/export") == []
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from ckptflow import manifest
+
+    real_write = manifest.write
+
+    def write(uri, m):          # SIGKILL right after step K is committed: a preempted node
+        out = real_write(uri, m)
+        if m.kind == "train_state" and m.step == int(sys.argv[2]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+
+    manifest.write = write
+    from ckptflow.config import load_config
+    from flows.finetune import finetune
+    finetune(load_config(sys.argv[1]))
+""")
+
+
+@pytest.fixture(scope="module")
+def finished(prefect_api, runs):
+    """One uninterrupted tiny run that several tests look at: its final state."""
+    from flows.finetune import finetune
+
+    state = finetune(load_config(str(tiny(runs, "Straight_1"))), return_state=True)
+    assert state.is_completed(), state.message
+    return state
+
+
+def test_training_killed_mid_run_resumes_to_the_same_weights(prefect_api, runs, finished, tmp_path):
+    from flows.finetune import finetune
+
+    killer = tmp_path / "killer.py"
+    killer.write_text(KILLER)
+    config = tiny(runs, "killed")
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    proc = subprocess.run([sys.executable, str(killer), str(config), "4"], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    run_uri = str(runs / "killed")
+    assert manifest.read(f"{run_uri}/train/step-000004") is not None
+    assert not Path(f"{run_uri}/train/step-000006").exists()
+    kept = commits(f"{run_uri}/train/step-000002", f"{run_uri}/train/step-000004")
+
+    again = finetune(load_config(str(config)), return_state=True)
+    assert again.is_completed(), again.message
+    ran = task_states(again.state_details.flow_run_id)
+    assert ran["train"] == "Completed" and ran["download"] == "Cached" and ran["convert"] == "Cached"
+    assert commits(*kept) == kept                # resumed from step 4, not trained again
+    # CPU training is deterministic: resuming gives the uninterrupted run's weights, bit for bit.
+    for rel in ("train/step-000006/model.safetensors", "merged/model.safetensors", "export/model.safetensors"):
+        assert sha(f"{run_uri}/{rel}") == sha(runs / "Straight_1" / rel), rel
+
+
+def artifacts(prefect_api: str, flow_run_id) -> dict:
+    """The newest artifact of each key that the flow run created: {key: artifact JSON}."""
+    import httpx
+
+    body = {"artifacts": {"flow_run_id": {"any_": [str(flow_run_id)]}}, "sort": "CREATED_DESC", "limit": 200}
+    found = httpx.post(prefect_api + "/artifacts/filter", json=body, timeout=30).raise_for_status().json()
+    latest = {}
+    for a in found:
+        latest.setdefault(a["key"], a)
+    return latest
+
+
+def test_a_run_publishes_summary_metrics_and_progress(prefect_api, runs, finished):
+    # Keys: the run id lowercased, anything but letters and digits a dash (Prefect's rule).
+    latest = artifacts(prefect_api, finished.state_details.flow_run_id)
+    assert set(latest) == {"straight-1-summary", "straight-1-metrics", "straight-1-progress"}
+    summary = latest["straight-1-summary"]["data"]
+    assert "## Stages" in summary and "| evaluate | Completed |" in summary
+    assert "![loss curve](data:image/png;base64," in summary and "| perplexity |" in summary
+    rows = json.loads(latest["straight-1-metrics"]["data"])
+    assert [r["step"] for r in rows if r["loss"] is not None] == [1, 2, 3, 4, 5, 6]
+    assert latest["straight-1-progress"]["data"] == 100.0
+    run_uri = runs / "Straight_1"
+    assert (run_uri / "loss.png").read_bytes().startswith(b"\x89PNG")
+    assert (run_uri / "summary.md").read_text() == summary
+
+
+def test_export_only_flow_exports_a_chosen_step_of_a_run(prefect_api, runs, finished):
+    from flows.export import export
+    from flows.params import ExportParams
+
+    run_uri = runs / "Straight_1"
+    out = export(ExportParams(source=str(run_uri), step=4, format="hf", dtype="bfloat16"))
+    assert out["uri"] == str(run_uri / "exports" / "hf-step-000004-bfloat16")
+    m = manifest.require(out["uri"])
+    assert (m.format, m.step, m.dtype) == ("hf", 4, "bfloat16") and manifest.verify(out["uri"]) == []
+    again = export(ExportParams(source=str(run_uri), step=4, format="hf", dtype="bfloat16"), return_state=True)
+    assert task_states(again.state_details.flow_run_id) == {"export": "Cached"}
+
+
+def test_export_params_are_a_typed_form(prefect_api):
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.export import export
+
+    schema = parameter_schema(export).model_dump()
+    params = schema["definitions"]["ExportParams"]["properties"]
+    assert params["format"]["enum"] == ["original", "hf", "meta", "peft", "tune"]
+    assert params["dtype"]["enum"] == ["keep", "bfloat16", "float16", "float32"]
+    assert all(p.get("description") for p in params.values())
+
+
+def test_gpu_slot_is_held_only_when_the_limit_exists(prefect_api):
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+    from tasks.train import gpu_slot
+
+    with gpu_slot():       # no limit named gpu: runs unthrottled, no warning-only lookup
+        pass
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name="gpu", limit=1))
+        try:
+            with gpu_slot():
+                assert client.read_global_concurrency_limit_by_name("gpu").active_slots == 1
+            assert client.read_global_concurrency_limit_by_name("gpu").active_slots == 0
+        finally:
+            client.delete_global_concurrency_limit_by_name("gpu")
