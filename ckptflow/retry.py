@@ -9,7 +9,9 @@ The classes were checked against what s3fs 2026.9 / aiobotocore / aiohttp really
 drops connections, a missing bucket and bad credentials on the loopback S3 server):
 
     closed port          botocore EndpointConnectionError <- aiohttp ClientConnectorError <- ConnectionRefusedError
-    dropped / hung conn  botocore ReadTimeoutError / ConnectionClosedError (aiohttp ServerDisconnectedError)
+    connection reset     botocore EndpointConnectionError <- aiohttp ClientOSError <- ConnectionResetError
+    closed, no answer    botocore ConnectionClosedError <- aiohttp ServerDisconnectedError
+    no answer in time    botocore ReadTimeoutError <- aiohttp SocketTimeoutError
     503 / SlowDown       OSError(EBUSY)      <- botocore ClientError, HTTPStatusCode 503
     500 / InternalError  OSError(EREMOTEIO)  <- ClientError 500
     502, 504, 429        OSError(EIO)        <- ClientError with that status

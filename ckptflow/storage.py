@@ -122,19 +122,29 @@ def _call(uri: str, what: str, fn, *args, **kwargs):
     return retry.call(fn, *args, uri=uri, what=what, **kwargs)
 
 
-def exists(uri: str) -> bool:
+def info(uri: str) -> dict | None:
+    """fsspec's info of `uri` (type, size, ...), or None when nothing is there. Other errors are
+    raised (after retries), never read as "missing": fsspec's own exists/isfile/isdir swallow
+    every exception, which would turn a timeout into "not committed"."""
     fs, path = _fresh(uri)
-    return bool(_call(uri, "exists", fs.exists, path))
+    try:
+        return _call(uri, "info", fs.info, path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def exists(uri: str) -> bool:
+    return info(uri) is not None
 
 
 def isdir(uri: str) -> bool:
-    fs, path = _fresh(uri)
-    return bool(_call(uri, "isdir", fs.isdir, path))
+    got = info(uri)
+    return got is not None and got.get("type") == "directory"
 
 
 def isfile(uri: str) -> bool:
-    fs, path = _fresh(uri)
-    return bool(_call(uri, "isfile", fs.isfile, path))
+    got = info(uri)
+    return got is not None and got.get("type") == "file"
 
 
 def size(uri: str) -> int:
