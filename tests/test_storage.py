@@ -1,0 +1,126 @@
+"""The fsspec seam: fresh listings on object stores, whole-file remote writes, atomic puts,
+faults never read as "missing", names that escape their directory."""
+import hashlib
+import os
+
+import pytest
+
+from ckptflow import retry, storage
+from ckptflow.errors import CkptError, TransientError
+from tests.flakyfs import FlakyFileSystem
+
+
+@pytest.fixture
+def cached_listings(s3_server, s3_bucket):
+    """The bucket configured with s3fs's listings cache explicitly on (its default)."""
+    opts = {**s3_server.storage_options, "use_listings_cache": True}
+    storage.set_options(s3_bucket, opts)
+    yield s3_bucket
+    storage.set_options(s3_bucket, None)
+
+
+@pytest.mark.s3
+def test_listings_see_what_another_writer_did_a_moment_ago(s3_server, cached_listings):
+    import s3fs
+
+    run = f"{cached_listings}/run"
+    other = s3fs.S3FileSystem(skip_instance_cache=True, **s3_server.storage_options)   # "another process"
+    storage.put_atomic(f"{run}/a", b"a")
+    assert storage.listdir(run) == ["a"]
+    ours, path = storage.fs_and_path(run)
+    ours.ls(path)                                        # prime s3fs's cache for the run
+    other.pipe(f"{run[5:]}/b/ckptflow.json", b"{}")
+    assert [e.rsplit("/", 1)[-1] for e in ours.ls(path, detail=False)] == ["a"]   # s3fs alone is stale
+    assert storage.listdir(run) == ["a", "b"]
+    assert storage.isfile(f"{run}/b/ckptflow.json") and storage.isdir(f"{run}/b")
+    assert storage.list_files(run) == ["a", "b/ckptflow.json"]
+    other.rm(f"{run[5:]}/b/ckptflow.json")
+    assert not storage.exists(f"{run}/b/ckptflow.json")
+
+
+@pytest.mark.s3
+def test_remote_files_appear_whole_on_close_and_hash_what_was_written(s3_server, s3_bucket, monkeypatch):
+    monkeypatch.setattr(storage, "SPOOL_MEMORY", 1 << 20)
+    storage.set_options(s3_bucket, s3_server.storage_options)
+    try:
+        for n in (100, 3 * (1 << 20) + 17):            # in-memory spool (one PUT), temp-file spool (put_file)
+            uri = f"{s3_bucket}/w/{n}.bin"
+            data = os.urandom(n)
+            w = storage.HashingWriter(uri)
+            for i in range(0, n, 65536):
+                w.write(memoryview(data)[i:i + 65536])
+            assert not storage.exists(uri)              # nothing under the name before close
+            got = w.close()
+            assert got == {"size": n, "sha256": hashlib.sha256(data).hexdigest()}
+            assert storage.read_bytes(uri) == data
+        with pytest.raises(RuntimeError):
+            with storage.HashingWriter(f"{s3_bucket}/w/aborted.bin") as w:
+                w.write(b"x" * 1000)
+                raise RuntimeError("the producer failed")
+        assert not storage.exists(f"{s3_bucket}/w/aborted.bin")
+    finally:
+        storage.set_options(s3_bucket, None)
+
+
+def test_faults_are_raised_never_read_as_missing(monkeypatch):
+    monkeypatch.setattr(retry, "BASE_DELAY", 0.0005)
+    monkeypatch.setattr(retry, "ATTEMPTS", 2)
+    FlakyFileSystem.configure(rate=0.0)
+    storage.put_atomic("flaky://faults/run/ckptflow.json", b"{}")
+    FlakyFileSystem.configure(rate=1.0)
+    try:
+        # fsspec's own exists/isfile return False on any exception: a timeout would read as "not committed"
+        assert FlakyFileSystem().isfile("flaky://faults/run/ckptflow.json") is False
+        for query in (storage.isfile, storage.exists, storage.isdir, storage.listdir):
+            with pytest.raises(TransientError, match="flaky://faults/run"):
+                query("flaky://faults/run/ckptflow.json")
+    finally:
+        FlakyFileSystem.configure(rate=0.0)
+    assert storage.isfile("flaky://faults/run/ckptflow.json")
+    assert storage.info("flaky://faults/nothing") is None
+
+
+def test_put_atomic_replaces_whole_and_leaves_no_temp_file(tmp_path):
+    uri = str(tmp_path / "d" / "ckptflow.json")
+    storage.put_atomic(uri, b"one")
+    storage.put_atomic(uri, b"two")
+    assert open(uri, "rb").read() == b"two"
+    assert os.listdir(tmp_path / "d") == ["ckptflow.json"]
+
+
+def test_memory_store_round_trip():
+    root = "memory://storage-test/run"
+    storage.put_atomic(f"{root}/a/x.json", b'{"k": 1}')
+    with storage.HashingWriter(f"{root}/a/y.bin") as w:
+        w.write(b"y" * 10)
+        assert w.close()["size"] == 10
+    assert storage.listdir(root) == ["a"] and storage.listdir(f"{root}/a") == ["x.json", "y.bin"]
+    assert storage.read_json(f"{root}/a/x.json") == {"k": 1}
+    assert storage.read_bytes(f"{root}/a/y.bin", 2, 5) == b"yyy"
+    storage.remove(root)
+    assert not storage.exists(root) and storage.listdir(root) == []
+
+
+def test_missing_files_are_one_clear_error():
+    with pytest.raises(CkptError, match=r"^memory://storage-test/nope: no such file"):
+        storage.read_bytes("memory://storage-test/nope")
+    with pytest.raises(CkptError, match=r"^memory://storage-test/nope: no such file"):
+        storage.open_read("memory://storage-test/nope")
+
+
+@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "a/../../x", "s3://b/k", "", "."])
+def test_names_that_escape_their_directory_are_refused(name):
+    with pytest.raises(CkptError, match="escapes its directory"):
+        storage.safe_relpath(name, "index.json")
+
+
+def test_options_go_to_the_longest_matching_prefix():
+    storage.set_options("s3://", {"anon": True})
+    storage.set_options("s3://bucket/run", {"key": "k"})
+    try:
+        assert storage.options_for("s3://bucket/run/base") == {"key": "k"}
+        assert storage.options_for("s3://other/x") == {"anon": True}
+    finally:
+        storage.set_options("s3://", None)
+        storage.set_options("s3://bucket/run", None)
+    assert storage.options_for("s3://bucket/run/base") == {}
