@@ -46,15 +46,23 @@ def detect(uri: str, as_json: bool = JSON):
 
 
 @app.command()
-def convert(src: str, dst: str, to: str = typer.Option("tune", "--to", help="tune | hf (more with the format modules)"),
+def convert(src: str, dst: str, to: str = typer.Option("tune", "--to", help="tune | hf | meta | dcp | peft"),
             dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16 | float16 | float32 (default: keep)"),
             max_shard_size: Optional[str] = typer.Option(None, "--max-shard-size", help="e.g. 5GB; default: the source's partition"),
             overwrite: bool = typer.Option(False, "--overwrite", help="replace a committed destination"),
+            rope_scaling_factor: Optional[float] = typer.Option(
+                None, "--rope-scaling-factor", help="Meta params.json with use_scaled_rope: the llama3 factor (8 or 32)"),
+            model_config: Optional[str] = typer.Option(
+                None, "--model-config", help="architecture for sources without one (DCP, torchtitan, torchtune .pt): "
+                                             "a config.json, params.json, model_config.yaml or model directory"),
+            epoch: Optional[int] = typer.Option(None, "--epoch", help="torchtune output dir: this epoch/step (default: the last)"),
             as_json: bool = JSON):
     """Convert SRC to DST, streaming one tensor at a time."""
     from ckptflow.stages import convert as stage
 
-    m = stage.run(src, dst, to=to, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
+    opts = {"rope_scaling_factor": rope_scaling_factor, "model_config": model_config, "epoch": epoch}
+    m = stage.run(src, dst, to=to, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+                  reader_opts={k: v for k, v in opts.items() if v is not None} or None)
     s = manifest_summary(m)
     emit(s, as_json, f"{m.uri}: {m.format} {m.family} {m.dtype}, {s['num_files']} files, {s['size_bytes']} bytes")
 

@@ -33,8 +33,14 @@ def _meta(names: list[str]) -> bool:
     return meta.is_meta(names)
 
 
+def _dcp(names: list[str]) -> bool:
+    from ckptflow.formats import dcp
+
+    return dcp.is_dcp(names)
+
+
 # format name -> predicate over the names in the directory. Other format modules add theirs.
-MARKERS: dict[str, callable] = {"hf": _hf, "peft": _peft, "meta": _meta}
+MARKERS: dict[str, callable] = {"hf": _hf, "peft": _peft, "meta": _meta, "dcp": _dcp}
 
 
 @dataclass
@@ -135,4 +141,11 @@ def _describe_meta(uri: str) -> Detection:
     return meta.describe(uri)
 
 
-DESCRIBERS: dict[str, callable] = {"hf": _describe_hf, "peft": _describe_peft, "meta": _describe_meta}
+def _describe_dcp(uri: str) -> Detection:
+    from ckptflow.formats import dcp
+
+    return dcp.describe(uri)
+
+
+DESCRIBERS: dict[str, callable] = {"hf": _describe_hf, "peft": _describe_peft, "meta": _describe_meta,
+                                   "dcp": _describe_dcp}

@@ -1,0 +1,433 @@
+"""torch.distributed.checkpoint (DCP) directories: `.metadata` + `__{rank}_{n}.distcp` (formats.md 5).
+
+Reading: a View of tune-named tensors, each loaded alone into a preallocated tensor through a
+partial-load planner, so converting a DCP checkpoint (sharded by any number of ranks) to HF
+holds one tensor in memory, never the model. Keys may be tune names (ckptflow's own DCP,
+optionally under "model."), Meta names (torchtitan <= v0.2.2) or torchtitan's later names; every
+other entry (optimizer, lr_scheduler, dataloader, train_state, ...) is training state: reported in
+View.notes and left out. A DCP directory without ckptflow.json names no architecture: give one
+with `model_config` (--model-config).
+
+`.metadata` is a pickle. ckptflow reads it only from a directory the user named, and unpickles
+it with an allow-list of the classes DCP's metadata is made of (anything else is refused, naming
+the class), not with plain pickle as torch's own reader does.
+
+Writing: `write_view` (convert --to dcp) saves the tensors with DCP, hashing every file while
+it is written. `save_state` / `load_state` are the helpers for training code, in one process or
+under torch.distributed (DTensor shards reshard on load; formats.md 5.7).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import pickle
+from contextlib import contextmanager
+
+from ckptflow import families, manifest, storage
+from ckptflow.errors import CkptError
+from ckptflow.formats import st
+from ckptflow.formats.plan import FilePlan, Item
+from ckptflow.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+METADATA = ".metadata"
+ASSETS = "assets"
+FOREIGN_TABLES = ("META_TO_TUNE", "TITAN_TO_TUNE")
+# First components of model weight names in every naming we read; an unmapped key under one of
+# these is a weight we do not understand (an error), anything else is training state.
+WEIGHT_ROOTS = {"tok_embeddings", "layers", "norm", "output", "lm_head"}
+
+
+def is_dcp(names: list[str]) -> bool:
+    return METADATA in names and any(n.endswith(".distcp") for n in names)
+
+
+# --- .metadata, unpickled with an allow-list ---------------------------------------------------
+
+_DCP_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "collections": {"OrderedDict"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+    "builtins": {"set", "frozenset", "slice"},
+}
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, f, where: str):
+        super().__init__(f)
+        self.where = where
+
+    def find_class(self, module: str, name: str):
+        if name in _DCP_CLASSES.get(module, ()) or (module == "torch" and _is_torch_value(name)):
+            return super().find_class(module, name)
+        raise CkptError(f"{self.where}: refers to {module}.{name}, which DCP metadata never holds; not unpickling it")
+
+
+def _is_torch_value(name: str) -> bool:
+    import torch
+
+    value = getattr(torch, name, None)
+    return name == "Size" or isinstance(value, (torch.dtype, torch.memory_format, torch.layout))
+
+
+def read_metadata(uri: str):
+    """The Metadata of DCP directory `uri` (restricted unpickling; see the module docstring)."""
+    path = storage.join(uri, METADATA)
+    try:
+        md = _Unpickler(io.BytesIO(storage.read_bytes(path)), path).load()
+    except CkptError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
+        raise CkptError(f"{path}: not DCP metadata ({type(e).__name__}: {e})") from e
+    if not hasattr(md, "state_dict_metadata") or not hasattr(md, "storage_data"):
+        raise CkptError(f"{path}: not DCP metadata")
+    return md
+
+
+def storage_reader(uri: str, md=None):
+    """A DCP StorageReader for any fsspec URI whose metadata comes from read_metadata (cached:
+    dcp.load asks for it on every call)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if storage.is_local(uri):
+        reader = FileSystemReader(storage.local_path(uri))
+    else:
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+        reader = FsspecReader(uri, **storage.options_for(uri))
+    md = md if md is not None else read_metadata(uri)
+
+    def cached(*_, **__):
+        if getattr(md, "storage_meta", None) is not None:
+            md.storage_meta.load_id = reader.load_id
+        return md
+
+    reader.read_metadata = cached
+    return reader
+
+
+# --- reading --------------------------------------------------------------------------------
+
+def tensors_of(md) -> tuple[dict[str, tuple[list, object]], list[str]]:
+    """({fqn: (global shape, torch dtype)} in checkpoint order, [fqns of non-tensor entries])."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    tensors, others = {}, []
+    for fqn, meta in md.state_dict_metadata.items():
+        if isinstance(meta, TensorStorageMetadata):
+            tensors[fqn] = (list(meta.size), meta.properties.dtype)
+        else:
+            others.append(fqn)
+    return tensors, others
+
+
+def weight_name(family, fqn: str, known: set[str]):
+    """The tune key of checkpoint entry `fqn`, "" for a derived buffer to drop, None if not a weight."""
+    for cand in (fqn, fqn[len("model."):] if fqn.startswith("model.") else None):
+        if cand is None:
+            continue
+        if cand in known:
+            return cand
+        for table in FOREIGN_TABLES:
+            if not hasattr(family, table):
+                continue
+            try:
+                found = families.foreign_key_to_tune(family, table, cand)
+            except families.UnknownKeyError:
+                continue
+            return found or ""
+    return None
+
+
+def _root(fqn: str) -> str:
+    parts = fqn.split(".")
+    return parts[1] if parts[0] == "model" and len(parts) > 1 else parts[0]
+
+
+def classify(family, args, tensors: dict, others: list[str], where: str) -> tuple[dict[str, str], list[str]]:
+    """({tune key: fqn}, notes): the model's weights, and what was left out."""
+    from ckptflow.formats.tune import expected_shapes
+
+    known = set(expected_shapes(args))
+    weights, left, dropped = {}, {}, []
+    for fqn in tensors:
+        tune = weight_name(family, fqn, known)
+        if tune is None and _root(fqn) in WEIGHT_ROOTS:
+            raise CkptError(f"{where}: tensor {fqn!r} is not a weight of a {family.NAME} model with this config")
+        if tune is None:
+            left.setdefault(fqn.split(".")[0], []).append(fqn)
+        elif tune == "" or (tune == "output.weight" and args.tie_embeddings):
+            dropped.append(fqn)
+        else:
+            if tune in weights:
+                raise CkptError(f"{where}: {fqn!r} and {weights[tune]!r} are both {tune!r}")
+            weights[tune] = fqn
+    for fqn in others:
+        left.setdefault(fqn.split(".")[0], []).append(fqn)
+    notes = [f"training state left out: {group} ({len(fqns)} entries)" for group, fqns in left.items()]
+    notes += [f"{fqn}: left out (derived, or the tied output head)" for fqn in dropped]
+    return weights, notes
+
+
+def open_view(uri: str, *, model_config: str | None = None, rope_scaling_factor: float | None = None, **_):
+    from ckptflow.formats import View
+    from ckptflow.formats.tune import check_items
+    from ckptflow.model_args import ModelArgs
+
+    uri = storage.normalize(uri)
+    md = read_metadata(uri)
+    tensors, others = tensors_of(md)
+    m = manifest.read(uri)
+    if model_config is None and m is not None and m.model_args:
+        family, args = families.get(m.family), ModelArgs.from_dict(m.model_args)
+        original = m.extra.get("original")
+        assets = {n[len(ASSETS) + 1:]: storage.join(uri, n) for n in m.files if n.startswith(ASSETS + "/")}
+        partition = [e["keys"] for e in m.extra.get("layout", [])] or None
+    else:
+        arch = _arch(uri, model_config, tensors, rope_scaling_factor)
+        family, args, original, assets, partition = arch.family, arch.args, arch.original, dict(arch.assets), None
+    weights, notes = classify(family, args, tensors, others, uri)
+    reader = storage_reader(uri, md)
+    items = {tune: Item(tune, _code(tensors[fqn][1], uri, fqn), tensors[fqn][0],
+                        load=_loader(reader, fqn, tensors[fqn])) for tune, fqn in weights.items()}
+    check_items([FilePlan("", list(items.values()))], args, uri)
+    return View(uri, "dcp", family, args, items, original, assets, manifest=m, partition=partition, notes=notes)
+
+
+def _arch(uri: str, model_config: str | None, tensors: dict, factor):
+    from ckptflow.formats import arch
+
+    if model_config is None:
+        raise CkptError(f"{uri}: a DCP checkpoint without ckptflow.json does not say its architecture; "
+                        "give it with --model-config (a config.json, params.json or model directory)")
+    emb = next((shape for fqn, (shape, _) in tensors.items() if fqn.endswith("tok_embeddings.weight")), None)
+    return arch.load(model_config, vocab_size=emb[0] if emb else None, rope_scaling_factor=factor)
+
+
+def _code(dtype, uri: str, fqn: str) -> str:
+    code = st.ST_NAME.get(str(dtype).removeprefix("torch."))
+    if code is None:
+        raise CkptError(f"{uri}: tensor {fqn!r} has dtype {dtype}, which ckptflow does not handle")
+    return code
+
+
+def _loader(reader, fqn: str, meta):
+    shape, dtype = meta
+
+    def load():
+        return load_tensor(reader, fqn, shape, dtype)
+    return load
+
+
+def load_tensor(reader, fqn: str, shape, dtype):
+    """One whole tensor (all its saved chunks) into a new tensor; nothing else is read."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    t = torch.empty(shape, dtype=dtype)
+    with _quiet(), _checked(fqn):
+        dcp.load({fqn: t}, storage_reader=reader, planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
+    return t
+
+
+def describe(uri: str):
+    """Detection for `ckptflow detect`: tensors that look like model weights, and training state."""
+    from ckptflow.formats.detect import Detection, summarize
+
+    uri = storage.normalize(uri)
+    md = read_metadata(uri)
+    tensors, others = tensors_of(md)
+    m = manifest.read(uri)
+    model = {fqn: v for fqn, v in tensors.items() if _root(fqn) in WEIGHT_ROOTS}
+    state = sorted({fqn.split(".")[0] for fqn in tensors if fqn not in model} | {f.split(".")[0] for f in others})
+    dtype, n = summarize((shape, _code(dt, uri, fqn)) for fqn, (shape, dt) in model.items())
+    ranks = sorted({name.split("_")[2] for name in storage.listdir(uri) if name.startswith("__") and name.endswith(".distcp")})
+    return Detection("dcp", uri, m.family if m is not None else None, dtype, n, storage.list_files(uri),
+                     {"tensors": len(tensors), "training_state": state, "saved_by_ranks": len(ranks),
+                      "version": getattr(md, "version", None)})
+
+
+# --- writing --------------------------------------------------------------------------------
+
+class _HashingStream:
+    """A file DCP writes into: sha256 and size as it goes (never a second read)."""
+
+    def __init__(self, raw):
+        self._raw, self._h, self.size = raw, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self._h.update(data)
+        self.size += len(data) if not isinstance(data, memoryview) else data.nbytes
+        return self._raw.write(data)
+
+    def digest(self) -> dict:
+        return {"size": self.size, "sha256": self._h.hexdigest()}
+
+    def __getattr__(self, name):      # tell, flush, fileno, close: the real file's
+        return getattr(self._raw, name)
+
+
+class _HashingFS:
+    """Wraps a DCP writer's filesystem: every file written is hashed, keyed by its name under root."""
+
+    def __init__(self, fs, root):
+        self._fs, self._root, self.digests = fs, os.fspath(root).rstrip("/"), {}
+
+    def __getattr__(self, name):
+        return getattr(self._fs, name)
+
+    def _name(self, path) -> str:
+        return os.fspath(path)[len(self._root) + 1:]
+
+    @contextmanager
+    def create_stream(self, path, mode):
+        with self._fs.create_stream(path, mode) as raw:
+            if "w" not in mode:
+                yield raw
+                return
+            stream = _HashingStream(raw)
+            yield stream
+        self.digests[self._name(path)] = stream.digest()
+
+    def rename(self, path, new_path) -> None:
+        self._fs.rename(path, new_path)
+        if self._name(path) in self.digests:
+            self.digests[self._name(new_path)] = self.digests.pop(self._name(path))
+
+
+def storage_writer(uri: str, *, thread_count: int = 1):
+    """A DCP StorageWriter for any fsspec URI that hashes what it writes (`.fs.digests`)."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    if storage.is_local(uri):
+        writer = FileSystemWriter(storage.local_path(uri), thread_count=thread_count, overwrite=True)
+    else:
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+        writer = FsspecWriter(uri, thread_count=thread_count, overwrite=True, **storage.options_for(uri))
+    writer.fs = _HashingFS(writer.fs, writer.path)
+    return writer
+
+
+@contextmanager
+def _checked(uri: str):
+    """DCP raises CheckpointException (a BaseException, with one failure per rank): one CkptError."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as e:
+        failures = getattr(e, "failures", {}) or {}
+        first = next(iter(failures.values()), e)
+        inner = getattr(first, "exception", first)
+        raise CkptError(f"{uri}: {type(inner).__name__}: {str(inner).strip().splitlines()[-1] if str(inner).strip() else ''}") from e
+
+
+@contextmanager
+def _quiet():
+    """DCP warns on every single-process call that it assumes a single process; we mean it."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled")
+        warnings.filterwarnings("ignore", message=r".*overwrite.*", category=FutureWarning)
+        yield
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def save_state(state_dict: dict, uri: str, *, process_group=None, thread_count: int = 1) -> dict:
+    """Save a (possibly nested, possibly DTensor-sharded) state dict as DCP at `uri`, from one
+    process or from every rank of a process group. Returns {file name: {size, sha256}} of every
+    file written by every rank (gathered), for the caller's manifest; commit it after this returns.
+
+        out = Output(uri)                                   # rank 0
+        digests = dcp.save_state({"model": model_sd, "optimizer": optim_sd, "step": step}, uri)
+        out.files.update(digests); out.commit(manifest)     # rank 0
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as tdcp
+
+    uri = storage.normalize(uri)
+    writer = storage_writer(uri, thread_count=thread_count)
+    with _quiet():
+        tdcp.save(state_dict, storage_writer=writer, process_group=process_group, no_dist=not _distributed())
+    digests = dict(writer.fs.digests)
+    if _distributed():
+        gathered = [None] * dist.get_world_size(process_group)
+        dist.all_gather_object(gathered, digests, group=process_group)
+        for part in gathered:
+            digests.update(part)
+    return dict(sorted(digests.items()))
+
+
+def load_state(state_dict: dict, uri: str, *, process_group=None, strict: bool = True) -> None:
+    """Load DCP `uri` into `state_dict` in place (tensors preallocated, DTensors resharded to
+    their current placement). strict=False tolerates keys the checkpoint lacks."""
+    from torch.distributed.checkpoint import load as tdcp_load
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    uri = storage.normalize(uri)
+    with _quiet(), _checked(uri):
+        tdcp_load(state_dict, storage_reader=storage_reader(uri), process_group=process_group,
+                  planner=DefaultLoadPlanner(allow_partial_load=not strict), no_dist=not _distributed())
+
+
+def write_view(view, out, *, out_dtype: str | None = None, max_shard: int | None = None, progress=None) -> Manifest:
+    """Write `view` as a DCP directory of tune-named tensors (plus assets/) into Output `out`."""
+    from ckptflow.formats.tune import check_items, dominant_dtype
+
+    items = list(view.items.values())
+    for it in items:
+        it.out_dtype = out_dtype
+    check_items([FilePlan("", items)], view.args, view.uri)
+    sd = _materialize(items, progress)
+    out.files.update(save_state(sd, out.uri))
+    for name, src in view.assets.items():
+        out.copy(src, f"{ASSETS}/{name}")
+    plans = view.plans(max_shard, out_dtype)
+    return Manifest(kind="model", format="dcp", family=view.family.NAME, model_args=view.args.to_dict(),
+                    dtype=dominant_dtype([FilePlan("", items)]),
+                    extra={"original": dict(view.original or {"format": view.format}),
+                           "layout": [{"name": p.name, "keys": [i.name for i in p.items]} for p in plans]})
+
+
+def _materialize(items: list[Item], progress) -> dict:
+    """{tune key: tensor}; safetensors sources without a transform are memory-mapped, not copied."""
+    from ckptflow.formats.plan import _transformed_bytes
+
+    sd, handles, mapped = {}, {}, {}
+    try:
+        for it in items:
+            plain = it.info is not None and it.permute is None and it.out_dtype in (None, it.dtype)
+            if plain and storage.is_local(it.info.file):
+                sd[it.name] = _mapped(it, mapped)
+            else:
+                sd[it.name] = st.to_torch(_transformed_bytes(it, handles), it.final_dtype, it.shape)
+            if progress is not None:
+                progress(it.out_nbytes)
+    finally:
+        for h in handles.values():
+            h.close()
+    return sd
+
+
+def _mapped(it: Item, mapped: dict):
+    from safetensors import safe_open
+
+    path = storage.local_path(it.info.file)
+    if path not in mapped:
+        mapped[path] = safe_open(path, "pt")
+    return mapped[path].get_tensor(it.info.name)
