@@ -132,3 +132,23 @@ def test_a_lora_step_loads_as_its_merged_model(run):
     x = tokens()
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), own_model(run, step.uri)(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("n, extra_key, lora, match", [
+    (13, "layers.0.attn.q_proj.weight", {}, "'layers.0.attn.q_proj.weight' is not a LoRA weight"),
+    (14, None, {"rank": 8}, r"lora_a.weight' has shape \[4, 64\], expected \[8, 64\]"),
+])
+def test_bad_step_adapters_name_the_key(tmp_path, run, n, extra_key, lora, match):
+    from safetensors.torch import load_file, save_file
+
+    step = lora_step(run, n, {"rank": 4, "alpha": 8.0, "targets": ["q_proj"]})
+    path = os.path.join(step.uri, "model.safetensors")
+    sd = load_file(path)
+    if extra_key:
+        sd[extra_key] = torch.zeros(64, 64)
+    save_file(sd, path, {"format": "pt"})
+    step.extra["lora"].update(lora)
+    manifest.write(step.uri, step)
+    with pytest.raises(CkptError, match=match):
+        merge.run(step.uri, "-", str(tmp_path / "m"))
+    assert not os.path.exists(tmp_path / "m")

@@ -157,17 +157,27 @@ def from_step(uri: str, m: Manifest, bv: View) -> Adapter:
     if not lora:
         raise CkptError(f"{uri}: step {m.step} is a full fine-tune checkpoint, not a LoRA adapter")
     path = storage.join(uri, "model.safetensors")
-    _, infos = st.read_header(path)
+    items = [Item(t.name, t.dtype, t.shape, info=t) for t in st.read_header(path)[1]]
+    ad = from_items(uri, items, lora, bv, "tune", where=path)
+    ad.step, ad.manifest = m.step, m
+    return ad
+
+
+def from_items(uri: str, items: list[Item], lora: dict, bv: View, fmt: str, where: str) -> Adapter:
+    """An Adapter from tune-named lora_a/lora_b Items (a step checkpoint, a torchtune adapter file)
+    and {rank, alpha, use_rslora, dropout}; shapes are checked against the base."""
     groups: dict[str, dict] = {}
-    for t in infos:
-        part = next((p for p, s in SUFFIXES.items() if t.name.endswith(s)), None)
+    for it in items:
+        part = next((p for p, s in SUFFIXES.items() if it.name.endswith(s)), None)
         if part is None:
-            raise CkptError(f"{path}: tensor {t.name!r} is not a LoRA weight (…lora_a.weight / …lora_b.weight)")
-        groups.setdefault(t.name[: -len(SUFFIXES[part])], {})[part] = Item(t.name, t.dtype, t.shape, info=t)
+            raise CkptError(f"{where}: tensor {it.name!r} is not a LoRA weight (…lora_a.weight / …lora_b.weight)")
+        groups.setdefault(it.name[: -len(SUFFIXES[part])], {})[part] = it
+    if not groups:
+        raise CkptError(f"{where}: holds no lora_a/lora_b tensors")
     rank, alpha, rslora = int(lora["rank"]), float(lora["alpha"]), bool(lora.get("use_rslora"))
-    modules = {path_: tune_module(bv.args, path_, ab, rank, alpha, rslora, path) for path_, ab in groups.items()}
-    return Adapter(uri, "tune", bv.family, bv.args, modules, rank, alpha, use_rslora=rslora,
-                   dropout=float(lora.get("dropout") or 0.0), base=bv.uri, step=m.step, manifest=m)
+    modules = {path: tune_module(bv.args, path, ab, rank, alpha, rslora, where) for path, ab in groups.items()}
+    return Adapter(uri, fmt, bv.family, bv.args, modules, rank, alpha, use_rslora=rslora,
+                   dropout=float(lora.get("dropout") or 0.0), base=bv.uri)
 
 
 def tune_module(args, module: str, ab: dict, rank: int, alpha: float, rslora: bool, where: str) -> LoraModule:
