@@ -240,3 +240,10 @@ def test_a_meta_sourced_lora_run_exports_meta_as_original(tmp_path, run):
     with torch.no_grad():
         ref = own_model(r, step.uri)(x)
     torch.testing.assert_close(hf_logits(str(tmp_path / "hf"), x), ref, atol=1e-5, rtol=0)
+
+
+def test_export_refuses_to_merge_a_step_into_a_model_that_has_it(tmp_path, run):
+    step = os.path.join(run, "train", "step-000010")
+    merge.run(step, "-", str(tmp_path / "merged"))
+    with pytest.raises(CkptError, match="already has adapter"):
+        export.run(step, str(tmp_path / "out"), base=str(tmp_path / "merged"))

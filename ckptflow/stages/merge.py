@@ -44,8 +44,7 @@ def run(adapter: str, base: str | None, dst: str, *, overwrite: bool = False) ->
         log.info("%s: already merged from %s; nothing to do", dst, ad.uri)
         return existing
     fp = ad.content_fingerprint()
-    refuse_remerge(base_view, ad, fp)
-    view = merged_view(base_view, ad, fp)
+    view = merged_view(base_view, ad, fp)     # refuses an adapter that is merged in already
     out = Output(dst, overwrite=overwrite or existing is not None)
     with progress.bar(sum(it.out_nbytes for it in view.items.values()), "merge") as bar:
         m = WRITERS["tune"](view, out, out_dtype=None, max_shard=None, progress=bar)
@@ -98,7 +97,9 @@ def merged_view(base_view: View, ad: Adapter, fp: str | None = None) -> View:
             raise CkptError(f"{ad.uri}: adapter module {path!r} has no base weight {key!r} in {base_view.uri}{tied}")
         w = items[key]
         items[key] = Item(key, w.dtype, list(w.shape), load=functools.partial(_merged_tensor, w, m, ad.use_rslora))
-    m = merged_manifest(base_view, ad, fp or ad.content_fingerprint())
+    fp = fp or ad.content_fingerprint()
+    refuse_remerge(base_view, ad, fp)
+    m = merged_manifest(base_view, ad, fp)
     return View(base_view.uri, base_view.format, base_view.family, base_view.args, items, base_view.original,
                 dict(base_view.assets), manifest=m, partition=base_view.partition,
                 notes=list(base_view.notes), adapter=ad)
