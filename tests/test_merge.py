@@ -152,3 +152,34 @@ def test_bad_step_adapters_name_the_key(tmp_path, run, n, extra_key, lora, match
     with pytest.raises(CkptError, match=match):
         merge.run(step.uri, "-", str(tmp_path / "m"))
     assert not os.path.exists(tmp_path / "m")
+
+
+def test_a_torchtune_adapter_merges_like_the_same_step(tmp_path, run):
+    tt = pytest.importorskip("ckptflow.formats.torchtune")
+    if not hasattr(tt, "read_adapter"):
+        pytest.skip("the torchtune importer has no read_adapter yet")
+    import json
+
+    from ckptflow import checkpointer
+
+    step = lora_step(run, 15, {"rank": 4, "alpha": 8.0, "targets": ["q_proj", "k_proj", "w2"]}, seed=15)
+    d = tmp_path / "torchtune-out"
+    d.mkdir()
+    torch.save(checkpointer.read_tensors(step.uri, "model.safetensors"), d / "adapter_0.pt")
+    (d / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8, "peft_type": "LORA",
+                                                       "target_modules": ["q_proj", "k_proj", "down_proj"]}))
+    a = merge.run(str(d), os.path.join(run, "base"), str(tmp_path / "a"))
+    b = merge.run(step.uri, "-", str(tmp_path / "b"))
+    assert a.extra["merged"]["format"] == "torchtune"
+    assert raw(a.uri) == raw(b.uri)
+    with pytest.raises(CkptError, match="already has adapter"):      # same numbers, other container
+        merge.run(str(d), b.uri, str(tmp_path / "c"))
+    from ckptflow.stages import export
+
+    export.run(str(d), str(tmp_path / "tt-peft"), format="peft", base=os.path.join(run, "base"))
+    export.run(step.uri, str(tmp_path / "step-peft"), format="peft")
+    assert raw_files(tmp_path / "tt-peft") == raw_files(tmp_path / "step-peft")
+
+
+def raw_files(path):
+    return {n: (path / n).read_bytes() for n in ("adapter_model.safetensors",)}

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from ckptflow import manifest, progress, storage
 from ckptflow.commit import Output
 from ckptflow.errors import CkptError
-from ckptflow.formats import WRITERS, View, open_view, peft, st
+from ckptflow.formats import WRITERS, View, open_view, st
 from ckptflow.formats.plan import Item
 from ckptflow.manifest import Manifest
 from ckptflow.stages import merge
@@ -47,7 +47,7 @@ def run(src: str, dst: str, *, format: str = "original", step: int | None = None
     src, dst = storage.normalize(src), storage.normalize(dst)
     if src == dst:
         raise CkptError(f"{dst}: source and destination are the same directory")
-    source = resolve(src, step=step, base=base)
+    source = resolve(src, step=step, base=base, adapter=format == "peft")
     fmt = target_format(format, source)
     out_dtype = dtype_code(dtype)
     inputs = {"source": source_ref(source.view) if source.manifest is None else manifest.input_ref(source.manifest)}
@@ -74,7 +74,9 @@ def _nbytes(it: Item, out_dtype: str | None) -> int:
 
 # --- what SRC is ----------------------------------------------------------------------------
 
-def resolve(src: str, *, step: int | None = None, base: str | None = None) -> Source:
+def resolve(src: str, *, step: int | None = None, base: str | None = None, adapter: bool = False) -> Source:
+    """What SRC is. `adapter`: prefer the LoRA adapter where a directory holds a model and its
+    adapter both (torchtune's LoRA outputs), as a PEFT export wants."""
     m = manifest.read(src)
     if m is None and is_run(src):
         from ckptflow import checkpointer
@@ -89,10 +91,10 @@ def resolve(src: str, *, step: int | None = None, base: str | None = None) -> So
                         + (f"step {m.step}" if m is not None and m.step is not None else "not a step checkpoint"))
     if m is not None and m.kind == "train_state":
         return from_step(src, m, base, run=m.extra.get("run") or merge.run_of(src))
-    if (m is not None and m.format == "peft") or _is_adapter_dir(src):
+    if (m is not None and m.format == "peft") or _is_adapter_dir(src, adapter):
         ad, bv = merge.open_adapter(src, base)
         return Source(src, merge.merged_view(bv, ad), m, base=bv, step=ad.step)
-    view = open_view(src)
+    view = open_view(src, **({"base": base} if base else {}))
     lin = (m.lineage if m is not None else None) or {}
     return Source(src, view, m, run=lin.get("run"), step=m.step if m is not None else None)
 
@@ -102,16 +104,16 @@ def is_run(uri: str) -> bool:
     return "run.json" in names or "train" in names
 
 
-def _is_adapter_dir(uri: str) -> bool:
-    names = storage.listdir(uri)
-    if peft.is_peft(names):
+def _is_adapter_dir(uri: str, prefer_adapter: bool) -> bool:
+    from ckptflow.formats import detect
+
+    fmt = detect.sniff(uri)
+    if fmt == "peft":
         return True
-    try:
-        from ckptflow.formats import torchtune
-    except ImportError:
-        return False
-    is_adapter = getattr(torchtune, "is_adapter", None)
-    return bool(is_adapter and is_adapter(uri))
+    torchtune = merge._torchtune()
+    # torchtune output: its reader reads the (merged) model beside an adapter, or merges an
+    # adapter-only directory onto --base; a PEFT export takes the adapter itself.
+    return fmt == "torchtune" and prefer_adapter and torchtune is not None and torchtune.is_adapter(uri)
 
 
 def from_step(uri: str, m: Manifest, base: str | None, run: str | None) -> Source:

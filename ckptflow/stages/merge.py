@@ -127,13 +127,15 @@ def open_adapter(uri: str, base: str | View | None = None) -> tuple[Adapter, Vie
         bv = base_view(base, [m.extra.get("base"), (m.inputs.get("base") or {}).get("uri")], uri)
         return from_step(uri, m, bv), bv
     names = storage.listdir(uri)
+    torchtune = _torchtune()
+    if torchtune is not None and m is None and torchtune.is_adapter(uri):
+        # torchtune's own adapter file (tune names) wins over the PEFT copy it writes beside it,
+        # whose q/k rows torchtune permutes even for Qwen2 (formats.md 4.6).
+        return torchtune.read_adapter(uri, base)
     if (m is not None and m.format == "peft") or peft.is_peft(names):
         named = [m.extra.get("base") if m else None, peft.read_config(uri).get("base_model_name_or_path")]
         bv = base_view(base, named, uri)
         return peft.open_adapter(uri, bv.family, bv.args, base=bv.uri), bv
-    found = _torchtune_adapter(uri, base)
-    if found is not None:
-        return found
     raise CkptError(f"{uri}: not a LoRA adapter (a LoRA step checkpoint, a PEFT adapter directory "
                     f"or a torchtune adapter); found {', '.join(names[:8]) or 'nothing'}")
 
@@ -194,16 +196,12 @@ def tune_module(args, module: str, ab: dict, rank: int, alpha: float, rslora: bo
     return LoraModule(ab["a"], ab["b"], rank, alpha, peft.scale(rank, alpha, rslora))
 
 
-def _torchtune_adapter(uri: str, base) -> tuple[Adapter, View] | None:
+def _torchtune():
     try:
         from ckptflow.formats import torchtune
-    except ImportError:
+    except ImportError:     # the importer is optional: merge works without it
         return None
-    read = getattr(torchtune, "read_adapter", None)
-    is_adapter = getattr(torchtune, "is_adapter", None)
-    if read is None or (is_adapter is not None and not is_adapter(uri)):
-        return None
-    return read(uri, base=base)
+    return torchtune if hasattr(torchtune, "read_adapter") and hasattr(torchtune, "is_adapter") else None
 
 
 # --- identity and lineage -------------------------------------------------------------------
