@@ -76,7 +76,7 @@ def test_a_committed_output_needs_overwrite_which_uncommits_first():
 
 def test_a_writer_that_lost_its_lease_cannot_commit(tmp_path):
     run = str(tmp_path / "run")
-    with lease.hold(run, owner="test", settle=0.01) as held:
+    with lease.hold(run, owner="test") as held:
         out = small_output(f"{run}/base")
         record = json.loads(open(f"{run}/{lease.NAME}").read())
         record["holder"] = {"id": "someone-else", "owner": "another host", "host": "elsewhere", "pid": 1}
