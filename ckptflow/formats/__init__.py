@@ -90,8 +90,14 @@ def _read_dcp(uri: str, **opts) -> View:
     return dcp.open_view(uri, **opts)
 
 
+def _read_torchtune(uri: str, **opts) -> View:
+    from ckptflow.formats import torchtune
+
+    return torchtune.open_view(uri, **opts)
+
+
 READERS: dict[str, callable] = {"hf": _read_hf, "tune": _read_tune, "peft": _read_peft, "meta": _read_meta,
-                                "dcp": _read_dcp}
+                                "dcp": _read_dcp, "torchtune": _read_torchtune}
 
 
 def open_view(uri: str, **opts) -> View:

@@ -40,7 +40,18 @@ def _dcp(names: list[str]) -> bool:
 
 
 # format name -> predicate over the names in the directory. Other format modules add theirs.
-MARKERS: dict[str, callable] = {"hf": _hf, "peft": _peft, "meta": _meta, "dcp": _dcp}
+def _torchtune(names: list[str]) -> bool:
+    from ckptflow.formats import torchtune
+
+    return torchtune.is_torchtune(names)
+
+
+MARKERS: dict[str, callable] = {"hf": _hf, "peft": _peft, "meta": _meta, "dcp": _dcp, "torchtune": _torchtune}
+
+# A format whose directories also hold another format's files by design: torchtune's output
+# dirs carry an HF checkpoint and a PEFT adapter beside its own files. Its match wins over those;
+# any other double match is an error.
+CLAIMS: dict[str, tuple[str, ...]] = {"torchtune": ("hf", "peft")}
 
 
 @dataclass
@@ -70,6 +81,7 @@ def sniff(uri: str) -> str:
             raise CkptError(f"{uri}: is a file; give the directory that holds the checkpoint")
         raise CkptError(f"{uri}: empty or missing directory")
     hits = [fmt for fmt, pred in MARKERS.items() if pred(names)]
+    hits = [h for h in hits if not any(h in CLAIMS.get(other, ()) for other in hits)]
     if not hits:
         raise CkptError(f"{uri}: no known checkpoint format (found: {', '.join(names[:12])}"
                         + (", ..." if len(names) > 12 else "") + ")")
@@ -147,5 +159,11 @@ def _describe_dcp(uri: str) -> Detection:
     return dcp.describe(uri)
 
 
+def _describe_torchtune(uri: str) -> Detection:
+    from ckptflow.formats import torchtune
+
+    return torchtune.describe(uri)
+
+
 DESCRIBERS: dict[str, callable] = {"hf": _describe_hf, "peft": _describe_peft, "meta": _describe_meta,
-                                   "dcp": _describe_dcp}
+                                   "dcp": _describe_dcp, "torchtune": _describe_torchtune}
