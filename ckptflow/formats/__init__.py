@@ -96,8 +96,14 @@ def _read_torchtune(uri: str, **opts) -> View:
     return torchtune.open_view(uri, **opts)
 
 
+def _read_litgpt(uri: str, **opts) -> View:
+    from ckptflow.formats import litgpt
+
+    return litgpt.open_view(uri, **opts)
+
+
 READERS: dict[str, callable] = {"hf": _read_hf, "tune": _read_tune, "peft": _read_peft, "meta": _read_meta,
-                                "dcp": _read_dcp, "torchtune": _read_torchtune}
+                                "dcp": _read_dcp, "torchtune": _read_torchtune, "litgpt": _read_litgpt}
 
 
 def open_view(uri: str, **opts) -> View:

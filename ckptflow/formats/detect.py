@@ -46,7 +46,14 @@ def _torchtune(names: list[str]) -> bool:
     return torchtune.is_torchtune(names)
 
 
-MARKERS: dict[str, callable] = {"hf": _hf, "peft": _peft, "meta": _meta, "dcp": _dcp, "torchtune": _torchtune}
+def _litgpt(names: list[str]) -> bool:
+    from ckptflow.formats import litgpt
+
+    return litgpt.is_litgpt(names)
+
+
+MARKERS: dict[str, callable] = {"hf": _hf, "peft": _peft, "meta": _meta, "dcp": _dcp, "torchtune": _torchtune,
+                                "litgpt": _litgpt}
 
 # A format whose directories also hold another format's files by design: torchtune's output
 # dirs carry an HF checkpoint and a PEFT adapter beside its own files. Its match wins over those;
@@ -165,5 +172,12 @@ def _describe_torchtune(uri: str) -> Detection:
     return torchtune.describe(uri)
 
 
+def _describe_litgpt(uri: str) -> Detection:
+    from ckptflow.formats import litgpt
+
+    return litgpt.describe(uri)
+
+
 DESCRIBERS: dict[str, callable] = {"hf": _describe_hf, "peft": _describe_peft, "meta": _describe_meta,
-                                   "dcp": _describe_dcp, "torchtune": _describe_torchtune}
+                                   "dcp": _describe_dcp, "torchtune": _describe_torchtune,
+                                   "litgpt": _describe_litgpt}
