@@ -109,6 +109,9 @@ def open_view(uri: str, *, rope_scaling_factor: float | None = None, **_):
     original = {"format": "meta", "files": files, "keys": order, "embedding_dim": emb_dim,
                 "params": params, "params_text": params_text}
     assets = {n: storage.join(uri, n) for n in names if _is_asset(uri, n)}
+    if TOKENIZER in assets and "tokenizer.json" not in assets:
+        notes.append(f"{TOKENIZER} (sentencepiece for Llama 1/2, tiktoken for Llama 3) is copied as is; no HF "
+                     "tokenizer.json is made from it (transformers' convert_llama_weights_to_hf can)")
     return View(uri, "meta", family, args, items, original, assets, manifest=m, notes=notes)
 
 
