@@ -13,10 +13,12 @@ The run record (`{storage}/{run_id}/run.json`) that `summary_markdown` reads. Ev
       "stages": [{"name": "train", "state": "Completed" | "Running" | "Failed" | ...,
                   "started": "<ISO time>", "finished": "<ISO time>" | None,
                   "seconds": 12.3 | None, "output": "<URI>" | None}],
-      "checkpoints": [{"step": 20, "uri": "<URI>", "size_bytes": 123, "save_seconds": 0.4}],
+      "checkpoints": [{"step": 20, "uri": "<URI>", "size_bytes": 123, "saved_at": "<ISO time>",
+                       "save_seconds": 0.4 | None}],
       "eval": {"before": {"loss": 3.1, "perplexity": 22.2}, "after": {"loss": ..., "perplexity": ...}},
       "export_command": "ckptflow export ./runs/demo ./out --format original",
       "export_deployment": "export/export-run",
+      "export_deployment_command": "prefect deployment run export/export --params '{...}'",
       "loss_curve_png": b"\\x89PNG..." | "data:image/png;base64,..." | "https://..."
     }
 
@@ -28,6 +30,7 @@ A metrics row (one per logged step, from the training loop's metrics.jsonl):
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import io
 import logging
 import math
@@ -118,7 +121,8 @@ def summary_markdown(run: dict) -> str:
         "## Loss curve\n\n" + _loss_curve_line(run.get("loss_curve_png")),
         "## Checkpoints\n\n" + _checkpoints_table(run.get("checkpoints") or []),
         "## Eval\n\n" + _eval_table(run.get("eval") or {}),
-        "## Export\n\n" + _export_section(run.get("export_command"), run.get("export_deployment")),
+        "## Export\n\n" + _export_section(run.get("export_command"), run.get("export_deployment"),
+                                          run.get("export_deployment_command")),
     ]
     return "\n\n".join(parts) + "\n"
 
@@ -163,9 +167,13 @@ def _loss_curve_line(png) -> str:
 def _checkpoints_table(checkpoints: list[dict]) -> str:
     if not checkpoints:
         return "No checkpoint committed yet."
-    rows = [[str(c["step"]), format_bytes(c.get("size_bytes")), format_seconds(c.get("save_seconds")),
-             _code(c.get("uri"))] for c in sorted(checkpoints, key=lambda c: c["step"])]
-    return _table(["step", "size", "save time", "URI"], rows)
+    # How long a save took is shown only where it was measured: a column of dashes says nothing.
+    timed = any(_finite(c.get("save_seconds")) for c in checkpoints)
+    header = ["step", "size", "saved at", *(["save time"] if timed else []), "URI"]
+    rows = [[str(c["step"]), format_bytes(c.get("size_bytes")), format_time(c.get("saved_at")),
+             *([format_seconds(c.get("save_seconds"))] if timed else []), _code(c.get("uri"))]
+            for c in sorted(checkpoints, key=lambda c: c["step"])]
+    return _table(header, rows)
 
 
 def _eval_table(ev: dict) -> str:
@@ -186,14 +194,21 @@ def _change(before, after, digits: int) -> str:
     return f"{delta:+.{digits}f}{rel}"
 
 
-def _export_section(command: str | None, deployment: str | None) -> str:
+def _export_section(command: str | None, deployment: str | None, deployment_command: str | None = None) -> str:
     lines = []
     if command:
-        fence = "```" + "`" * _longest_backtick_run(command)
-        lines.append(f"Export this run from the command line:\n\n{fence}sh\n{command}\n{fence}")
+        lines.append("Export this run from the command line (any step in the table above: change `--step`):\n\n"
+                     + _fenced(command))
     if deployment:
-        lines.append(f"Or run the deployment `{deployment}` from the dashboard.")
+        line = f"Or run the deployment `{deployment}` from the dashboard (Deployments, {deployment.split('/')[-1]}, Run)"
+        lines.append(line + (", or with Prefect's CLI:\n\n" + _fenced(deployment_command) if deployment_command
+                             else "."))
     return "\n\n".join(lines) if lines else "Not exported yet."
+
+
+def _fenced(command: str) -> str:
+    fence = "```" + "`" * _longest_backtick_run(command)
+    return f"{fence}sh\n{command}\n{fence}"
 
 
 def _longest_backtick_run(text: str) -> int:
@@ -240,6 +255,19 @@ def format_seconds(seconds) -> str:
     if s < 3600:
         return f"{s // 60} min {s % 60:02d} s"
     return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
+def format_time(iso) -> str:
+    """`2026-11-23 18:02:06 UTC` from an ISO time (as manifests record it); the text as is if unparsable."""
+    if not iso:
+        return MISSING
+    try:
+        t = dt.datetime.fromisoformat(str(iso).replace("Z", "+00:00"))
+    except ValueError:
+        return str(iso)
+    if t.tzinfo is not None:
+        t = t.astimezone(dt.timezone.utc)
+    return t.strftime("%Y-%m-%d %H:%M:%S") + (" UTC" if t.tzinfo is not None else "")
 
 
 def format_bytes(n) -> str:

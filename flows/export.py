@@ -8,17 +8,25 @@ newest committed step (or `step`) here, so the task is cached on that step's man
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 
-from ckptflow import storage
+from ckptflow import lease, storage
 from ckptflow.stages import export as export_stage
 from flows.params import ExportParams, dtype_or_none
 from tasks import common
 from tasks.export import export as export_task
 
 
+LEASE_WAIT_SECONDS = 600   # another export into the same place goes first
+
+
 @flow(name="export")
 def export(params: ExportParams) -> dict:
-    """Export one checkpoint: a run's newest or chosen step, a step, a tune dir or an adapter."""
+    """Export one checkpoint: a run's newest or chosen step, a step, a tune dir or an adapter.
+
+    Args:
+        params: which checkpoint to export, to which format and dtype, and where
+    """
     for uri in (params.source, params.dst):
         if uri and params.storage_options:
             storage.set_options(uri, params.storage_options)
@@ -27,7 +35,9 @@ def export(params: ExportParams) -> dict:
     # Results beside the runs (the finetune flow's cache) when the source belongs to a run.
     home = storage.parent(resolved.run) if resolved.run else storage.parent(dst)
     task = common.bind(export_task, common.result_storage(home, params.storage_options))
-    out = task(resolved.uri, dst, format=params.format, step=None, dtype=dtype_or_none(params.dtype))
+    # The lease of the exports' parent tells `ckptflow gc` that this directory is being written.
+    with lease.hold(storage.parent(dst), owner=f"export flow run {flow_run.id}", wait=LEASE_WAIT_SECONDS):
+        out = task(resolved.uri, dst, format=params.format, step=None, dtype=dtype_or_none(params.dtype))
     get_run_logger().info("exported %s (step %s, %s) to %s", resolved.uri, resolved.step, out["format"], out["uri"])
     return out
 

@@ -18,20 +18,26 @@ class _Params(BaseModel):
 
 
 class ExportParams(_Params):
-    source: str = Field(description="What to export: a run directory (e.g. ./runs/demo or s3://bucket/runs/demo), "
+    # A title is the form's label in the dashboard (else Prefect shows "Dst (Optional)").
+    source: str = Field(title="Source run or checkpoint",
+                        description="What to export: a run directory (e.g. ./runs/demo or s3://bucket/runs/demo), "
                                     "one of its step checkpoints (.../train/step-000040), a tune directory or a "
                                     "LoRA adapter. Any fsspec URI.")
-    step: int | None = Field(None, ge=0, description="For a run: the step checkpoint to export. Empty: the run's "
-                                                     "newest committed step.")
-    format: ExportFormat = Field("original", description="original: the format the model came in; hf: "
-                                 "transformers safetensors; meta: consolidated.00.pth + params.json; "
-                                 "peft: the LoRA adapter alone; tune: ckptflow's own format")
-    dtype: Dtype = Field("keep", description="keep the checkpoint's dtype, or cast to bfloat16 / float16 / float32")
-    dst: str | None = Field(None, description="Where to write the export. Empty: "
-                                              "{run}/exports/<format>-step-<N>-<dtype> for a run or one of its "
-                                              "steps, <source>-exports/... for anything else.")
-    storage_options: dict = Field(default_factory=dict, description="fsspec options for the source and "
-                                                                    "destination (e.g. an S3 endpoint_url)")
+    step: int | None = Field(None, ge=0, title="Step",
+                             description="For a run: the step checkpoint to export. Empty: the run's newest "
+                                         "committed step.")
+    format: ExportFormat = Field("original", title="Format",
+                                 description="original: the format the model came in; hf: transformers "
+                                             "safetensors; meta: consolidated.00.pth + params.json; peft: the "
+                                             "LoRA adapter alone; tune: ckptflow's own format")
+    dtype: Dtype = Field("keep", title="Dtype",
+                         description="keep the checkpoint's dtype, or cast to bfloat16 / float16 / float32")
+    dst: str | None = Field(None, title="Destination",
+                            description="Where to write the export. Empty: {run}/exports/<format>-step-<N>-<dtype> "
+                                        "for a run or one of its steps, <source>-exports/... for anything else.")
+    storage_options: dict = Field(default_factory=dict, title="Storage options",
+                                  description="fsspec options for the source and destination (e.g. an S3 "
+                                              "endpoint_url)")
 
     def destination(self, step: int | None, run: str | None) -> str:
         """`dst`, or a name from what is exported: the step that `source` resolved to, the run

@@ -47,8 +47,31 @@ def checkpoints(run_uri: str) -> list[dict]:
     for step, uri in checkpointer.list_steps(storage.join(run_uri, "train")):
         m = manifest.read(uri)
         out.append({"step": step, "uri": uri, "size_bytes": sum(f.get("size", 0) for f in m.files.values()),
-                    "save_seconds": (m.extra or {}).get("save_seconds")})
+                    "saved_at": m.created, "save_seconds": (m.extra or {}).get("save_seconds")})
     return out
+
+
+def export_commands(run_uri: str, record: dict) -> None:
+    """The exact `ckptflow export` and `prefect deployment run` lines for the run's newest step,
+    both writing where the export deployment would (ExportParams.destination)."""
+    import shlex
+
+    from flows.params import ExportParams
+
+    steps = [c["step"] for c in record.get("checkpoints") or []]
+    if not steps:
+        return
+    step = max(steps)
+    fmt = ((record.get("config") or {}).get("export") or {}).get("format") or "original"
+    try:
+        params = ExportParams(source=run_uri, step=step, format=fmt)
+    except ValueError:
+        return  # a format the export deployment does not offer: keep the generic command
+    dst = params.destination(step, run_uri)
+    record["export_command"] = shlex.join(["ckptflow", "export", run_uri, dst, "--step", str(step), "--format", fmt])
+    body = json.dumps({"params": params.model_dump(include={"source", "step", "format"})})
+    record["export_deployment_command"] = shlex.join(["prefect", "deployment", "run", record.get("export_deployment")
+                                                      or "export/export", "--params", body])
 
 
 def loss_curve(run_uri: str, record: dict, metrics: list[dict]) -> bytes:
@@ -96,6 +119,7 @@ def eval_results(eval_uri: str) -> dict:
 def after_training(run_uri: str, record: dict) -> None:
     """Checkpoints, loss curve and metrics table, once the training stage has finished."""
     record["checkpoints"] = checkpoints(run_uri)
+    export_commands(run_uri, record)
     metrics = read_metrics(run_uri)
     loss_curve(run_uri, record, metrics)
     publish_metrics(run_uri, record, metrics)

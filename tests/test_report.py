@@ -26,7 +26,7 @@ def _metrics(steps=60, eval_every=20, ckpt_every=20):
 
 
 CHECKPOINTS = [{"step": s, "uri": f"./runs/demo/train/step-{s:06d}", "size_bytes": 1_234_567,
-                "save_seconds": 0.42} for s in (20, 40, 60)]
+                "saved_at": f"2026-11-23T18:0{s // 20}:06+00:00", "save_seconds": 0.42} for s in (20, 40, 60)]
 
 
 def _png_size(png: bytes) -> tuple[int, int]:
@@ -101,6 +101,8 @@ def _full_run(png):
         "eval": {"before": {"loss": 3.2, "perplexity": 24.53}, "after": {"loss": 2.4, "perplexity": 11.02}},
         "export_command": "ckptflow export ./runs/demo ./runs/demo/export --format original",
         "export_deployment": "export/export-run",
+        "export_deployment_command": ("prefect deployment run export/export-run "
+                                      "--params '{\"params\": {\"source\": \"./runs/demo\", \"step\": 60}}'"),
         "loss_curve_png": png,
     }
 
@@ -131,8 +133,9 @@ def test_summary_markdown_renders_every_part():
         ["train", "Completed", "2 min 05 s", "./runs/demo/train"],
     ]
     assert _table_rows(html, "step") == [
-        ["step", "size", "save time", "URI"],
-        *[[str(s), "1.2 MB", "0.42 s", f"./runs/demo/train/step-{s:06d}"] for s in (20, 40, 60)],
+        ["step", "size", "saved at", "save time", "URI"],
+        *[[str(s), "1.2 MB", f"2026-11-23 18:0{s // 20}:06 UTC", "0.42 s", f"./runs/demo/train/step-{s:06d}"]
+          for s in (20, 40, 60)],
     ]
     assert _table_rows(html, "metric") == [
         ["metric", "before", "after", "change"],
@@ -141,9 +144,21 @@ def test_summary_markdown_renders_every_part():
     ]
     assert '<code class="language-sh">ckptflow export ./runs/demo ./runs/demo/export --format original\n</code>' in html
     assert "`export/export-run`" in md
+    assert ("```sh\nprefect deployment run export/export-run --params "
+            "'{\"params\": {\"source\": \"./runs/demo\", \"step\": 60}}'\n```") in md
     srcs = re.findall(r'<img src="([^"]+)" alt="loss curve"', html)
     assert len(srcs) == 1 and srcs[0].startswith("data:image/png;base64,")
     assert base64.b64decode(srcs[0].split(",", 1)[1]) == png
+
+
+def test_checkpoints_without_a_measured_save_time_get_no_save_time_column():
+    ckpts = [{"step": 4, "uri": "s3://b/r/train/step-000004", "size_bytes": 117_628,
+              "saved_at": "2026-11-23T18:29:53+00:00", "save_seconds": None},
+             {"step": 2, "uri": "s3://b/r/train/step-000002", "size_bytes": 999, "saved_at": "not a time"}]
+    rows = _table_rows(_render(report.summary_markdown({"run_id": "r", "checkpoints": ckpts})), "step")
+    assert rows == [["step", "size", "saved at", "URI"],
+                    ["2", "999 B", "not a time", "s3://b/r/train/step-000002"],
+                    ["4", "117.6 KB", "2026-11-23 18:29:53 UTC", "s3://b/r/train/step-000004"]]
 
 
 def test_summary_markdown_of_a_run_in_progress():
