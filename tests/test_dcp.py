@@ -206,3 +206,18 @@ def test_dcp_to_hf_peak_memory_follows_one_tensor_not_the_model(tmp_path):
     # one tensor (read, loaded, its bytes in flight to the writer) plus slack; never the model
     assert grown < 5 * largest < info["total_bytes"] / 2, \
         f"converting grew RSS by {grown / 2**20:.0f} MB for a {info['total_bytes'] / 2**20:.0f} MB model"
+
+
+def test_cli_convert_torchtitan_step_with_model_config(tmp_path, capsys):
+    from ckptflow import cli
+
+    hf = foreign.tiny("llama")
+    hf.save_pretrained(str(tmp_path / "hf"))
+    step = _titan(str(tmp_path / "step-5"), foreign.meta_state_dict(hf))
+    out = str(tmp_path / "out")
+    assert cli.main(["convert", step, out, "--to", "hf", "--model-config", str(tmp_path / "hf"), "--json"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["format"] == "hf" and any("optimizer" in n for n in m["extra"]["notes"])
+    model, _ = ckptflow.load(out)
+    x = foreign.tokens()
+    torch.testing.assert_close(foreign.logits(model, x), foreign.logits(hf, x), atol=foreign.ATOL, rtol=0)

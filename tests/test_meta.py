@@ -197,3 +197,17 @@ def test_detect_reports_meta(tmp_path, hf):
     assert (d.format, d.family, d.dtype) == ("meta", "llama", "float32")
     assert d.num_params == sum(v.numel() for v in foreign.tune_state_dict(hf).values())
     assert d.details["model_parallel"] == 2
+
+
+def test_cli_convert_takes_the_rope_scaling_factor(tmp_path, capsys):
+    from ckptflow import cli, manifest
+
+    _, src = _llama31(tmp_path, 8.0)
+    dst = str(tmp_path / "tune")
+    capsys.readouterr()           # transformers' own warnings while building the fixture
+    assert cli.main(["convert", src, dst]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--rope-scaling-factor" in err
+    assert cli.main(["convert", src, dst, "--rope-scaling-factor", "8", "--json"]) == 0
+    m = manifest.read(dst)
+    assert m.model_args["rope_scaling"]["factor"] == 8.0 and m.params["rope_scaling_factor"] == 8.0
