@@ -211,3 +211,29 @@ def test_cli_convert_takes_the_rope_scaling_factor(tmp_path, capsys):
     assert cli.main(["convert", src, dst, "--rope-scaling-factor", "8", "--json"]) == 0
     m = manifest.read(dst)
     assert m.model_args["rope_scaling"]["factor"] == 8.0 and m.params["rope_scaling_factor"] == 8.0
+
+
+@pytest.mark.parametrize("container", ["safetensors", "pth"])
+def test_mistral_consolidated_files(tmp_path, container):
+    """Mistral's own release: Meta key names, params.json with head_dim/hidden_dim/sliding_window."""
+    from safetensors.torch import save_file
+
+    hf = foreign.tiny("mistral", sliding_window=8)
+    cfg = hf.config
+    src = tmp_path / "mistral"
+    src.mkdir()
+    sd = foreign.meta_state_dict(hf)
+    if container == "safetensors":
+        save_file(sd, str(src / "consolidated.safetensors"))
+    else:
+        torch.save(sd, src / "consolidated.00.pth")
+    (src / "params.json").write_text(json.dumps({
+        "dim": 64, "n_layers": 2, "head_dim": 16, "hidden_dim": 128, "n_heads": 4, "n_kv_heads": 2,
+        "norm_eps": cfg.rms_norm_eps, "sliding_window": 8, "vocab_size": 256}))
+    model, view = ckptflow.load(str(src))
+    assert view.family.NAME == "mistral" and view.args.extra["sliding_window"] == 8
+    x = foreign.tokens(n=20)        # longer than the window
+    torch.testing.assert_close(foreign.logits(model, x), foreign.logits(hf, x), atol=foreign.ATOL, rtol=0)
+    convert.run(str(src), str(tmp_path / "back"), to="meta")
+    again, _ = ckptflow.load(str(tmp_path / "back"))
+    torch.testing.assert_close(foreign.logits(again, x), foreign.logits(hf, x), atol=foreign.ATOL, rtol=0)
