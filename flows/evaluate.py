@@ -7,13 +7,17 @@ summary get the results.
 from __future__ import annotations
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 
-from ckptflow import storage
+from ckptflow import lease, storage
 from flows import publish
 from flows.params import EvalRequest
 from flows.stage import Recorder
 from tasks import common
 from tasks.evaluate import evaluate as evaluate_task
+
+
+LEASE_WAIT_SECONDS = 600
 
 
 @flow(name="evaluate")
@@ -29,9 +33,11 @@ def evaluate(request: EvalRequest) -> dict:
     if not request.run:
         return task(*args)
     run_uri = storage.normalize(request.run)
-    rec = Recorder(run_uri, storage.basename(run_uri))
-    result = rec.stage("evaluate", task, *args)
-    rec.record["eval"] = publish.eval_results(result["uri"])
-    rec.save(summary=True)
+    # Started by the finetune flow's export event, this may overlap that flow's last writes.
+    with lease.hold(run_uri, owner=f"evaluate flow run {flow_run.id}", wait=LEASE_WAIT_SECONDS):
+        rec = Recorder(run_uri, storage.basename(run_uri))
+        result = rec.stage("evaluate", task, *args)
+        rec.record["eval"] = publish.eval_results(result["uri"])
+        rec.save(summary=True)
     get_run_logger().info("evaluated %s: %s", request.source, rec.record["eval"])
     return result

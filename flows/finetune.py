@@ -14,13 +14,14 @@ files may change) is downloaded into the run: {run}/source and {run}/base.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
 
 from prefect import flow, get_run_logger
 
-from ckptflow import storage
+from ckptflow import lease, storage
 from ckptflow.config import RunConfig, apply_storage_options, run_dir, to_dict
 from flows import publish
 from flows.stage import Recorder
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 EXPORT_EVENT = "ckptflow.export.completed"
 EXPORT_DEPLOYMENT = "export/export"
+BASE_WAIT_SECONDS = 3600   # how long a run waits for another one downloading the same base
 _PINNED = re.compile(r"^(seed://.+|hf://[^@]+@[0-9a-f]{40})$")
 
 
@@ -54,18 +56,22 @@ def base_dirs(cfg: RunConfig) -> dict:
 @flow(name="finetune", on_cancellation=[launch.kill_hook], on_crashed=[launch.kill_hook])
 def finetune(config: RunConfig) -> dict:
     """Fine-tune a model end to end: one run directory under `storage`, resumable at any stage."""
+    from prefect.runtime import flow_run
+
     cfg = dated(config)
     apply_storage_options(cfg)
     run_uri = run_dir(cfg)
+    # One writer per run: a second flow run of the same run fails at once, naming the first.
+    with lease.hold(run_uri, owner=f"finetune flow run {flow_run.id}"):
+        return pipeline(cfg, run_uri)
+
+
+def pipeline(cfg: RunConfig, run_uri: str) -> dict:
     results = common.result_storage(cfg.storage, cfg.storage_options)
     rec = Recorder(run_uri, cfg.run_id)
     base = base_dirs(cfg)
     begin(rec, cfg, base)
-
-    src = rec.stage("download", common.bind(download, results), cfg.model.source, base["source"])
-    rec.record["source"] = {"uri": cfg.model.source, "revision": src.get("revision")}
-    rec.stage("detect", detect, src["uri"])
-    tune = rec.stage("convert", common.bind(convert, results), src["uri"], base["tune"], to="tune")
+    src, tune = prepare_base(rec, cfg, base, results)
     step = rec.stage("train", common.bind(train, results), cfg, tune["uri"])
     publish.after_training(run_uri, rec.record)
     model = step
@@ -76,6 +82,21 @@ def finetune(config: RunConfig) -> dict:
     announce(cfg, run_uri, exported, tune)
     evaluate_stage(rec, cfg, results, exported, tune)
     return finish(rec)
+
+
+def prepare_base(rec: Recorder, cfg: RunConfig, base: dict, results) -> tuple[dict, dict]:
+    """download -> detect -> convert into base["tune"]. A shared base is written under its own
+    lease: a run that finds another one converting the same base waits for it, then reuses it."""
+    from prefect.runtime import flow_run
+
+    guard = (lease.hold(storage.parent(base["tune"]), owner=f"finetune flow run {flow_run.id}",
+                        wait=BASE_WAIT_SECONDS) if base["shared"] else contextlib.nullcontext())
+    with guard:
+        src = rec.stage("download", common.bind(download, results), cfg.model.source, base["source"])
+        rec.record["source"] = {"uri": cfg.model.source, "revision": src.get("revision")}
+        rec.stage("detect", detect, src["uri"])
+        tune = rec.stage("convert", common.bind(convert, results), src["uri"], base["tune"], to="tune")
+    return src, tune
 
 
 def dated(cfg: RunConfig) -> RunConfig:
@@ -114,7 +135,8 @@ def announce(cfg: RunConfig, run_uri: str, exported: dict, tune: dict) -> None:
     """Tell whoever listens (the `evaluate` deployment's trigger) that an export is ready."""
     from prefect.events import emit_event
 
-    request = {"source": exported["uri"], "data": cfg.data.eval, "base": tune["uri"],
+    request = {"source": exported["uri"], "data": storage.normalize(cfg.data.eval) if cfg.data.eval else None,
+               "base": tune["uri"],
                "out": storage.join(run_uri, "eval"), "run": run_uri, "settings": eval_settings(cfg),
                "storage_options": cfg.storage_options}
     # The label lets a deployment's trigger pick only the runs that hand evaluation to it.
