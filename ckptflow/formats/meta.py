@@ -95,14 +95,15 @@ def open_view(uri: str, *, rope_scaling_factor: float | None = None, **_):
         raise CkptError(f"{params_uri}: not a JSON object")
     files = weight_files(uri, names)
     m = manifest.read(uri)
-    shapes, dtypes, order = _layout(uri, files)
+    shards = Shards([storage.join(uri, f) for f in files]) if files[0] != ST_FILE else None
+    shapes, dtypes, order = _layout(uri, files, shards)
     emb_dim = _embedding_dim(uri, files, shapes, params)
     factor = rope_scaling_factor if rope_scaling_factor is not None else _manifest_factor(m)
     args = family.args_from_meta(params, params_uri, vocab_size=_vocab(shapes, emb_dim, len(files)),
                                  rope_factor=float(factor) if factor is not None else None)
     if "output.weight" not in order:
         args.tie_embeddings = True   # some converters drop the head of tied models
-    items, notes = _items(uri, family, args, files, shapes, dtypes, order, emb_dim)
+    items, notes = _items(uri, family, args, files, shards, shapes, dtypes, order, emb_dim)
     from ckptflow.formats.tune import check_items
 
     check_items([FilePlan("", list(items.values()))], args, uri)
@@ -126,19 +127,16 @@ def _manifest_factor(m: Manifest | None):
     return scaling.get("factor") if scaling.get("rope_type") == "llama3" else None
 
 
-def _layout(uri: str, files: list[str]) -> tuple[list[dict], dict, list[str]]:
+def _layout(uri: str, files: list[str], shards: Shards | None) -> tuple[list[dict], dict, list[str]]:
     """Per rank {key: shape}, {key: dtype code}, rank 0's key order; every rank must hold the same keys."""
     shapes, dtypes = [], {}
-    for name in files:
-        path = storage.join(uri, name)
-        if name == ST_FILE:
-            _, infos = st.read_header(path)
+    for rank, name in enumerate(files):
+        if shards is None:
+            _, infos = st.read_header(storage.join(uri, name))
             shapes.append({t.name: list(t.shape) for t in infos})
             dtypes.update({t.name: t.dtype for t in infos})
             continue
-        from ckptflow.formats import hf
-
-        sd = hf.load_pickle_weights(path)
+        sd = shards.get(rank)
         shapes.append({k: list(v.shape) for k, v in sd.items()})
         dtypes.update({k: st.ST_NAME.get(str(v.dtype).removeprefix("torch."), "?") for k, v in sd.items()})
     for name, rank in zip(files[1:], shapes[1:]):
@@ -181,8 +179,7 @@ def _rule(family, key: str, emb_dim: int | None):
     return emb_dim if rule == "embedding" else rule
 
 
-def _items(uri, family, args, files, shapes, dtypes, order, emb_dim) -> tuple[dict[str, Item], list[str]]:
-    shards = Shards([storage.join(uri, f) for f in files]) if files[0] != ST_FILE else None
+def _items(uri, family, args, files, shards, shapes, dtypes, order, emb_dim) -> tuple[dict[str, Item], list[str]]:
     infos = {t.name: t for t in st.read_header(storage.join(uri, ST_FILE))[1]} if shards is None else {}
     items, notes = {}, []
     for key in order:
@@ -238,7 +235,7 @@ def _joiner(shards: Shards, key: str, rule, n_kv: int, uri: str):
 def _same(parts: list, key: str, uri: str, what: str) -> None:
     import torch
 
-    for r, p in enumerate(parts[1:], 1):
+    for p in parts[1:]:
         if not torch.equal(p, parts[0]):
             raise CkptError(f"{uri}: {key!r} ({what}) differs between model-parallel files")
 
@@ -377,7 +374,8 @@ def describe(uri: str):
     params = storage.read_json(storage.join(uri, PARAMS))
     family = families.for_meta_params(params, storage.join(uri, PARAMS))
     files = weight_files(uri, names)
-    shapes, dtypes, order = _layout(uri, files)
+    shards = Shards([storage.join(uri, f) for f in files]) if files[0] != ST_FILE else None
+    shapes, dtypes, order = _layout(uri, files, shards)
     emb_dim = _embedding_dim(uri, files, shapes, params)
     n_kv = params.get("n_kv_heads") or params.get("n_heads")
     pairs = [(_joined_shape(uri, k, _rule(family, k, emb_dim), [s[k] for s in shapes], n_kv), dtypes[k])
