@@ -22,9 +22,10 @@ GRACE_SECONDS = 10.0
 _PROCS: dict = {}   # process group id -> Popen of the launches alive in this process
 
 
-def torchrun_command(nproc: int, config_uri: str, base_uri: str) -> list[str]:
+def torchrun_command(nproc: int, config_json: str, base_uri: str, stop_after: int = 0) -> list[str]:
+    """The ranks ckptflow.distributed.launch starts (its main: CONFIG.json BASE STOP_AFTER)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "ckptflow.cli", "train", config_uri, "--base", base_uri]
+            "-m", "ckptflow.distributed", config_json, base_uri, str(stop_after)]
 
 
 def run(cmd: list[str], *, poll, poll_seconds: float = 2.0, env: dict | None = None) -> int:

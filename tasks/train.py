@@ -117,28 +117,35 @@ def gpu_slot(logger=log):
 
 
 def distributed(cfg: RunConfig, base_uri: str, watch: Watch):
-    """torchrun over `ckptflow train`, in its own session; metrics followed from metrics.jsonl."""
-    import yaml
+    """torchrun over the library's ranks (ckptflow.distributed), in its own session so that a
+    timeout, a cancellation or a crash kills every rank; progress followed from metrics.jsonl."""
+    import json
+    import os
+    import tempfile
 
-    from ckptflow import checkpointer, manifest
+    from ckptflow import checkpointer
     from ckptflow.errors import CkptError
-    from flows.publish import read_metrics
+    from ckptflow.train import read_metrics
 
-    run = config_mod.run_dir(cfg)
-    config_uri = storage.join(run, "config.yaml")
-    storage.put_atomic(config_uri, yaml.safe_dump(config_mod.to_dict(cfg), sort_keys=False).encode())
-    seen = [0]
+    train_uri = storage.join(config_mod.run_dir(cfg), "train")
+    last = [max((r.get("step", 0) for r in read_metrics(train_uri)), default=0)]
 
     def poll():
-        rows = read_metrics(run)
-        for row in rows[seen[0]:]:
-            watch.metrics(row)
-        seen[0] = len(rows)
+        for row in read_metrics(train_uri):
+            if row.get("step", 0) > last[0]:
+                watch.metrics(row)
+                last[0] = row["step"]
 
-    code = launch.run(launch.torchrun_command(cfg.train.nproc_per_node, config_uri, base_uri), poll=poll)
+    fd, path = tempfile.mkstemp(prefix="ckptflow-run-", suffix=".json")   # 0600: may hold storage_options
+    with os.fdopen(fd, "w") as f:
+        json.dump(config_mod.to_dict(cfg), f)
+    try:
+        code = launch.run(launch.torchrun_command(cfg.train.nproc_per_node, path, base_uri), poll=poll)
+    finally:
+        os.unlink(path)
     if code != 0:
         raise RuntimeError(f"torchrun exited with {code} (see the run's logs); a retry resumes from the newest step")
-    last = checkpointer.latest(storage.join(run, "train"))
-    if last is None or last.step < cfg.train.steps:
-        raise CkptError(f"{run}/train: torchrun finished without a checkpoint at step {cfg.train.steps}")
-    return manifest.require(last.uri)
+    m = checkpointer.latest(train_uri, verify=False)
+    if m is None or m.step < cfg.train.steps:
+        raise CkptError(f"{train_uri}: torchrun finished without a checkpoint at step {cfg.train.steps}")
+    return m

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -251,3 +252,52 @@ def test_gpu_slot_is_held_only_when_the_limit_exists(prefect_api):
             assert client.read_global_concurrency_limit_by_name("gpu").active_slots == 0
         finally:
             client.delete_global_concurrency_limit_by_name("gpu")
+
+
+HOLDER = textwrap.dedent("""
+    import sys
+    from tasks import launch
+    from prefect import flow, task
+
+    @task
+    def hold(pidfile: str) -> None:     # a stand-in for torchrun: a launcher with a worker child
+        launch.run(["sh", "-c", f"sleep 120 & echo $! > {pidfile}; wait"], poll=lambda: None, poll_seconds=0.2)
+
+    @flow(on_cancellation=[launch.kill_hook], on_crashed=[launch.kill_hook])
+    def holder(pidfile: str) -> None:
+        hold(pidfile)
+
+    holder(sys.argv[1])
+""")
+
+
+def test_terminating_a_flow_run_kills_its_launched_process_group(prefect_api, tmp_path):
+    script, pidfile = tmp_path / "holder.py", tmp_path / "child.pid"
+    script.write_text(HOLDER)
+    proc = subprocess.Popen([sys.executable, str(script), str(pidfile)], cwd=REPO, start_new_session=True,
+                            env={**os.environ, "PREFECT_API_URL": prefect_api},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (pidfile.exists() and pidfile.read_text().strip()):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        child = int(pidfile.read_text())
+        os.kill(proc.pid, signal.SIGTERM)        # what a worker does to a cancelled flow run
+        assert proc.wait(timeout=60) != 0
+        deadline = time.monotonic() + 15
+        while _alive(child):
+            assert time.monotonic() < deadline, "the launched worker outlived its terminated flow run"
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:      # a zombie has exited; init has not reaped it yet
+        return not f.read().split(") ", 1)[1].startswith("Z")
