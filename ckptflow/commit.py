@@ -40,13 +40,17 @@ class Output:
         self._prepare(overwrite)
 
     def _prepare(self, overwrite: bool) -> None:
+        """Refuse what is not ours; clear our previous output or interrupted write. The marker goes
+        down first and comes off last, so a crash at any point leaves a directory that is either
+        still committed or recognisably ours to clear (never anonymous files)."""
         existing = manifest.read(self.uri)
         if existing is not None:
             if not overwrite:
                 raise CkptError(f"{self.uri}: already holds a committed {existing.kind} ({existing.format}); "
                                 "choose another destination or pass --overwrite")
+            self._mark()
             manifest.uncommit(self.uri)
-            storage.remove(self.uri)
+            clear(self.uri)
         elif storage.isdir(self.uri):
             names = storage.listdir(self.uri)
             if names and MARKER not in names:
@@ -54,7 +58,10 @@ class Output:
                                 f"(found {', '.join(names[:5])})")
             if names:
                 log.info("%s: removing an interrupted write", self.uri)
-                storage.remove(self.uri)
+                clear(self.uri)
+        self._mark()
+
+    def _mark(self) -> None:
         note = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}
         storage.put_atomic(storage.join(self.uri, MARKER), json.dumps(note).encode())
 
@@ -109,6 +116,19 @@ class _Tracked:
         self._out.files[self._name] = self._w.close(durable=False)
         if self._w.synced is not None:
             self._out.pending.append(self._w.synced)
+
+
+def clear(uri: str) -> None:
+    """Delete everything in directory `uri` but its marker."""
+    for name in storage.listdir(uri):
+        if name != MARKER:
+            storage.remove(storage.join(uri, name))
+
+
+def discard(uri: str) -> None:
+    """Delete an uncommitted directory of ours, its marker last (a crash halfway leaves it marked)."""
+    clear(uri)
+    storage.remove(uri)
 
 
 def is_interrupted(uri: str) -> bool:

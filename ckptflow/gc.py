@@ -126,7 +126,7 @@ def _delete(root: str, runs: list[str], victims: list[str]) -> None:
             for rel in mine:
                 target = storage.join(root, rel) if rel else root
                 log.info("gc: deleting %s", target)
-                storage.remove(target)
+                commit.discard(target)      # the marker last: a crash halfway leaves it marked
 
 
 def _check_ancestors(root: str) -> None:

@@ -461,13 +461,14 @@ def upload(f, uri: str, nbytes: int) -> None:
     def once() -> None:
         f.seek(0)
         if nbytes <= SPOOL_MEMORY:
-            fs.pipe_file(path, f.read())
-        elif os.path.exists(_fd_path(f)):
+            fs.pipe_file(path, f.read())       # one PUT: the body is the object, or nothing is
+            return
+        if os.path.exists(_fd_path(f)):
             fs.put_file(_fd_path(f), path)     # s3fs uploads the parts concurrently
         else:
             _stream(f, fs, path)
         fs.invalidate_cache(path)
-        got = fs.size(path)
+        got = fs.size(path)                    # parts assembled by the store: check the total
         if got != nbytes:
             raise TransientError(f"{uri}: uploaded {nbytes} bytes but the store holds {got}")
 
