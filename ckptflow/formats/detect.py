@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass, field
 
 from ckptflow import manifest, storage
+from ckptflow.commit import MARKER
 from ckptflow.errors import CkptError
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,9 @@ def sniff(uri: str) -> str:
         if storage.isfile(uri):
             raise CkptError(f"{uri}: is a file; give the directory that holds the checkpoint")
         raise CkptError(f"{uri}: empty or missing directory")
+    if MARKER in names:   # ckptflow began writing here and never committed
+        raise CkptError(f"{uri}: an interrupted ckptflow write ({MARKER}, no {manifest.NAME}); "
+                        "re-run the stage that writes it, or delete it with `ckptflow gc`")
     hits = [fmt for fmt, pred in MARKERS.items() if pred(names)]
     hits = [h for h in hits if not any(h in CLAIMS.get(other, ()) for other in hits)]
     if not hits:
