@@ -155,3 +155,13 @@ def test_deployed_flows_run_on_a_process_worker(tmp_path):
             harness.stop_process_group(worker)
             log.close()
         assert worker.poll() is not None
+
+
+def test_the_gpu_pool_template_requests_the_gpus_its_deployments_ask_for():
+    template = json.loads((REPO / "deployments" / "k8s-gpu-job-template.json").read_text())
+    variables = template["variables"]["properties"]
+    pod = template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "{{ gpus }}"
+    assert variables["gpus"]["type"] == "integer"
+    gpu_pool = yaml.safe_load(PREFECT_YAML.read_text())["definitions"]["work_pools"]["gpu"]
+    assert set(gpu_pool["job_variables"]) <= set(variables)
