@@ -301,3 +301,27 @@ def _alive(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as f:      # a zombie has exited; init has not reaped it yet
         return not f.read().split(") ", 1)[1].startswith("Z")
+
+
+@pytest.mark.s3
+def test_a_run_on_s3_keeps_its_cache_beside_it_in_a_saved_block(prefect_api, s3_server, s3_bucket, tmp_path):
+    import fsspec
+    from prefect.filesystems import RemoteFileSystem
+
+    from flows.finetune import finetune
+
+    storage_uri = f"{s3_bucket}/runs"
+    config = tiny(tmp_path / "runs", "on-s3")
+    cfg = load_config(str(config), [f"storage={storage_uri}", "train.steps=2", "data.eval=null",
+                                    "storage_options=" + json.dumps(s3_server.storage_options)])
+    first = finetune(cfg, return_state=True)
+    assert first.is_completed(), first.message
+    second = finetune(cfg, return_state=True)
+    ran = task_states(second.state_details.flow_run_id)
+    assert {ran[k] for k in ("download", "convert", "train", "merge", "export")} == {"Cached"}
+    fs = fsspec.filesystem("s3", **s3_server.storage_options)
+    results = f"{storage_uri}/.cache/prefect-results".removeprefix("s3://")
+    assert any(name.rsplit("/", 1)[-1].startswith("train-") for name in fs.ls(results))
+    block = RemoteFileSystem.load("ckptflow-results-" + hashlib.sha256(f"s3://{results}".encode()).hexdigest()[:12])
+    assert block.basepath == f"s3://{results}"
+    assert fs.exists(f"{storage_uri}/on-s3/export/ckptflow.json".removeprefix("s3://"))
