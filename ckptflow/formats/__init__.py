@@ -109,7 +109,7 @@ READERS: dict[str, callable] = {"hf": _read_hf, "tune": _read_tune, "peft": _rea
 def open_view(uri: str, **opts) -> View:
     from ckptflow.formats import detect
 
-    fmt = detect.sniff(uri)
+    fmt = detect.sniff(uri, interrupted_ok=False)
     reader = READERS.get(fmt)
     if reader is None:
         raise CkptError(f"{uri}: reading format {fmt!r} is not supported")

@@ -77,8 +77,9 @@ class Detection:
                 "num_params": self.num_params, "files": self.files, **({"details": self.details} if self.details else {})}
 
 
-def sniff(uri: str) -> str:
-    """The format name of directory `uri`."""
+def sniff(uri: str, *, interrupted_ok: bool = True) -> str:
+    """The format name of directory `uri`. With interrupted_ok=False (readers that are about to
+    use the checkpoint) a directory that ckptflow began writing and never committed is refused."""
     uri = storage.normalize(uri)
     m = manifest.read(uri)
     if m is not None:
@@ -88,7 +89,7 @@ def sniff(uri: str) -> str:
         if storage.isfile(uri):
             raise CkptError(f"{uri}: is a file; give the directory that holds the checkpoint")
         raise CkptError(f"{uri}: empty or missing directory")
-    if MARKER in names:   # ckptflow began writing here and never committed
+    if MARKER in names and not interrupted_ok:   # ckptflow began writing here and never committed
         raise CkptError(f"{uri}: an interrupted ckptflow write ({MARKER}, no {manifest.NAME}); "
                         "re-run the stage that writes it, or delete it with `ckptflow gc`")
     hits = [fmt for fmt, pred in MARKERS.items() if pred(names)]
