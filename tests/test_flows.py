@@ -107,10 +107,13 @@ def test_failed_export_started_again_skips_every_finished_stage(prefect_api, run
                 f"{run_uri}/merged"]
     before = commits(*finished)
 
-    second = finetune(cfg, return_state=True)
-    assert second.is_completed(), second.message
+    # `prefect flow-run retry` runs the same failed flow run again, here without the injection.
+    retry = subprocess.run([sys.executable, "-m", "prefect", "flow-run", "retry", str(first.state_details.flow_run_id),
+                            "--entrypoint", "flows/finetune.py:finetune"], cwd=REPO, capture_output=True, text=True,
+                           env={**os.environ, "PREFECT_API_URL": prefect_api}, timeout=300)
+    assert retry.returncode == 0, retry.stdout[-2000:] + retry.stderr[-3000:]
     assert commits(*finished) == before          # nothing finished was written again
-    ran = task_states(second.state_details.flow_run_id)
+    ran = task_states(first.state_details.flow_run_id)
     assert {k: ran[k] for k in ("download", "convert", "train", "merge")} == dict.fromkeys(
         ("download", "convert", "train", "merge"), "Cached")
     assert ran["export"] == "Completed" and ran["evaluate"] == "Completed"
@@ -119,7 +122,15 @@ def test_failed_export_started_again_skips_every_finished_stage(prefect_api, run
                                                   "evaluate"]
     assert {s["name"]: s["state"] for s in rec["stages"]}["train"] == "Cached"
     assert all(s["seconds"] is not None and s["output"] for s in rec["stages"])
-    assert manifest.read(f"{run_uri}/export").format == "hf" and len(calls) == 2
+    assert manifest.read(f"{run_uri}/export").format == "hf" and len(calls) == 1
+
+    # A new flow run of the same config: every stage is skipped.
+    second = finetune(cfg, return_state=True)
+    assert second.is_completed(), second.message
+    ran = task_states(second.state_details.flow_run_id)
+    assert ran.pop("detect") == "Completed"     # read-only, never cached
+    assert set(ran.values()) == {"Cached"} and len(ran) == 6
+    assert commits(*finished) == before and len(calls) == 1    # the export stage was not even called
 
     # A cached stage whose output was deleted since runs again; the others stay cached.
     storage.remove(f"{run_uri}/export")
