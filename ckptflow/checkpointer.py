@@ -96,7 +96,10 @@ def write_tensors(out: Output, name: str, tensors: dict) -> None:
                 continue
             raw = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
             for i in range(0, raw.shape[0], storage.CHUNK):
-                f.write(raw[i:i + storage.CHUNK].tobytes())
+                # A numpy view, not a bytes copy: the file write and the hasher read it with the
+                # GIL released. Safe because nothing changes a snapshot (or, in a synchronous
+                # save, the live tensors) until this file is closed.
+                f.write(raw[i:i + storage.CHUNK])
 
 
 def plan_retention(steps: list[int], newest: int, *, keep_last: int | None, keep_every: int | None,
@@ -197,7 +200,9 @@ class Checkpointer:
 
     def _write(self, uri: str, step: int, snap: dict, bodies: dict, m: Manifest, rec: dict) -> Manifest:
         t0 = time.perf_counter()
-        _clear_our_leftovers(uri, set(snap) | set(bodies))
+        if self._pool is not None:
+            _lower_priority()
+        clear_our_leftovers(uri, set(snap) | set(bodies))
         out = Output(uri, overwrite=True)   # a same-numbered step of an abandoned branch is replaced
         for name, sd in snap.items():
             write_tensors(out, name, sd)
@@ -207,21 +212,21 @@ class Checkpointer:
         self.last = committed
         rec["write_s"] = time.perf_counter() - t0
         log.info("%s: committed step %d in %.2fs", uri, step, rec["write_s"])
-        self._retain(step)
+        retain(self.train_uri, self.cfg, step)
         if self.on_commit is not None:
             self.on_commit(committed)
         return committed
 
-    def _retain(self, newest: int) -> None:
-        steps = dict(list_steps(self.train_uri))
-        doomed = plan_retention(list(steps), newest, keep_last=self.cfg.keep_last, keep_every=self.cfg.keep_every,
-                                pin=self.cfg.pin)
-        for s in doomed:
-            log.info("%s: deleted by retention (keep_last=%s)", steps[s], self.cfg.keep_last)
-            delete_step(steps[s])
+    def record(self, step: int, m: Manifest | None, rec: dict) -> None:
+        """A save made elsewhere (every rank writing DCP shards) counts for cadence and `last`."""
+        self.stats.append(rec)
+        self.saved_steps.add(step)
+        self._last_save = time.monotonic()
+        if m is not None:
+            self.last = m
 
 
-def _clear_our_leftovers(uri: str, ours: set[str]) -> None:
+def clear_our_leftovers(uri: str, ours: set[str]) -> None:
     """An uncommitted step directory holding only names a save writes is ours, whatever killed it:
     a save killed while putting its `.ckptflow-writing` marker leaves only the marker's temp
     file, and a retention delete killed half way leaves some files and no marker. commit.Output
@@ -231,6 +236,28 @@ def _clear_our_leftovers(uri: str, ours: set[str]) -> None:
         return
     if all(n in ours or n.startswith(MARKER) or ".tmp-" in n for n in names):
         storage.remove(uri)
+
+
+def retain(train_uri: str, cfg, newest: int) -> None:
+    """Apply cfg's retention once step `newest` is committed."""
+    steps = dict(list_steps(train_uri))
+    for s in plan_retention(list(steps), newest, keep_last=cfg.keep_last, keep_every=cfg.keep_every, pin=cfg.pin):
+        log.info("%s: deleted by retention (keep_last=%s)", steps[s], cfg.keep_last)
+        delete_step(steps[s])
+
+
+def _lower_priority() -> None:
+    """The writer thread (and the hasher threads it starts, which inherit it) yields the CPU to
+    training: on a busy host a save then takes longer instead of slowing every step."""
+    import os
+    import threading
+
+    try:
+        tid = threading.get_native_id()
+        if os.getpriority(os.PRIO_PROCESS, tid) < 10:
+            os.setpriority(os.PRIO_PROCESS, tid, 10)
+    except (AttributeError, OSError):   # not Linux, or not allowed: keep the default priority
+        pass
 
 
 def _to_cpu(tensors: dict[str, dict]) -> dict[str, dict]:

@@ -47,6 +47,12 @@ class LoraSettings(_Strict):
     use_rslora: bool = Field(False, description="rank-stabilised scale alpha/sqrt(r)")
 
 
+class DistillConfig(_Strict):
+    teacher: str | None = Field(None, description="a frozen teacher, any readable checkpoint; enables distillation")
+    alpha: float = Field(0.5, ge=0, le=1, description="loss = (1 - alpha) CE + alpha T^2 KL(teacher || student)")
+    temperature: float = Field(2.0, gt=0, description="softens both distributions in the KL term")
+
+
 class TrainConfig(_Strict):
     method: Literal["lora", "full"] = Field("lora", description="lora: train adapters on a frozen base; full: every weight")
     steps: int = Field(60, ge=1, description="optimizer steps in total (may grow on resume)")
@@ -54,6 +60,7 @@ class TrainConfig(_Strict):
     lr: float = Field(3e-4, gt=0, description="peak learning rate (AdamW)")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr * min_lr_ratio")
     lora: LoraSettings = Field(default_factory=LoraSettings)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     seq_len: int = Field(256, ge=2, description="tokens per sequence (packed rows, or truncation when padded)")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     warmup_steps: int = Field(0, ge=0, description="linear warmup steps before the cosine decay")

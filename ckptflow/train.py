@@ -165,6 +165,28 @@ def build_model(base_uri: str, lora_cfg, *, device, seed: int, full_sd: dict | N
     return model
 
 
+def load_teacher(uri: str, student_args, device):
+    """A frozen teacher from any readable checkpoint; it must speak the student's vocabulary."""
+    import torch
+
+    from ckptflow import api
+
+    dtype = None if device.type == "cuda" else torch.float32
+    teacher, view = api.load(uri, device=device, dtype=dtype)
+    if view.args.vocab_size != student_args.vocab_size:
+        raise CkptError(f"train.distill.teacher {uri}: vocabulary of {view.args.vocab_size} tokens, the student has "
+                        f"{student_args.vocab_size}; distillation needs the same tokenizer")
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+@contextlib.contextmanager
+def _no_bar():
+    yield lambda *a, **k: None
+
+
 def param_groups(model, weight_decay: float) -> tuple[list[dict], list[str]]:
     """AdamW groups (decay on matrices only) and the trainable parameter names in optimizer order."""
     decay, no_decay = [], []
@@ -188,18 +210,35 @@ class Trainer:
         self.base = manifest.require(base_uri)
         self.run_uri = run_uri or config_mod.run_dir(cfg)
         self.train_uri = storage.join(self.run_uri, "train")
-        self.device = pick_device(tc.device)
+        self.device = self._pick_device()
         self.amp = autocast_dtype(tc.precision, self.device)
         self.lora = lora_config(cfg)
         self.on_metrics = on_metrics
-        self.model = build_model(self.base.uri, self.lora, device=self.device, seed=tc.seed, full_sd=full_sd)
+        self.model = self._build_model(full_sd)
         groups, self.names = param_groups(self.model, tc.weight_decay)
         self.optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+        self.teacher = load_teacher(tc.distill.teacher, self.model.args, self.device) if tc.distill.teacher else None
         self.schedule = Schedule(tc.lr, tc.warmup_steps, tc.steps, tc.min_lr_ratio)
         self._load_data()
         self.step, self.tokens_seen, self.last_loss, self.metrics = 0, 0, None, []
         self.checkpointer = Checkpointer(self.train_uri, cfg.checkpoint)
         seed_everything(tc.seed)
+
+    # -- hooks that the several-process trainer (distributed.py) overrides ----------------
+    is_main = True          # writes metrics, progress and manifests
+    world = 1               # processes that each take batch_size rows of every micro-batch
+
+    def _pick_device(self):
+        return pick_device(self.cfg.train.device)
+
+    def _build_model(self, full_sd: dict | None):
+        return build_model(self.base.uri, self.lora, device=self.device, seed=self.cfg.train.seed, full_sd=full_sd)
+
+    def _all_sum(self, x: float) -> float:
+        return x
+
+    def _micro_batch(self):
+        return self.data.next()
 
     def _load_data(self) -> None:
         from ckptflow.tokenizer import load_tokenizer
@@ -230,25 +269,52 @@ class Trainer:
         lr = self.schedule.lr_at(step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        micro = [self.data.next() for _ in range(tc.grad_accum)]
-        targets = max(sum(int((lab != data.IGNORE).sum()) for _, lab in micro), 1)
+        micro = [self._micro_batch() for _ in range(tc.grad_accum)]
+        # Every process divides by the targets of the whole step, so accumulation and several
+        # processes add up to the loss of one big batch (FSDP averages gradients: times world).
+        targets = max(self._all_sum(sum(int((lab != data.IGNORE).sum()) for _, lab in micro)), 1)
         total = 0.0
         for tokens, labels in micro:
             tokens, labels = self._to_device(tokens), self._to_device(labels)
             with torch.autocast(device_type=self.device.type, dtype=self.amp, enabled=self.amp is not None):
                 logits = self.model(tokens)
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=data.IGNORE,
-                                   reduction="sum") / targets
-            loss.backward()
+                teacher = self._teacher_logits(tokens)
+            loss = self._loss_sum(logits, labels, teacher) / targets
+            (loss * self.world if self.world > 1 else loss).backward()
             total += float(loss.detach())
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm) if tc.max_grad_norm else None
+        if norm is not None and hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        n_tokens = sum(t.numel() for t, _ in micro)
+        n_tokens = int(self._all_sum(sum(t.numel() for t, _ in micro)))
+        total = self._all_sum(total)
         self.step, self.tokens_seen, self.last_loss = step, self.tokens_seen + n_tokens, total
         return {"step": step, "loss": total, "lr": lr, "grad_norm": float(norm) if norm is not None else None,
                 "tokens": n_tokens}
+
+    def _teacher_logits(self, tokens):
+        if self.teacher is None:
+            return None
+        import torch
+
+        with torch.no_grad():
+            return self.teacher(tokens)
+
+    def _loss_sum(self, logits, labels, teacher_logits):
+        """Summed token cross-entropy; with a teacher, (1 - alpha) CE + alpha T^2 KL(teacher || student)."""
+        import torch.nn.functional as F
+
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=data.IGNORE, reduction="sum")
+        if teacher_logits is None:
+            return ce
+        d = self.cfg.train.distill
+        keep = labels != data.IGNORE
+        s = F.log_softmax(logits[keep].float() / d.temperature, dim=-1)
+        t = F.log_softmax(teacher_logits[keep].float() / d.temperature, dim=-1)
+        kl = F.kl_div(s, t, log_target=True, reduction="sum") * d.temperature ** 2
+        return (1 - d.alpha) * ce + d.alpha * kl
 
     def evaluate(self) -> float | None:
         if not self.eval_set:
@@ -267,7 +333,7 @@ class Trainer:
             self._record({"step": 0, "loss": None, "eval_loss": self.evaluate(), "lr": None, "tokens_per_s": None,
                           "checkpoint": None})
         try:
-            with progress.bar(until, "train", unit="step") as bar:
+            with (progress.bar(until, "train", unit="step") if self.is_main else _no_bar()) as bar:
                 bar(self.step)
                 while self.step < until:
                     bar(1, **self._one(until))
@@ -282,7 +348,7 @@ class Trainer:
         t0 = time.perf_counter()
         row = self.train_step()
         row["tokens_per_s"] = row.pop("tokens") / max(time.perf_counter() - t0, 1e-9)
-        saving = self.checkpointer.due(self.step) or self.step == until
+        saving = self._agree(self.checkpointer.due(self.step)) or self.step == until
         row["eval_loss"] = self.evaluate() if self._eval_due(self.step, saving) else None
         row["checkpoint"] = self.save() if saving else None
         row["tokens_seen"] = self.tokens_seen
@@ -293,10 +359,13 @@ class Trainer:
         nxt = min(until, (self.step // every + 1) * every) if every else until
         return {"loss": f"{row['loss']:.4f}", "tok/s": f"{row['tokens_per_s']:.0f}", "next_ckpt": nxt}
 
+    def _agree(self, flag: bool) -> bool:
+        return flag     # one process: no one to agree with (every_seconds may differ across ranks)
+
     def _record(self, row: dict) -> None:
         row["time"] = time.time()
         self.metrics.append(row)
-        if self.on_metrics is not None:
+        if self.on_metrics is not None and self.is_main:
             self.on_metrics(dict(row))
 
     def _abort_saves(self) -> None:
@@ -334,6 +403,8 @@ class Trainer:
         extra = {"lora": self.lora.to_dict() if self.lora else None, "base": base.uri,
                  "config_fingerprint": config_mod.fingerprint(cfg), "run": self.run_uri,
                  "tokens_seen": self.tokens_seen, "config": cfg_dict}
+        if self.teacher is not None:
+            extra["teacher"] = cfg.train.distill.teacher   # not saved: resume reloads it from here
         if self.lora is None:
             # A full step is also a readable tune directory (weights only; the tokenizer is in the base).
             extra["layout"] = [{"name": MODEL, "keys": list(self.model.state_dict())}]
@@ -351,24 +422,41 @@ class Trainer:
     def write_metrics(self) -> None:
         import json
 
+        if not self.is_main:
+            return
         body = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.metrics).encode()
         storage.put_atomic(storage.join(self.train_uri, METRICS), body)
 
     # -- resuming ---------------------------------------------------------------------------
     def resume(self, m: Manifest, exclude: list[str] = ()) -> None:
-        """Load step checkpoint `m` (already checked by check_resume); `exclude` keeps parts fresh."""
+        """Load step checkpoint `m` (already checked by check_resume); `exclude` keeps parts fresh.
+
+        A DCP step written by several processes loads here too, as full tensors."""
         state = storage.read_json(storage.join(m.uri, STATE))
-        self._load_weights(read_tensors(m.uri, MODEL), m.uri)
+        with_optimizer = "optimizer" not in exclude
+        if m.format == "dcp":
+            from ckptflow import distributed
+
+            weights, optim = distributed.read_dcp_step(m.uri, self.trainable_state(), with_optimizer)
+            rng = distributed.rank_rng_tensors(state, 0)
+        else:
+            weights = read_tensors(m.uri, MODEL)
+            optim = read_tensors(m.uri, OPTIMIZER) if with_optimizer else None
+            rng = read_tensors(m.uri, RNG)
+        self._load_weights(weights, m.uri)
+        if optim is not None:
+            self._load_optimizer(optim, m.uri)
+        self._apply_state(state, exclude, rng)
+        log.info("resumed from %s (step %d%s)", m.uri, self.step, f", fresh {', '.join(exclude)}" if exclude else "")
+
+    def _apply_state(self, state: dict, exclude, rng: dict | None) -> None:
         self.step, self.tokens_seen, self.last_loss = int(state["step"]), int(state["tokens_seen"]), state.get("loss")
-        if "optimizer" not in exclude:
-            self._load_optimizer(read_tensors(m.uri, OPTIMIZER), m.uri)
         self.schedule.offset = int(state["lr_scheduler"]["offset"]) if "lr_scheduler" not in exclude else self.step
         if "data" not in exclude:
             self.data.load_state(state["data"])
-        if "rng" not in exclude:
-            set_rng_state(read_tensors(m.uri, RNG), state["rng"])
+        if "rng" not in exclude and rng is not None:
+            set_rng_state(rng, state["rng"])
         self.metrics = [r for r in read_metrics(self.train_uri) if r.get("step", 0) <= self.step]
-        log.info("resumed from %s (step %d%s)", m.uri, self.step, f", fresh {', '.join(exclude)}" if exclude else "")
 
     def _load_weights(self, sd: dict, where: str) -> None:
         import torch

@@ -215,3 +215,33 @@ def test_cli_train_prepares_the_base_and_resumes(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["step"] == 4
     assert main(["train", str(cfg_path), "train.seq_len=16"]) == 2
     assert "train.seq_len changed" in capsys.readouterr().err
+
+
+# ---- knowledge distillation -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    """Another seed model, left in HF format: a teacher may come in any readable format."""
+    d = tmp_path_factory.mktemp("teacher")
+    return download.run(SEED + "&seed=1", str(d / "hf")).uri
+
+
+def test_distillation_pulls_the_student_to_the_teacher_and_resumes_exactly(base, teacher, tmp_path):
+    kd = ("train.method=full", f"train.distill.teacher={teacher}", "train.distill.alpha=1.0", "train.lr=3e-3",
+          "checkpoint.every_steps=4")
+    rows = []
+    straight = stage.run(make_cfg(tmp_path, "kd", "train.steps=8", *kd), base, on_metrics=rows.append)
+    losses = [r["loss"] for r in rows if r["loss"] is not None]
+    assert losses[-1] < 0.5 * losses[0], losses              # pure KD loss: T^2 KL(teacher || student)
+    assert straight.extra["teacher"] == teacher
+    assert set(read_tensors(straight.uri, "model.safetensors")) == set(api.load_state_dict(base)[0])  # student only
+    # stop at 4, then go on: the teacher is reloaded from its source and the result is the same bytes
+    stage.run(make_cfg(tmp_path, "kd2", "train.steps=8", *kd), base, stop_after=4)
+    resumed = stage.run(make_cfg(tmp_path, "kd2", "train.steps=8", *kd), base)
+    assert final_hashes(resumed) == final_hashes(straight)
+
+
+def test_a_teacher_with_another_vocabulary_is_refused(base, tmp_path):
+    other = download.run("seed://llama?dim=64&n_layers=2&vocab_size=300", str(tmp_path / "t")).uri
+    with pytest.raises(CkptError, match="vocabulary of .* tokens, the student has 512"):
+        stage.run(make_cfg(tmp_path, "bad", f"train.distill.teacher={other}"), base)

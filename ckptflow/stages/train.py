@@ -45,8 +45,9 @@ def run(cfg: config.RunConfig, base_uri: str | None = None, *, stop_after: int |
     return train_here(cfg, base_uri, stop_after=stop_after, on_metrics=on_metrics)
 
 
-def train_here(cfg: config.RunConfig, base_uri: str, *, stop_after: int | None = None, on_metrics=None) -> Manifest:
-    """Train in this process."""
+def train_here(cfg: config.RunConfig, base_uri: str, *, stop_after: int | None = None, on_metrics=None,
+               trainer_cls=None) -> Manifest | None:
+    """Train in this process (one rank of several when trainer_cls is distributed.DistTrainer)."""
     from ckptflow import train
 
     base = manifest.require(base_uri)
@@ -59,10 +60,10 @@ def train_here(cfg: config.RunConfig, base_uri: str, *, stop_after: int | None =
         log.info("%s: already at step %d (asked for %d); nothing to train", point.uri, point.step, until)
         return point
     with train.process_settings(cfg.train):
-        trainer = train.Trainer(cfg, base_uri, on_metrics=on_metrics)
+        trainer = (trainer_cls or train.Trainer)(cfg, base_uri, on_metrics=on_metrics)
         if point is not None:
             trainer.resume(point, cfg.checkpoint.exclude_from_loading)
         last = trainer.fit(until)
-    if last is None:
+    if last is None and trainer.is_main:
         raise CkptError(f"{train_uri}: training finished without a committed checkpoint")
     return last

@@ -1,0 +1,285 @@
+"""Several processes: torchrun, FSDP2 (fully_shard), DCP step checkpoints that reshard on load.
+
+    train: {nproc_per_node: 2}          # `ckptflow train CONFIG` then launches torchrun itself
+
+stages.train.run calls `launch`, which runs `torchrun --standalone --nproc_per_node N -m
+ckptflow.distributed CONFIG.json BASE STOP_AFTER` and waits. Every rank builds the model (and its
+LoRA adapters), shards each block and the root with fully_shard, and trains on its own
+batch_size rows of every global micro-batch (batch_size x N rows, drawn from the same
+deterministic stream a single process draws from). Gradients are summed over ranks so that
+the step equals one process training on the whole global batch.
+
+A step checkpoint is a DCP directory (format "dcp"): "model" (the trainable weights) and
+"optimizer" (AdamW state per parameter name) as DTensor shards, one file per rank, written with
+formats.dcp.save_state (hashed while written), plus trainer_state.json (data position, every
+rank's RNG state); rank 0 commits ckptflow.json once every rank has written. Saves here are
+synchronous. Any number of processes loads it, resharded; a single process too (train.py), and
+a several-process run resumes from a single-process (safetensors) step as well.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from ckptflow import checkpointer, config, manifest, storage
+from ckptflow.commit import Output
+from ckptflow.manifest import Manifest
+from ckptflow.train import MODEL, OPTIMIZER, STATE, Trainer, read_metrics, rng_state, set_rng_state
+
+log = logging.getLogger(__name__)
+
+
+# ---- the launcher (the process that ran `ckptflow train`) -------------------------------------
+
+def launch(cfg, base_uri: str, *, stop_after: int | None = None, on_metrics=None) -> Manifest:
+    """Run training in cfg.train.nproc_per_node processes; the newest step checkpoint after it."""
+    from ckptflow.errors import CkptError
+
+    train_uri = storage.join(config.run_dir(cfg), "train")
+    before = max((r.get("step", 0) for r in read_metrics(train_uri)), default=-1)
+    fd, path = tempfile.mkstemp(prefix="ckptflow-run-", suffix=".json")   # 0600: may hold storage_options
+    with os.fdopen(fd, "w") as f:
+        json.dump(config.to_dict(cfg), f)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.train.nproc_per_node}",
+           "-m", "ckptflow.distributed", path, base_uri, str(stop_after or 0)]
+    log.info("launching %s", " ".join(cmd))
+    try:
+        rc = subprocess.run(cmd, check=False).returncode
+    finally:
+        os.unlink(path)
+    if rc != 0:
+        raise RuntimeError(f"torchrun with {cfg.train.nproc_per_node} processes exited with status {rc}")
+    if on_metrics is not None:
+        for row in read_metrics(train_uri):
+            if row.get("step", 0) > before:
+                on_metrics(row)
+    m = checkpointer.latest(train_uri, verify=False)
+    if m is None:
+        raise CkptError(f"{train_uri}: training finished without a committed checkpoint")
+    return m
+
+
+def main(argv: list[str]) -> int:
+    """One rank, started by torchrun."""
+    import torch
+    import torch.distributed as dist
+
+    path, base_uri, stop_after = argv
+    with open(path) as f:
+        cfg = config.validate(json.load(f), path)
+    config.apply_storage_options(cfg)
+    cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
+    dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        from ckptflow.stages import train as stage
+
+        stage.train_here(cfg, base_uri, stop_after=int(stop_after) or None, trainer_cls=DistTrainer)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+# ---- one rank ---------------------------------------------------------------------------------
+
+class DistTrainer(Trainer):
+    def __init__(self, cfg, base_uri: str, run_uri: str | None = None, **kw):
+        import torch.distributed as dist
+
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.is_main = self.rank == 0
+        super().__init__(cfg, base_uri, run_uri, **kw)
+
+    def _pick_device(self):
+        import torch
+
+        from ckptflow.train import pick_device
+
+        dev = pick_device(self.cfg.train.device)
+        if dev.type == "cuda":
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(dev)
+        return dev
+
+    def _build_model(self, full_sd):
+        from torch.distributed.fsdp import fully_shard
+
+        model = super()._build_model(full_sd)
+        for layer in model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+
+    def _load_data(self) -> None:
+        super()._load_data()
+        self.data.batch_size = self.cfg.train.batch_size * self.world   # the global micro-batch
+
+    def _micro_batch(self):
+        tokens, labels = self.data.next()
+        bs = self.cfg.train.batch_size
+        return tokens[self.rank * bs:(self.rank + 1) * bs], labels[self.rank * bs:(self.rank + 1) * bs]
+
+    def _all_sum(self, x: float) -> float:
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([float(x)], dtype=torch.float64, device=self._comm_device())
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def _agree(self, flag: bool) -> bool:
+        return self._all_sum(1.0 if flag else 0.0) > 0
+
+    def _comm_device(self):
+        return self.device if self.device.type == "cuda" else "cpu"
+
+    # -- saving: every rank writes its shards, rank 0 commits -----------------------------
+    def save(self) -> str:
+        import torch.distributed as dist
+
+        from ckptflow.formats import dcp
+
+        t0 = time.perf_counter()
+        model_sd, optim = self._sharded_state()
+        ranks = [None] * self.world
+        dist.all_gather_object(ranks, _rank_rng())
+        uri = storage.join(self.train_uri, checkpointer.step_name(self.step))
+        out = None
+        if self.is_main:
+            checkpointer.clear_our_leftovers(uri, {STATE})
+            out = Output(uri, overwrite=True)
+        dist.barrier()
+        digests = dcp.save_state({"model": model_sd, "optimizer": optim}, uri)
+        m = None
+        if self.is_main:
+            out.files.update(digests)
+            _, py = rng_state()
+            out.put(STATE, _json({**self._trainer_state(), "rng": {"python": py["python"], "ranks": ranks}}))
+            m = out.commit(self._dcp_manifest())
+            checkpointer.retain(self.train_uri, self.cfg.checkpoint, self.step)
+        dist.barrier()   # no rank goes on (or could resume) before the commit
+        self.checkpointer.record(self.step, m, {"step": self.step, "uri": uri, "async": False,
+                                                "blocked_s": time.perf_counter() - t0})
+        return uri
+
+    def _sharded_state(self) -> tuple[dict, dict]:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        from ckptflow.lora import is_lora_key
+
+        model_sd, osd = get_state_dict(self.model, self.optimizer)
+        if self.lora is not None:
+            model_sd = {k: v for k, v in model_sd.items() if is_lora_key(k)}
+        return model_sd, {name: dict(fields) for name, fields in osd["state"].items()}
+
+    def _trainer_state(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "lr_scheduler": self.schedule.state(),
+                "data": self.data.state(), "loss": self.last_loss, "world_size": self.world}
+
+    def _dcp_manifest(self) -> Manifest:
+        m = self.step_manifest()
+        m.format = "dcp"
+        for key in ("layout", "original"):
+            m.extra.pop(key, None)
+        m.extra["world_size"] = self.world
+        return m
+
+    # -- resuming: DCP reshards; a single-process step is sharded on load ---------------------
+    def resume(self, m: Manifest, exclude=()) -> None:
+        state = storage.read_json(storage.join(m.uri, STATE))
+        if m.format == "dcp":
+            self._resume_dcp(m.uri, "optimizer" not in exclude)
+        else:
+            self._resume_full(m.uri, "optimizer" not in exclude)
+        self._apply_state(state, exclude, rank_rng_tensors(state, self.rank))
+        log.info("rank %d resumed from %s (step %d, saved by %s process(es))", self.rank, m.uri, self.step,
+                 state.get("world_size", 1))
+
+    def _resume_dcp(self, uri: str, with_optimizer: bool) -> None:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                             set_model_state_dict, set_state_dict)
+
+        from ckptflow.formats import dcp
+        from ckptflow.lora import is_lora_key
+
+        if with_optimizer:
+            model_sd, osd = get_state_dict(self.model, self.optimizer)   # allocates AdamW state to load into
+        else:
+            model_sd, osd = get_model_state_dict(self.model), None
+        if self.lora is not None:
+            model_sd = {k: v for k, v in model_sd.items() if is_lora_key(k)}
+        want = {"model": model_sd}
+        if osd is not None:
+            want["optimizer"] = {name: dict(fields) for name, fields in osd["state"].items()}
+        dcp.load_state(want, uri)
+        opts = StateDictOptions(strict=False)
+        if osd is None:
+            set_model_state_dict(self.model, want["model"], options=opts)
+            return
+        set_state_dict(self.model, self.optimizer, model_state_dict=want["model"],
+                       optim_state_dict={"state": want["optimizer"], "param_groups": osd["param_groups"]}, options=opts)
+
+    def _resume_full(self, uri: str, with_optimizer: bool) -> None:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                             set_model_state_dict, set_optimizer_state_dict)
+
+        from ckptflow.checkpointer import read_tensors
+
+        full = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(self.model, read_tensors(uri, MODEL), options=full)
+        if with_optimizer:
+            groups = get_optimizer_state_dict(self.model, self.optimizer)["param_groups"]
+            nested: dict[str, dict] = {}
+            for key, t in read_tensors(uri, OPTIMIZER).items():
+                name, field = key.rsplit(".", 1)
+                nested.setdefault(name, {})[field] = t
+            set_optimizer_state_dict(self.model, self.optimizer, {"state": nested, "param_groups": groups},
+                                     options=StateDictOptions(full_state_dict=True))
+
+
+# ---- DCP steps read by a single process (train.Trainer.resume) ----------------------------------
+
+def read_dcp_step(uri: str, trainable: dict, with_optimizer: bool) -> tuple[dict, dict | None]:
+    """(weights, flat optimizer state "{name}.{field}") of a DCP step, as full tensors."""
+    import torch
+
+    from ckptflow.formats import dcp
+
+    want: dict = {"model": {k: torch.empty_like(v, device="cpu") for k, v in trainable.items()}}
+    if with_optimizer:
+        want["optimizer"] = {k: {"step": torch.zeros((), dtype=torch.float32),
+                                 "exp_avg": torch.empty_like(v, device="cpu"),
+                                 "exp_avg_sq": torch.empty_like(v, device="cpu")} for k, v in trainable.items()}
+    dcp.load_state(want, uri)
+    flat = None
+    if with_optimizer:
+        flat = {f"{name}.{field}": t for name, fields in want["optimizer"].items() for field, t in fields.items()}
+    return want["model"], flat
+
+
+def _rank_rng() -> dict:
+    tensors, _ = rng_state()
+    return {k: v.tolist() for k, v in tensors.items()}
+
+
+def rank_rng_tensors(state: dict, rank: int) -> dict | None:
+    """RNG tensors of `rank` from a trainer_state.json (None when that rank did not exist)."""
+    import torch
+
+    ranks = state.get("rng", {}).get("ranks") or []
+    if rank >= len(ranks):
+        log.warning("no RNG state saved for rank %d (saved by %d processes): it keeps its seeded state", rank, len(ranks))
+        return None
+    return {k: torch.tensor(v, dtype=torch.uint8) for k, v in ranks[rank].items()}
+
+
+def _json(d: dict) -> bytes:
+    return json.dumps(d, sort_keys=True, indent=1).encode() + b"\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
