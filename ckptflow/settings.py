@@ -7,7 +7,8 @@ commands and the `tasks`/`flows` packages call `apply_prefect_defaults()` first,
 - the embedded (ephemeral) API server gets 120 s to start instead of 20 s (a fresh SQLite
   database takes ~25 s to migrate on 2 cores, measured in shared/reference/prefect.md),
 - Prefect's database, profiles and default result storage live under ~/.ckptflow/prefect,
-  apart from any other Prefect project on the machine.
+  apart from any other Prefect project on the machine,
+- the library's INFO lines reach the flow run's logs.
 
 Only defaults: a variable already set in the environment always wins. No prefect import here.
 """
@@ -19,8 +20,11 @@ PREFECT_DEFAULTS = {
     "DO_NOT_TRACK": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-    # ckptflow's own loggers (stage progress, skips, retries) go to the flow run's logs.
+    # ckptflow's own loggers (stage progress, skips, retries) go to the flow run's logs ...
     "PREFECT_LOGGING_EXTRA_LOGGERS": "ckptflow",
+    # ... except from threads outside the run (the background checkpoint writer): console only,
+    # instead of a warning per line.
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
 }
 DEFAULT_HOME = "~/.ckptflow/prefect"
 

@@ -3,6 +3,12 @@
 Tasks pass URIs and small manifest records (tasks.common.record), never tensors. Importing this
 package applies ckptflow's Prefect defaults first (telemetry off, a longer ephemeral startup).
 """
+import logging
+import os
+
 from ckptflow.settings import apply_prefect_defaults
 
 apply_prefect_defaults()
+# What the stages say (a skip, a resume, a retry) belongs in the flow run's logs, which
+# PREFECT_LOGGING_EXTRA_LOGGERS=ckptflow forwards: INFO unless CKPTFLOW_LOG says otherwise.
+logging.getLogger("ckptflow").setLevel(os.environ.get("CKPTFLOW_LOG", "INFO").upper())
