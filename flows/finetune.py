@@ -53,7 +53,8 @@ def base_dirs(cfg: RunConfig) -> dict:
     return {"source": storage.join(run, "source"), "tune": storage.join(run, "base"), "shared": False}
 
 
-@flow(name="finetune", on_cancellation=[launch.kill_hook], on_crashed=[launch.kill_hook])
+@flow(name="finetune", flow_run_name="{config.run_id}", on_cancellation=[launch.kill_hook],
+      on_crashed=[launch.kill_hook])
 def finetune(config: RunConfig) -> dict:
     """Fine-tune a model end to end: one run directory under `storage`, resumable at any stage."""
     from prefect.runtime import flow_run
@@ -114,7 +115,7 @@ def dated(cfg: RunConfig) -> RunConfig:
 def begin(rec: Recorder, cfg: RunConfig, base: dict) -> None:
     from prefect.runtime import flow_run
 
-    rec.record["config"] = to_dict(cfg)
+    rec.record["config"] = {k: v for k, v in to_dict(cfg).items() if k != "storage_options"}   # credentials
     rec.record["base"] = base
     rec.record["flow_runs"] = [*rec.record.get("flow_runs", []), str(flow_run.id)]
     rec.record["export_command"] = f"ckptflow export {rec.run_uri} ./export --format {cfg.export.format}"
@@ -137,8 +138,9 @@ def announce(cfg: RunConfig, run_uri: str, exported: dict, tune: dict) -> None:
 
     request = {"source": exported["uri"], "data": storage.normalize(cfg.data.eval) if cfg.data.eval else None,
                "base": tune["uri"],
-               "out": storage.join(run_uri, "eval"), "run": run_uri, "settings": eval_settings(cfg),
-               "storage_options": cfg.storage_options}
+               "out": storage.join(run_uri, "eval"), "run": run_uri, "settings": eval_settings(cfg)}
+    # No storage_options: they may hold credentials, and events are shown to anyone with the
+    # dashboard. The evaluate deployment's workers take theirs from their environment.
     # The label lets a deployment's trigger pick only the runs that hand evaluation to it.
     resource = {"prefect.resource.id": f"ckptflow.export.{cfg.run_id}", "prefect.resource.name": cfg.run_id,
                 "ckptflow.eval-deployment": cfg.eval.deployment or "none"}

@@ -336,3 +336,15 @@ def test_a_run_on_s3_keeps_its_cache_beside_it_in_a_saved_block(prefect_api, s3_
     block = RemoteFileSystem.load("ckptflow-results-" + hashlib.sha256(f"s3://{results}".encode()).hexdigest()[:12])
     assert block.basepath == f"s3://{results}"
     assert fs.exists(f"{storage_uri}/on-s3/export/ckptflow.json".removeprefix("s3://"))
+
+
+def test_a_dated_run_id_names_one_run_per_scheduled_day(runs):
+    import datetime as dt
+
+    from flows.finetune import dated
+
+    cfg = load_config(str(tiny(runs, "nightly-{date}")))
+    today = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")   # outside a flow run: now
+    assert dated(cfg).run_id == f"nightly-{today}"
+    plain = load_config(str(tiny(runs, "demo")))
+    assert dated(plain) is plain
