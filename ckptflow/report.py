@@ -146,7 +146,7 @@ def _stages_table(stages: list[dict]) -> str:
 
 def _stage_time(stage: dict) -> str:
     if stage.get("seconds") is not None:
-        return format_seconds(stage["seconds"])
+        return _nowrap(format_seconds(stage["seconds"]))
     if stage.get("started") and not stage.get("finished"):
         return f"running since {stage['started']}"
     return MISSING
@@ -170,8 +170,8 @@ def _checkpoints_table(checkpoints: list[dict]) -> str:
     # How long a save took is shown only where it was measured: a column of dashes says nothing.
     timed = any(_finite(c.get("save_seconds")) for c in checkpoints)
     header = ["step", "size", "saved at", *(["save time"] if timed else []), "URI"]
-    rows = [[str(c["step"]), format_bytes(c.get("size_bytes")), format_time(c.get("saved_at")),
-             *([format_seconds(c.get("save_seconds"))] if timed else []), _code(c.get("uri"))]
+    rows = [[str(c["step"]), _nowrap(format_bytes(c.get("size_bytes"))), format_time(c.get("saved_at")),
+             *([_nowrap(format_seconds(c.get("save_seconds")))] if timed else []), _code(c.get("uri"))]
             for c in sorted(checkpoints, key=lambda c: c["step"])]
     return _table(header, rows)
 
@@ -283,6 +283,11 @@ def format_bytes(n) -> str:
 
 def _num(x, digits: int) -> str:
     return f"{x:.{digits}f}" if _finite(x) else MISSING
+
+
+def _nowrap(text: str) -> str:
+    # The dashboard squeezes these columns beside long URIs: "0.22 s" broke into "0.22" / "s".
+    return text.replace(" ", "\u00a0")
 
 
 def _code(text) -> str:

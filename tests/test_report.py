@@ -117,7 +117,8 @@ def _table_rows(html: str, first_header: str) -> list[list[str]]:
     for table in re.findall(r"<table>.*?</table>", html, re.S):
         cells = [re.findall(r"<t[hd]>(.*?)</t[hd]>", tr, re.S) for tr in re.findall(r"<tr>(.*?)</tr>", table, re.S)]
         if cells[0][0] == first_header:
-            return [[re.sub(r"</?code>", "", c) for c in row] for row in cells]
+            # A no-break space keeps "0.42 s" on one line in the dashboard; compare as text.
+            return [[re.sub(r"</?code>", "", c).replace("\u00a0", " ") for c in row] for row in cells]
     raise AssertionError(f"no table starting with {first_header!r}")
 
 
@@ -137,6 +138,7 @@ def test_summary_markdown_renders_every_part():
         *[[str(s), "1.2 MB", f"2026-11-23 18:0{s // 20}:06 UTC", "0.42 s", f"./runs/demo/train/step-{s:06d}"]
           for s in (20, 40, 60)],
     ]
+    assert "| 60 | 1.2\u00a0MB | 2026-11-23 18:03:06 UTC | 0.42\u00a0s |" in md
     assert _table_rows(html, "metric") == [
         ["metric", "before", "after", "change"],
         ["loss", "3.2000", "2.4000", "-0.8000 (-25.0%)"],

@@ -7,13 +7,13 @@ Facts this relies on are measured in shared/reference/prefect-ui.md:
   /v2/artifacts/artifact/<id>, never on the run's Artifacts tab or /artifacts/key/<key>;
 - React re-renders make WebElement.text stale inside waits, so every wait reads innerText in JS.
 
-Typical use (see tests/test_browser_harness.py):
+Typical use (tests/test_dashboard.py does this on the demo run):
 
     with prefect_server(tmp_path) as server, browser() as driver:
         run_flow_script(server, script)
         open_flow_run(driver, server, flow_run_id)
-        wait_for_text(driver, "Completed")
-        md = artifact_by_key(server, flow_run_id, "run-summary")
+        wait_for_state(driver, "Completed")
+        md = artifact_by_key(server, flow_run_id, "demo-summary")
         artifact_page(driver, server, md)
         sizes = wait_for_images(driver)
         screenshot(driver, SCREENSHOT_DIR / "summary.png")
@@ -33,7 +33,7 @@ import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -83,6 +83,7 @@ class Server:
     home: str        # the server's PREFECT_HOME
     log_path: str    # its stdout and stderr
     tmp_dir: str
+    proc: subprocess.Popen | None = field(default=None, repr=False, compare=False)
 
     def client_env(self, **extra: str) -> dict[str, str]:
         """Environment for a subprocess that runs flows against this server."""
@@ -112,9 +113,13 @@ def free_port() -> int:
 
 @contextmanager
 def prefect_server(tmp_dir, port: int | None = None, startup_timeout: float = 120.0,
-                   extra_env: dict[str, str] | None = None):
+                   extra_env: dict[str, str] | None = None, wait: bool = True):
     """`prefect server start` on loopback with UI, a fresh PREFECT_HOME under tmp_dir; yields a
-    Server once /api/health answers and /ui-settings names our port. Stopped by PID on exit."""
+    Server once /api/health answers and /ui-settings names our port. Stopped by PID on exit.
+
+    wait=False yields as soon as the process is started, so that clients can do their imports
+    while the server migrates its database (~15 s of one core); call wait_healthy(server) then,
+    and have each client call wait_until_up(PREFECT_API_URL) before it talks to the API."""
     tmp_dir = Path(tmp_dir)
     port = port or free_port()
     url, home = f"http://127.0.0.1:{port}", tmp_dir / "prefect-home"
@@ -127,9 +132,10 @@ def prefect_server(tmp_dir, port: int | None = None, startup_timeout: float = 12
         # Own session: the server's children (services, uvicorn) share its process group.
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
-    server = Server(url, url + "/api", proc.pid, str(home), str(log_path), str(tmp_dir))
+    server = Server(url, url + "/api", proc.pid, str(home), str(log_path), str(tmp_dir), proc)
     try:
-        _wait_healthy(server, proc, startup_timeout)
+        if wait:
+            wait_healthy(server, startup_timeout)
         yield server
     finally:
         stop_process_group(proc)
@@ -151,23 +157,38 @@ def _server_env(url: str, home: str, tmp_dir: Path) -> dict[str, str]:
     return env
 
 
-def _wait_healthy(server: Server, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"prefect server exited with {proc.returncode}:\n{_tail(server.log_path)}")
-        try:
-            with urllib.request.urlopen(server.api_url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"prefect server not healthy after {timeout:.0f} s:\n{_tail(server.log_path)}")
-        time.sleep(0.25)
+def wait_healthy(server: Server, timeout: float = 120.0) -> None:
+    """Until /api/health answers (failing at once if the server exited), then check that the
+    dashboard calls this server's API."""
+    def exited():
+        if server.proc is not None and server.proc.poll() is not None:
+            raise RuntimeError(f"prefect server exited with {server.proc.returncode}:\n{_tail(server.log_path)}")
+
+    try:
+        wait_until_up(server.api_url, timeout, check=exited)
+    except TimeoutError:
+        raise TimeoutError(f"prefect server not healthy after {timeout:.0f} s:\n{_tail(server.log_path)}") from None
     ui_api = api(server, "/ui-settings", base=server.url).get("api_url")
     if ui_api != server.api_url:
         raise RuntimeError(f"the dashboard would call {ui_api!r}, not {server.api_url!r}")
+
+
+def wait_until_up(api_url: str, timeout: float = 120.0, check=None) -> None:
+    """Until GET {api_url}/health answers 200; `check()` runs between tries (it may raise).
+    Light on purpose: client subprocesses call it after their slow imports."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if check is not None:
+            check()
+        try:
+            with urllib.request.urlopen(api_url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{api_url}/health did not answer within {timeout:.0f} s")
+        time.sleep(0.25)
 
 
 def _tail(path: str, n: int = 4000) -> str:
