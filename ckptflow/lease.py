@@ -25,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -152,7 +153,8 @@ def _holder_id(record: dict) -> str | None:
 
 
 def _write(lease: Lease) -> None:
-    storage.put_atomic(lease.uri, json.dumps(lease.record(), sort_keys=True).encode())
+    # No fsync: a lease means nothing after a reboot, and a slow fsync would break the settle budget.
+    storage.put_atomic(lease.uri, json.dumps(lease.record(), sort_keys=True).encode(), durable=False)
 
 
 def _try_once(lease: Lease) -> dict | None:
@@ -169,6 +171,7 @@ def _try_once(lease: Lease) -> dict | None:
         if time.monotonic() - t0 <= lease.settle / 2:
             break
         log.info("%s: lease round took %.2fs (> settle/2); going round again", lease.run_uri, time.monotonic() - t0)
+        time.sleep(random.uniform(0, lease.settle))
     else:
         raise CkptError(f"{lease.uri}: storage too slow to take the lease safely (read+write > {lease.settle / 2:.2f}s "
                         f"{SLOW_ROUNDS} times); raise CKPTFLOW_LEASE_SETTLE for every writer of this run")

@@ -293,9 +293,11 @@ def makedirs(uri: str) -> None:
     _call(uri, "makedirs", fs.makedirs, path, exist_ok=True)
 
 
-def put_atomic(uri: str, data: bytes) -> None:
+def put_atomic(uri: str, data: bytes, *, durable: bool = True) -> None:
     """One atomic write: temp file + fsync + os.replace locally, a single PUT on object stores
-    (retried whole on a transient fault; a PUT either lands entirely or not at all)."""
+    (retried whole on a transient fault; a PUT either lands entirely or not at all).
+    durable=False skips the fsyncs: still atomic for every reader, but may not survive a power
+    loss (for files that are meaningless after a reboot, like the writer lease)."""
     if is_local(uri):
         path = local_path(uri)
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -303,13 +305,15 @@ def put_atomic(uri: str, data: bytes) -> None:
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
             _unlink_quietly(tmp)
             raise
-        _fsync_dir(os.path.dirname(path))
+        if durable:
+            _fsync_dir(os.path.dirname(path))
         return
     fs, path = fs_and_path(uri)
     try:

@@ -71,20 +71,15 @@ def test_rerun_over_a_half_written_directory_on_s3(hf, s3):
 def test_cli_on_s3_configured_by_the_environment_alone(hf, s3_server, s3_bucket):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(s3_server.env)
-
-    def cli(*args):
-        r = subprocess.run([sys.executable, "-m", "ckptflow.cli", *args], capture_output=True, text=True, env=env)
-        assert r.returncode == 0, r.stderr
-        return json.loads(r.stdout)
-
-    out = cli("convert", hf["sharded"], f"{s3_bucket}/run/base", "--json")
+    r = subprocess.run([sys.executable, "-m", "ckptflow.cli", "convert", hf["sharded"], f"{s3_bucket}/run/base", "--json"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
     assert out["format"] == "tune" and out["uri"] == f"{s3_bucket}/run/base"
-    out = cli("convert", f"{s3_bucket}/run/base", f"{s3_bucket}/run/export", "--to", "hf", "--json")
     storage.set_options(s3_bucket, s3_server.storage_options)
     try:
         assert manifest.verify(out["uri"]) == []
+        convert.run(out["uri"], f"{s3_bucket}/run/export", to="hf")
+        assert seeded.data_files(f"{s3_bucket}/run/export") == seeded.data_files(hf["sharded"])
     finally:
         storage.set_options(s3_bucket, None)
-    fs = s3_server.filesystem()
-    for name, data in seeded.data_files(hf["sharded"]).items():
-        assert fs.cat(f"{s3_bucket}/run/export/{name}") == data, name
