@@ -137,16 +137,18 @@ def test_deployed_flows_run_on_a_process_worker(tmp_path):
             run_uri = out["run"]
             assert out["export"] == f"{run_uri}/export" and Path(out["summary"]).is_file()
 
-            # The export event started the evaluate deployment, which ran on the worker.
-            wait_for_run(server, {"deployment_id": {"any_": [deployment_id(server, "evaluate", "evaluate")]}})
-            rec = json.loads((Path(run_uri) / "run.json").read_text())
-            assert rec["eval"]["after"]["perplexity"] < rec["eval"]["before"]["perplexity"]
-            assert manifest.verify(f"{run_uri}/eval") == []
-
-            # An export-only run of the `export` deployment, with the form's parameters.
+            # An export-only run of the `export` deployment, with the form's parameters; the
+            # worker runs it beside the evaluation that the demo's export event started.
             params = {"params": {"source": run_uri, "step": 2, "format": "hf", "dtype": "bfloat16"}}
             created = api(server, f"/deployments/{deployment_id(server, 'export', 'export')}/create_flow_run",
                           {"parameters": params})
+
+            wait_for_run(server, {"deployment_id": {"any_": [deployment_id(server, "evaluate", "evaluate")]}})
+            rec = json.loads((Path(run_uri) / "run.json").read_text())
+            assert rec["eval"]["after"]["perplexity"] < rec["eval"]["before"]["perplexity"]
+            assert {s["name"]: s["state"] for s in rec["stages"]}["evaluate"] == "Completed"
+            assert manifest.verify(f"{run_uri}/eval") == []
+
             done = wait_for_run(server, {"id": {"any_": [created["id"]]}})
             assert done["state_name"] == "Completed"
             exported = manifest.require(f"{run_uri}/exports/hf-step-000002-bfloat16")
