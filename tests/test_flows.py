@@ -348,3 +348,22 @@ def test_a_dated_run_id_names_one_run_per_scheduled_day(runs):
     assert dated(cfg).run_id == f"nightly-{today}"
     plain = load_config(str(tiny(runs, "demo")))
     assert dated(plain) is plain
+
+
+@pytest.mark.parametrize("source, shared", [
+    ("seed://llama?dim=64&n_layers=2", True),
+    ("hf://Qwen/Qwen2.5-0.5B@" + "0123456789abcdef" * 2 + "01234567", True),   # a commit: never moves
+    ("hf://Qwen/Qwen2.5-0.5B", False),                                          # main moves
+    ("hf://Qwen/Qwen2.5-0.5B@v1.0", False),                                     # so may a tag
+    ("s3://bucket/models/qwen", False),                                         # so may files
+])
+def test_only_a_pinned_base_is_shared_between_runs(runs, source, shared):
+    from flows.finetune import base_dirs
+
+    a = base_dirs(load_config(str(tiny(runs, "a")), [f"model.source={source}"]))
+    b = base_dirs(load_config(str(tiny(runs, "b")), [f"model.source={source}"]))
+    assert a["shared"] is shared and (a == b) is shared
+    if shared:
+        assert a["tune"].startswith(f"{runs}/.cache/base/") and a["source"].endswith("/source")
+    else:
+        assert a["tune"] == f"{runs}/a/base" and a["source"] == f"{runs}/a/source"
