@@ -163,3 +163,16 @@ def test_flow_hook_kills_launches_in_flight(tmp_path):
     while not _gone(int(pidfile.read_text())):
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+def test_the_library_never_imports_prefect():
+    import subprocess
+    import sys
+
+    code = ("import importlib, pkgutil, sys, ckptflow\n"
+            "for m in pkgutil.walk_packages(ckptflow.__path__, 'ckptflow.'):\n"
+            "    importlib.import_module(m.name)\n"
+            "print(sorted(n for n in sys.modules if n == 'prefect' or n.startswith('prefect.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
