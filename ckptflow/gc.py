@@ -9,8 +9,9 @@ URI is a run, a storage root holding runs (dirs with run.json), or any directory
   - inside a committed directory: a stale `.ckptflow-writing` (a crash between the commit and
     its removal) and put_atomic temp files (`NAME.tmp-XXXXXXXX`) that the manifest does not list.
 Never deleted: committed directories and their files, run.json, the lease, any other file or
-directory, and a directory that holds a committed one. A run whose writer lease is held by a
-live process is refused, naming the holder (gc would delete the directory being written).
+directory, and a directory that holds a committed one. A run whose writer lease is held by a live process is
+refused, naming the holder (gc would delete the directory being written); so is a deletion
+under a directory that another lease covers (flows lease {run}/exports and the shared base).
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def run(uri: str, *, dry_run: bool = False) -> dict:
     victims = _victims(root, tree, runs)
     committed = sorted(storage.join(root, d) if d else root for d, f in tree.items() if manifest.NAME in f)
     if not dry_run and victims:
-        _delete(root, runs, victims)
+        _delete(root, runs, victims, tree)
     deleted = [storage.join(root, rel) if rel else root for rel in victims]
     return {"uri": root, "dry_run": dry_run, "deleted": deleted, "committed": committed}
 
@@ -115,7 +116,7 @@ def _join(d: str, name: str) -> str:
     return f"{d}/{name}" if d else name
 
 
-def _delete(root: str, runs: list[str], victims: list[str]) -> None:
+def _delete(root: str, runs: list[str], victims: list[str], tree: dict[str, set[str]]) -> None:
     _check_ancestors(root)
     for r in sorted(runs, key=len, reverse=True):
         mine = [v for v in victims if _inside(v, r) and not any(_inside(v, o) for o in runs if len(o) > len(r))]
@@ -123,10 +124,23 @@ def _delete(root: str, runs: list[str], victims: list[str]) -> None:
             continue
         run_uri = storage.join(root, r) if r else root
         with lease.hold(run_uri, owner="ckptflow gc"):
+            _check_inner_leases(root, r, mine, tree)
             for rel in mine:
                 target = storage.join(root, rel) if rel else root
                 log.info("gc: deleting %s", target)
                 commit.discard(target)      # the marker last: a crash halfway leaves it marked
+
+
+def _check_inner_leases(root: str, run: str, victims: list[str], tree: dict[str, set[str]]) -> None:
+    """Leases held below the run (an export flow leases {run}/exports, the shared base its cache
+    directory) protect what is under them."""
+    for d, files in tree.items():
+        if d == run or lease.NAME not in files or not any(_inside(v, d) or _inside(d, v) for v in victims):
+            continue
+        where = storage.join(root, d) if d else root
+        rec = lease.read(where)
+        if rec is not None and lease.is_live(rec):
+            raise CkptError(f"{where}: another process is writing here: {lease.describe(rec)}; gc refused")
 
 
 def _check_ancestors(root: str) -> None:

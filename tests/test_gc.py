@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from ckptflow import commit, gc, manifest, storage
+from ckptflow.errors import CkptError
 from ckptflow.manifest import Manifest
 from tests import procs
 
@@ -119,6 +120,26 @@ def test_gc_refuses_a_run_that_a_live_process_is_writing(tmp_path):
         release.set()
         writer.join(30)
     assert len(cli("gc", run).stdout.splitlines()) == len(GARBAGE)
+
+
+def test_gc_respects_a_lease_held_below_the_run(tmp_path):
+    run = str(tmp_path / "demo")
+    make_run(run)
+    exports = f"{run}/exports"                 # where the export flow takes its lease
+    ctx = procs.context()
+    go, release, results = ctx.Event(), ctx.Event(), ctx.Queue()
+    writer = procs.start(procs.lease_writer, exports, "export flow", {}, go, release, results)
+    try:
+        assert results.get(timeout=60)[0] == "ready"
+        go.set()
+        assert results.get(timeout=60)[0] == "won"
+        with pytest.raises(CkptError, match=rf"^{exports}: another process is writing here: export flow"):
+            gc.run(run)
+        assert storage.isdir(f"{run}/exports/old")
+    finally:
+        release.set()
+        writer.join(30)
+    assert f"{run}/exports/old" in gc.run(run)["deleted"]
 
 
 def test_gc_of_a_missing_directory_is_one_clear_error(tmp_path):
