@@ -72,6 +72,7 @@ class Dashboard:
     export_deployment_id: str
     started: float        # time.monotonic() when the module began
     marks: dict           # seconds per phase, written to timings.json at the end
+    progress_seen: list   # the progress artifact's values, polled while the demo ran
 
 
 def start(server: harness.Server, args: list[str], log: Path) -> subprocess.Popen:
@@ -102,6 +103,7 @@ def dash(tmp_path_factory):
         try:
             harness.wait_healthy(server)
             marks["server_start_s"] = time.monotonic() - t0
+            seen = watch_progress(server, demo)
             deadline = time.monotonic() + 150
             deployment_id = finish(deploy, tmp / "deploy.log", deadline).strip().splitlines()[-1]
             out = json.loads(finish(demo, tmp / "demo.log", deadline).strip().splitlines()[-1])
@@ -111,12 +113,36 @@ def dash(tmp_path_factory):
         marks["demo_run_s"] = time.monotonic() - t0 - marks["server_start_s"]
         record = json.loads((Path(out["run"]) / "run.json").read_text())
         with harness.browser() as driver:
-            yield Dashboard(server, driver, record["flow_runs"][-1], out["run"], record, deployment_id, t0, marks)
+            yield Dashboard(server, driver, record["flow_runs"][-1], out["run"], record, deployment_id, t0, marks,
+                            seen)
         marks["browser_s"] = time.monotonic() - t0 - marks["server_start_s"] - marks["demo_run_s"]
     marks["total_s"] = time.monotonic() - t0
     marks["load_after"] = os.getloadavg()[0]
     SHOTS.mkdir(parents=True, exist_ok=True)
-    (SHOTS / "timings.json").write_text(json.dumps({k: round(v, 1) for k, v in marks.items()}) + "\n")
+    (SHOTS / "timings.json").write_text(json.dumps({**{k: round(v, 1) for k, v in marks.items()},
+                                                    "progress_seen": seen}) + "\n")
+
+
+def watch_progress(server: harness.Server, demo: subprocess.Popen) -> list:
+    """Poll the progress artifact's value (3 times a second) while the demo runs, in a thread;
+    the list fills as it goes: what someone watching the dashboard would have seen."""
+    import threading
+
+    seen = []
+
+    def poll():
+        while demo.poll() is None:
+            try:
+                found = harness.api(server, "/artifacts/filter", {"artifacts": {"type": {"any_": ["progress"]}}})
+            except Exception:  # noqa: BLE001 - the server busy for a moment; the next poll tells
+                found = []
+            for a in found:
+                if not seen or seen[-1] != a["data"]:
+                    seen.append(a["data"])
+            time.sleep(0.3)
+
+    threading.Thread(target=poll, daemon=True).start()
+    return seen
 
 
 def artifact(dash: Dashboard, what: str) -> dict:
@@ -132,16 +158,20 @@ def test_the_run_page_shows_the_run_completed_with_its_logs_and_artifacts(dash):
     assert "finetune" in harness.text_of(d)
     # An early line: the log view is virtualised, later lines are not in the DOM until scrolled.
     harness.wait_for_text(d, f"run demo: {dash.run_uri}", selector=harness.LOGS)
-    harness.screenshot(d, SHOTS / "run.png")
+    # The viewport only: the run page fits it (its logs scroll inside the page).
+    harness.screenshot(d, SHOTS / "run.png", full_page=False)
     harness.click_tab(d, "Artifacts")
     for what in ("summary", "metrics", "progress"):
         harness.wait_for_text(d, f"demo-{what}", selector=harness.ARTIFACTS_GRID)
-    harness.screenshot(d, SHOTS / "run-artifacts.png")
+    harness.screenshot(d, SHOTS / "run-artifacts.png", full_page=False)
 
 
 def test_the_summary_shows_stages_checkpoints_eval_export_and_the_loss_curve(dash):
     d = dash.driver
-    harness.artifact_page(d, dash.server, artifact(dash, "summary"))
+    # Published again as each stage finished: one version per stage at least, the first before any.
+    versions = [a for a in harness.flow_run_artifacts(dash.server, dash.flow_run_id) if a["key"] == "demo-summary"]
+    assert len(versions) > 7 and "No stage has started yet." in versions[-1]["data"]
+    harness.artifact_page(d, dash.server, versions[0])
     harness.wait_for_text(d, "Fine-tune run demo", selector=harness.MARKDOWN + " h1")
     headings = harness.text_of(d, harness.MARKDOWN + " h2").split("\n")
     assert headings == ["Stages", "Loss curve", "Checkpoints", "Eval", "Export"]
@@ -193,7 +223,10 @@ def test_the_metrics_table_has_a_row_per_step_with_its_checkpoint(dash):
     harness.screenshot(d, SHOTS / "metrics.png")
 
 
-def test_the_progress_artifact_reached_100_percent(dash):
+def test_the_progress_artifact_moved_to_100_percent(dash):
+    # Polled while the demo ran: it only goes up (throttled to one update per 2 s, so a fast run
+    # may show no value between 0 and 100).
+    assert dash.progress_seen[-1] == 100.0 and dash.progress_seen == sorted(dash.progress_seen), dash.progress_seen
     d = dash.driver
     harness.artifact_page(d, dash.server, artifact(dash, "progress"))
     harness.wait_for_text(d, "Progress: 100%", selector=harness.PROGRESS)
