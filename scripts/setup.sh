@@ -8,7 +8,14 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 # torch first, pinned to the CPU wheel on local disk: a bare or open range makes pip pull a
 # multi-GB CUDA build. The package's own range (>=2.4,<2.15) is satisfied by it.
-.venv/bin/python -m pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "is ignored" || true
+# Name the local wheel folder ourselves: without PIP_FIND_LINKS in the environment pip would take
+# the CUDA build from the index (2.13.0+cu130 sorts above 2.13.0+cpu).
+if ls /opt/wheels/torch-2.13.0+cpu-*.whl >/dev/null 2>&1; then
+  TORCH=("torch==2.13.0+cpu" --find-links /opt/wheels)
+else
+  TORCH=("torch==2.13.0")
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check "${TORCH[@]}" 2>&1 | grep -v "is ignored" || true
 if [ "${1:-}" = "--test" ]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v "is ignored" || true
   bash .ci/browser-deps.sh || echo "setup: could not install chromium; browser tests will be skipped" >&2
