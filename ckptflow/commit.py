@@ -53,7 +53,9 @@ class Output:
             clear(self.uri)
         elif storage.isdir(self.uri):
             names = storage.listdir(self.uri)
-            if names and MARKER not in names:
+            # The marker goes down before anything else, so any .ckptflow-writing* name (the
+            # marker, or its temp file when a kill hit the marker's own put) proves the files ours.
+            if names and not any(n.startswith(MARKER) for n in names):
                 raise CkptError(f"{self.uri}: destination is not empty and was not written by ckptflow "
                                 f"(found {', '.join(names[:5])})")
             if names:
