@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.browser,
 
 SHOTS = harness.SCREENSHOT_DIR
 # 8 LoRA steps with a checkpoint every 2 (all kept): four rows in the checkpoint table, a curve
-# with five eval points (step 0 and each checkpoint), and ~12 s of training on 2 cores.
+# with five eval points (step 0 and each checkpoint), and a few seconds of training.
 OVERRIDES = ("train.steps=8", "checkpoint.every_steps=2", "checkpoint.keep_last=null", "train.batch_size=4",
              "train.seq_len=32", "data.eval_batches=2", "eval.max_new_tokens=4")
 STEPS = (2, 4, 6, 8)
