@@ -13,21 +13,8 @@ from ckptflow.manifest import Manifest
 
 def load_state_dict(uri: str, dtype=None, **opts) -> tuple[dict, View]:
     """Tune-named tensors of any checkpoint, materialised, and the view they came from."""
-    from ckptflow.formats.plan import _transformed_bytes
-    from ckptflow.formats import st
-    import torch
-
     view = open_view(uri, **opts)
-    handles: dict = {}
-    sd = {}
-    try:
-        for key, it in view.items.items():
-            t = st.to_torch(_transformed_bytes(it, handles), it.final_dtype, it.shape)
-            sd[key] = t.to(dtype) if dtype is not None and torch.is_floating_point(t) else t
-    finally:
-        for h in handles.values():
-            h.close()
-    return sd, view
+    return view.state_dict(dtype), view
 
 
 def load(uri: str, *, device="cpu", dtype=None, **opts):

@@ -26,10 +26,10 @@ import sys
 import tempfile
 import time
 
-from ckptflow import checkpointer, config, manifest, storage
+from ckptflow import checkpointer, config, storage
 from ckptflow.commit import Output
 from ckptflow.manifest import Manifest
-from ckptflow.train import MODEL, OPTIMIZER, STATE, Trainer, read_metrics, rng_state, set_rng_state
+from ckptflow.train import MODEL, OPTIMIZER, STATE, Trainer, read_metrics, rng_state
 
 log = logging.getLogger(__name__)
 

@@ -64,29 +64,10 @@ def load_source(source, *, device: str = "auto", dtype: str | None = None) -> Lo
     from ckptflow.model import Transformer
 
     torch_dtype = getattr(torch, dtype) if dtype else None
-    sd = state_dict(source.view, torch_dtype)
+    sd = source.view.state_dict(torch_dtype)
     model = Transformer.from_state_dict(source.view.args, sd, device=pick_device(device), dtype=torch_dtype)
     model.eval()
     return Loaded(model, tokenizer_for(source), source)
-
-
-def state_dict(view, dtype=None) -> dict:
-    """Every tensor of a View, materialised in tune names (a lazily merged LoRA weight included)."""
-    import torch
-
-    from ckptflow.formats import st
-    from ckptflow.formats.plan import _transformed_bytes
-
-    handles: dict = {}
-    sd = {}
-    try:
-        for key, it in view.items.items():
-            t = st.to_torch(_transformed_bytes(it, handles), it.final_dtype, it.shape)
-            sd[key] = t.to(dtype) if dtype is not None and torch.is_floating_point(t) else t
-    finally:
-        for h in handles.values():
-            h.close()
-    return sd
 
 
 def tokenizer_for(source):

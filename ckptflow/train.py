@@ -263,7 +263,6 @@ class Trainer:
 
     def train_step(self) -> dict:
         import torch
-        import torch.nn.functional as F
 
         tc, step = self.cfg.train, self.step + 1
         lr = self.schedule.lr_at(step)

@@ -2,7 +2,7 @@
 
 Meta, torchtune and litgpt do not install beside transformers 5 here (torchtune pins an older
 torchao/transformers; litgpt pins lightning and an older transformers), so these fixtures follow
-the exact layouts in /work/shared/reference/formats.md (sections 2, 3.3, 7) written out by hand,
+the exact layouts in ../shared/reference/formats.md (sections 2, 3.3, 7) written out by hand,
 independently of ckptflow's own readers: key tables, the q/k permute, the model-parallel split
 dimensions, litgpt's fused qkv, torchtune's file names. DCP fixtures are written by
 torch.distributed.checkpoint itself.

@@ -27,6 +27,25 @@ class View:
     notes: list[str] = field(default_factory=list)  # what was left out (training state, ...)
     adapter: object | None = None       # formats.peft.Adapter when the view is base + LoRA, merged lazily
 
+    def state_dict(self, dtype=None) -> dict:
+        """Every tensor materialised in tune names (a lazily merged LoRA weight included), one
+        source file handle open at a time; for loading a model; conversion never does this."""
+        import torch
+
+        from ckptflow.formats import st
+        from ckptflow.formats.plan import _transformed_bytes
+
+        handles: dict = {}
+        sd = {}
+        try:
+            for key, it in self.items.items():
+                t = st.to_torch(_transformed_bytes(it, handles), it.final_dtype, it.shape)
+                sd[key] = t.to(dtype) if dtype is not None and torch.is_floating_point(t) else t
+        finally:
+            for h in handles.values():
+                h.close()
+        return sd
+
     def plans(self, max_shard: int | None = None, out_dtype: str | None = None) -> list[FilePlan]:
         """The tune shards: the source's own grouping, or shards of at most max_shard bytes."""
         for it in self.items.values():

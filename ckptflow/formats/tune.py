@@ -129,23 +129,6 @@ def items(d: TuneDir) -> dict[str, Item]:
     return {k: Item(k, t.dtype, t.shape, info=t) for k, t in d.tensors.items()}
 
 
-def state_dict(d: TuneDir, dtype=None) -> dict:
-    """Materialise the tensors (for loading a model; conversion never does this)."""
-    import torch
-
-    sd = {}
-    with_handles: dict[str, object] = {}
-    try:
-        for k, t in d.tensors.items():
-            f = with_handles.get(t.file) or with_handles.setdefault(t.file, storage.open_read(t.file))
-            x = st.to_torch(st.read_tensor_bytes(t, f), t.dtype, t.shape)
-            sd[k] = x.to(dtype) if dtype is not None and torch.is_floating_point(x) else x
-    finally:
-        for h in with_handles.values():
-            h.close()
-    return sd
-
-
 def write_view(view, out, *, out_dtype: str | None = None, max_shard: int | None = None, progress=None) -> Manifest:
     plans = view.plans(max_shard, out_dtype)
     check_items(plans, view.args, view.uri)
