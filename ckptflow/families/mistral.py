@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from ckptflow.errors import CkptError
 from ckptflow.families import _hf
+from ckptflow.families import llama as _llama
 from ckptflow.model_args import ModelArgs
 
 NAME = "mistral"
@@ -119,26 +120,10 @@ def meta_params(args: ModelArgs) -> dict:
     return out
 
 
-# --- litgpt (same key names as llama) --------------------------------------------------------
+# --- litgpt: the same key names as llama, so the same tables ----------------------------------
 
-LITGPT_TO_TUNE = {
-    "transformer.wte.weight": "tok_embeddings.weight",
-    "transformer.h.{}.norm_1.weight": "layers.{}.sa_norm.scale",
-    "transformer.h.{}.attn.qkv.weight": ("layers.{}.attn.q_proj.weight", "layers.{}.attn.k_proj.weight",
-                                         "layers.{}.attn.v_proj.weight"),
-    "transformer.h.{}.attn.proj.weight": "layers.{}.attn.output_proj.weight",
-    "transformer.h.{}.norm_2.weight": "layers.{}.mlp_norm.scale",
-    "transformer.h.{}.mlp.fc_1.weight": "layers.{}.mlp.w1.weight",
-    "transformer.h.{}.mlp.fc_2.weight": "layers.{}.mlp.w3.weight",
-    "transformer.h.{}.mlp.proj.weight": "layers.{}.mlp.w2.weight",
-    "transformer.ln_f.weight": "norm.scale",
-    "lm_head.weight": "output.weight",
-}
-
-LITGPT_LEGACY_QKV = {
-    "transformer.h.{}.attn.attn.weight": ("layers.{}.attn.q_proj.weight", "layers.{}.attn.k_proj.weight",
-                                          "layers.{}.attn.v_proj.weight"),
-}
+LITGPT_TO_TUNE = _llama.LITGPT_TO_TUNE
+LITGPT_LEGACY_QKV = _llama.LITGPT_LEGACY_QKV
 
 
 def is_litgpt_config(cfg: dict) -> bool:
