@@ -1,9 +1,14 @@
 """The README's promises, taken at their word (issue 18): each test runs what README.md or docs/
 says a user may run and checks what they say comes out."""
 import json
+import os
+import re
 import shutil
+import subprocess
+import sys
 
 import torch
+import yaml
 
 import ckptflow
 from ckptflow import cli
@@ -96,3 +101,47 @@ def test_save_after_loading_a_step_keeps_the_step_and_the_adapter(tiny_lora_run,
     again, _ = ckptflow.load(str(tmp_path / "out"))
     a, b = model.state_dict(), again.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- what a user starts by hand, and the files the Quickstart names --------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _analytics_enabled(cwd: str) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK")}
+    r = subprocess.run([sys.executable, "-c", "from prefect.settings import get_current_settings as s; "
+                        "print(s().server.analytics_enabled)"], cwd=cwd, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def test_prefect_started_from_the_repository_root_has_telemetry_off(tmp_path):
+    assert _analytics_enabled(ROOT) == "False"       # `.venv/bin/prefect server start`, as the README runs it
+    assert _analytics_enabled(str(tmp_path)) == "True"   # elsewhere Prefect's default holds: the README says so
+
+
+def test_prefect_yaml_names_the_prefect_that_installs():
+    from importlib.metadata import version
+
+    with open(os.path.join(ROOT, "deployments", "prefect.yaml")) as f:
+        declared = yaml.safe_load(f)["prefect-version"]
+    assert declared.split(".")[:2] == version("prefect").split(".")[:2], (declared, version("prefect"))
+
+
+def test_demo_config_header_names_the_quickstart_command():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    cmd = re.search(r"&& (\.venv/bin/ckptflow run deployments/configs/demo\.yaml)", readme).group(1)
+    with open(os.path.join(ROOT, "deployments", "configs", "demo.yaml")) as f:
+        header = "".join(line for line in f if line.startswith("#"))
+    assert cmd in header
+
+
+def test_inspect_prints_sizes_with_a_unit(tiny_lora_run, capsys):
+    rc, out, _ = _cli(capsys, "inspect", tiny_lora_run)
+    assert rc == 0
+    line = next(s for s in out.splitlines() if "step-000012" in s)
+    assert re.search(r"committed \d+\.\d KB \(\d+ bytes\)$", line), line
+    rc, out, _ = _cli(capsys, "inspect", f"{tiny_lora_run}/base")
+    assert re.search(r"files: \d+, \d+\.\d [KMG]B \(\d+ bytes\)", out), out
