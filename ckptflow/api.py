@@ -47,7 +47,7 @@ def save(model, uri: str, *, format: str = "tune", like: View | Manifest | None 
     from ckptflow import families
     from ckptflow.commit import Output
     from ckptflow.formats import st
-    from ckptflow.stages.convert import dtype_code
+    from ckptflow.lineage import dtype_code
 
     sd = model.state_dict() if hasattr(model, "state_dict") else model
     view = like if isinstance(like, View) else None

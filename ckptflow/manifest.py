@@ -13,8 +13,9 @@ import json
 import logging
 from dataclasses import dataclass, field
 
-from ckptflow import __version__, storage
+from ckptflow import storage
 from ckptflow.errors import CkptError
+from ckptflow.version import __version__
 
 log = logging.getLogger(__name__)
 
