@@ -127,14 +127,16 @@ def results_uri(storage_uri: str) -> str:
 
 
 def use_options(uris, storage_options: dict | None) -> None:
-    """Register `storage_options` for each URI in this process, credential references
-    ({"env": ...}, {"secret": ...}) resolved here: the values never go back to Prefect."""
+    """Register `storage_options` for the store (bucket) of each URI in this process, credential
+    references ({"env": ...}, {"secret": ...}) resolved here: the values never go back to
+    Prefect. The whole bucket: a step names its base model elsewhere in it."""
     if not storage_options:
         return
     resolved = credentials.resolve(storage_options)
     for uri in uris:
-        if uri:
-            storage.set_options(storage.normalize(uri), resolved)
+        if uri and not storage.is_local(storage.normalize(uri)):
+            scheme, _, rest = storage.normalize(uri).partition("://")
+            storage.set_options(f"{scheme}://{rest.split('/', 1)[0]}", resolved)
 
 
 def result_storage(storage_uri: str, storage_options: dict | None = None):
