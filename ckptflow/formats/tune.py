@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from ckptflow import manifest, storage
 from ckptflow.errors import CkptError
 from ckptflow.formats import st
-from ckptflow.formats.plan import FilePlan, Item, write_file
+from ckptflow.formats.plan import write_file
+from ckptflow.formats.view import FilePlan, Item
 from ckptflow.manifest import Manifest
 from ckptflow.model_args import ModelArgs
 
