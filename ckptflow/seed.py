@@ -109,6 +109,21 @@ def init_state_dict(args: ModelArgs, seed: int, dtype: str):
     return sd
 
 
+FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+def describe(uri: str):
+    """What `ckptflow download URI DST` would write, without writing it: `ckptflow detect seed://...`."""
+    from ckptflow.formats.detect import Detection
+
+    family_name, o = parse(uri)
+    _, vocab = tokenizer_files(o["vocab_size"])
+    args = model_args(family_name, dict(o, vocab_size=vocab))
+    return Detection("hf", uri, family_name, o["dtype"], args.num_params(), list(FILES),
+                     {"seed": "generated on download (ckptflow download SOURCE DST); nothing is stored at this URI",
+                      "model_args": args.to_dict()})
+
+
 def write(uri: str, out) -> "object":
     """Write the seed model described by `uri` as an HF directory into Output `out`."""
     from ckptflow.formats import plan, st
