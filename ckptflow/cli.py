@@ -242,16 +242,20 @@ def run(config: str = typer.Argument(..., help="run config YAML (any fsspec URI)
         as_json: bool = JSON):
     """Run the whole pipeline as the Prefect flow `finetune`; a failed run started again resumes.
 
-    Uses the Prefect server at PREFECT_API_URL, else Prefect's embedded (ephemeral) API."""
+    Uses the Prefect server at PREFECT_API_URL, else an embedded API server of its own."""
     from ckptflow import config as cfg_mod
-    from ckptflow.settings import apply_prefect_defaults
+    from ckptflow import credentials
+    from ckptflow.settings import apply_prefect_defaults, prefect_api
 
     cfg = cfg_mod.load_config(config, overrides or [])   # bad config: one line, before Prefect starts
     apply_prefect_defaults()
+    # Literal credentials stay in this process (its environment); the flow gets references.
+    cfg = cfg.model_copy(update={"storage_options": credentials.stash(cfg.storage_options)})
     _hand_logging_to_prefect()
-    from flows.finetune import finetune
+    with prefect_api():     # PREFECT_API_URL, else an embedded server that dies with this process
+        from flows.finetune import finetune
 
-    out = finetune(cfg)
+        out = finetune(cfg)
     emit(out, as_json, f"run: {out['run']}\nsummary: {out['summary']}\nexport: {out['export']}")
 
 

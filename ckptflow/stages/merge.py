@@ -20,9 +20,10 @@ import logging
 from ckptflow import manifest, progress, storage
 from ckptflow.commit import Output
 from ckptflow.errors import CkptError
-from ckptflow.formats import WRITERS, View, open_view, peft, st
+from ckptflow.formats import WRITERS, open_view, peft, st, view
+from ckptflow.formats.view import View
 from ckptflow.formats.peft import Adapter, LoraModule
-from ckptflow.formats.plan import Item
+from ckptflow.formats.view import Item
 from ckptflow.lineage import source_ref
 from ckptflow.manifest import Manifest
 
@@ -65,9 +66,7 @@ def merge_weight(w, a, b, module: LoraModule, use_rslora: bool):
 
 def tensor(it: Item, handles: dict):
     """One Item as a torch tensor in tune layout and its source dtype."""
-    from ckptflow.formats.plan import _transformed_bytes
-
-    return st.to_torch(_transformed_bytes(peft._plain(it), handles), it.dtype, it.shape)
+    return view.tensor(view.cast(it, None), handles)
 
 
 def _merged_tensor(w_item: Item, module: LoraModule, use_rslora: bool):
