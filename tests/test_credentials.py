@@ -31,8 +31,8 @@ def test_stash_moves_literals_into_the_environment_and_resolve_brings_them_back(
     assert credentials.literals(OPTIONS) == ["key", "secret", "client_kwargs.aws_session_token"]
     assert credentials.literals(refs) == []          # "anon" and False are not secrets
     assert refs["key"] == {"env": "CKPTFLOW_CREDENTIAL_KEY"} and refs["token"] == "anon"
-    assert refs["client_kwargs"] == {"endpoint_url": "http://127.0.0.1:9",
-                                     "aws_session_token": {"env": "CKPTFLOW_CREDENTIAL_CLIENT_KWARGS_AWS_SESSION_TOKEN"}}
+    token = {"env": "CKPTFLOW_CREDENTIAL_CLIENT_KWARGS_AWS_SESSION_TOKEN"}
+    assert refs["client_kwargs"] == {"endpoint_url": "http://127.0.0.1:9", "aws_session_token": token}
     assert set(env.values()) == {"AKIAEXAMPLE", "s3cr3t", "t0ken"} and "s3cr3t" not in json.dumps(refs)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
