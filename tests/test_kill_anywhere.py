@@ -60,7 +60,7 @@ GONE_WITHIN_S = 15.0
 KILLER = textwrap.dedent("""
     import json, os, signal, sys, threading
 
-    config, target, delay, note = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
+    config, target, delay, note, storage = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4], sys.argv[5]
     from flows import stage as stages
 
     real, where, armed = stages.Recorder.stage, ["startup"], []
@@ -68,9 +68,13 @@ KILLER = textwrap.dedent("""
     def fire():
         import psutil
 
+        from pathlib import Path
+
         me = psutil.Process()
+        writing = sorted(str(p.parent) for p in Path(storage).rglob(".ckptflow-writing*"))   # writes in flight
         with open(note, "w") as f:
-            json.dump({"stage": where[0], "pids": [me.pid] + [p.pid for p in me.children(recursive=True)]}, f)
+            json.dump({"stage": where[0], "pids": [me.pid] + [p.pid for p in me.children(recursive=True)],
+                       "writing": writing}, f)
         os.killpg(os.getpgrp(), signal.SIGKILL)
 
     def arm(seconds):
@@ -127,7 +131,8 @@ def attempt(killer: Path, config: Path, env: dict, log: Path, target: str | None
     t0 = time.monotonic()
     note = log.parent / "kill.json"
     note.unlink(missing_ok=True)
-    cmd = ([sys.executable, str(killer), str(config), target, str(delay), str(note)] if target else
+    storage = config.parent / "runs"
+    cmd = ([sys.executable, str(killer), str(config), target, str(delay), str(note), str(storage)] if target else
            [sys.executable, "-m", "ckptflow.cli", "run", str(config), "--json"])
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -147,7 +152,8 @@ def attempt(killer: Path, config: Path, env: dict, log: Path, target: str | None
             except psutil.NoSuchProcess:
                 pass
         session = [f"{p.pid} {p.name()}" for p in psutil.process_iter() if _sid(p) == proc.pid]
-        out.update(stage=seen["stage"], processes=len(seen["pids"]), left=wait_gone(procs) + session)
+        out.update(stage=seen["stage"], writing=[Path(w).name for w in seen["writing"]], processes=len(seen["pids"]),
+                   left=wait_gone(procs) + session)
     return out
 
 
