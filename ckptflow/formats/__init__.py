@@ -41,10 +41,32 @@ def _read_tune(uri: str, base: str | None = None, **_) -> View:
 
 
 def _read_peft(uri: str, base: str | None = None, **_) -> View:
-    from ckptflow.stages import merge
+    from ckptflow.formats.adapter import merged_view
 
-    adapter, base_view = merge.open_adapter(uri, base)
-    return merge.merged_view(base_view, adapter)
+    ad, base_view = open_adapter(uri, base)
+    return merged_view(base_view, ad)
+
+
+def open_adapter(uri: str, base: str | View | None = None):
+    """(the adapter at `uri`, its base model's View). `base` overrides the base the adapter names."""
+    from ckptflow.formats import adapter, peft, torchtune
+
+    uri = storage.normalize(uri)
+    m = manifest.read(uri)
+    if m is not None and m.kind == "train_state":
+        bv = adapter.base_view(base, [m.extra.get("base"), (m.inputs.get("base") or {}).get("uri")], uri, open_view)
+        return adapter.from_step(uri, m, bv), bv
+    names = storage.listdir(uri)
+    if m is None and torchtune.is_adapter(uri):
+        # torchtune's own adapter file (tune names) wins over the PEFT copy it writes beside it,
+        # whose q/k rows torchtune permutes even for Qwen2 (formats.md 4.6).
+        return torchtune.read_adapter(uri, base, open_view)
+    if (m is not None and m.format == "peft") or peft.is_peft(names):
+        named = [m.extra.get("base") if m else None, peft.read_config(uri).get("base_model_name_or_path")]
+        bv = adapter.base_view(base, named, uri, open_view)
+        return peft.open_adapter(uri, bv.family, bv.args, base=bv.uri), bv
+    raise CkptError(f"{uri}: not a LoRA adapter (a LoRA step checkpoint, a PEFT adapter directory "
+                    f"or a torchtune adapter); found {', '.join(names[:8]) or 'nothing'}")
 
 
 def _read_meta(uri: str, **opts) -> View:
@@ -62,7 +84,7 @@ def _read_dcp(uri: str, **opts) -> View:
 def _read_torchtune(uri: str, **opts) -> View:
     from ckptflow.formats import torchtune
 
-    return torchtune.open_view(uri, **opts)
+    return torchtune.open_view(uri, opener=open_view, **opts)
 
 
 def _read_litgpt(uri: str, **opts) -> View:
