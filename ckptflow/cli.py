@@ -192,9 +192,22 @@ def train(config: str = typer.Argument(..., help="run config YAML (any fsspec UR
     from ckptflow.stages import train as stage
 
     cfg = cfg_mod.load_config(config, overrides or [])
-    m = stage.run(cfg, stop_after=stop_after)
+    m = stage.run(cfg, stop_after=stop_after, on_metrics=_train_progress(cfg.train.steps))
     s = manifest_summary(m)
     emit(s, as_json, f"{m.uri}: step {m.step} ({cfg.train.method}), {s['num_files']} files, {s['size_bytes']} bytes")
+
+
+def _train_progress(total: int):
+    """`ckptflow train` says what it does: ckptflow's INFO lines (where it resumes from, each
+    checkpoint) unless CKPTFLOW_LOG says otherwise, and the progress: tqdm's bar on a terminal,
+    else a line every ~5% of the steps with loss, lr and tokens/s."""
+    import os
+
+    from ckptflow import progress
+
+    if "CKPTFLOW_LOG" not in os.environ:
+        logging.getLogger("ckptflow").setLevel(logging.INFO)
+    return None if sys.stderr.isatty() else progress.StepLines(total, logging.getLogger("ckptflow.train"))
 
 
 @app.command()
