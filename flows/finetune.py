@@ -149,8 +149,8 @@ def announce(cfg: RunConfig, run_uri: str, exported: dict, tune: dict) -> None:
 
 
 def evaluate_stage(rec: Recorder, cfg: RunConfig, results, exported: dict, tune: dict) -> None:
-    if not cfg.data.eval:
-        rec.skipped("evaluate", "no data.eval")
+    if not cfg.data.eval and not cfg.eval.tasks:
+        rec.skipped("evaluate", "no data.eval and no eval.tasks")
         return
     if cfg.eval.deployment:
         rec.skipped("evaluate", f"handed to {cfg.eval.deployment}")
