@@ -25,9 +25,7 @@ LEASE_WAIT_SECONDS = 600
 def evaluate(request: EvalRequest) -> dict:
     """Evaluate `request.source` on `request.data` and `request.settings["tasks"]` (and its base,
     for before/after)."""
-    for uri in (request.source, request.out, request.run):
-        if uri and request.storage_options:
-            storage.set_options(uri, request.storage_options)
+    common.use_options((request.source, request.out, request.run), request.storage_options)
     out = request.destination()
     home = storage.parent(storage.normalize(request.run)) if request.run else storage.parent(out)
     task = common.bind(evaluate_task, common.result_storage(home, request.storage_options))

@@ -5,59 +5,9 @@ READERS and WRITERS are plain dicts; a format module registers itself with one e
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from ckptflow import manifest, storage
 from ckptflow.errors import CkptError
-from ckptflow.formats.plan import FilePlan, Item, repartition
-from ckptflow.manifest import Manifest
-
-
-@dataclass
-class View:
-    uri: str
-    format: str
-    family: object                      # the family module
-    args: object                        # ModelArgs
-    items: dict[str, Item]              # tune key -> lazy tensor, in checkpoint order
-    original: dict | None = None        # how the source laid itself out (for export)
-    assets: dict[str, str] = field(default_factory=dict)   # non-weight files: name -> URI
-    manifest: Manifest | None = None    # when the source is a committed ckptflow directory
-    partition: list[list[str]] | None = None   # tune keys grouped as the source grouped them
-    notes: list[str] = field(default_factory=list)  # what was left out (training state, ...)
-    adapter: object | None = None       # formats.peft.Adapter when the view is base + LoRA, merged lazily
-
-    def state_dict(self, dtype=None) -> dict:
-        """Every tensor materialised in tune names (a lazily merged LoRA weight included), one
-        source file handle open at a time; for loading a model; conversion never does this."""
-        import torch
-
-        from ckptflow.formats import st
-        from ckptflow.formats.plan import _transformed_bytes
-
-        handles: dict = {}
-        sd = {}
-        try:
-            for key, it in self.items.items():
-                t = st.to_torch(_transformed_bytes(it, handles), it.final_dtype, it.shape)
-                sd[key] = t.to(dtype) if dtype is not None and torch.is_floating_point(t) else t
-        finally:
-            for h in handles.values():
-                h.close()
-        return sd
-
-    def plans(self, max_shard: int | None = None, out_dtype: str | None = None) -> list[FilePlan]:
-        """The tune shards: the source's own grouping, or shards of at most max_shard bytes."""
-        for it in self.items.values():
-            it.out_dtype = out_dtype
-        if max_shard or not self.partition:
-            return repartition(list(self.items.values()), max_shard or 5 * 10**9)
-        groups = [[self.items[k] for k in keys if k in self.items] for keys in self.partition]
-        groups = [g for g in groups if g]
-        if len(groups) == 1:
-            return [FilePlan("model.safetensors", groups[0])]
-        n = len(groups)
-        return [FilePlan(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
+from ckptflow.formats.view import View
 
 
 def _read_hf(uri: str, **_) -> View:

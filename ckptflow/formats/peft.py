@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from ckptflow import families, manifest, storage
 from ckptflow.errors import CkptError
 from ckptflow.formats import st
-from ckptflow.formats.plan import FilePlan, Item, write_file
+from ckptflow.formats.plan import write_file
+from ckptflow.formats.view import FilePlan, Item, cast, tensor_bytes
 from ckptflow.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -80,23 +81,16 @@ class Adapter:
         """Identity of the adapter's numbers, whatever container holds them (a step, a PEFT dir,
         a torchtune file): scales and the A/B bytes in tune layout. Merge records it and refuses
         to merge the same adapter twice."""
-        from ckptflow.formats.plan import _transformed_bytes
-
         h, handles = hashlib.sha256(), {}
         try:
             for path, m in sorted(self.modules.items()):
                 h.update(f"{path}\0{m.scale!r}\0{m.a.dtype}{m.a.shape}{m.b.dtype}{m.b.shape}\n".encode())
                 for it in (m.a, m.b):
-                    h.update(_transformed_bytes(_plain(it), handles))
+                    h.update(tensor_bytes(cast(it, None), handles))
         finally:
             for f in handles.values():
                 f.close()
         return "lora:" + h.hexdigest()
-
-
-def _plain(it: Item) -> Item:
-    """The item in its source dtype (a writer may have set out_dtype on a shared Item)."""
-    return Item(it.name, it.dtype, it.shape, info=it.info, load=it.load, permute=it.permute)
 
 
 def scale(rank: int, alpha: float, use_rslora: bool) -> float:

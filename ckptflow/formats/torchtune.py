@@ -25,7 +25,7 @@ import re
 from ckptflow import families, manifest, storage
 from ckptflow.errors import CkptError
 from ckptflow.formats import st
-from ckptflow.formats.plan import FilePlan, Item
+from ckptflow.formats.view import FilePlan, Item
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,8 @@ def _groups(names: list[str]) -> dict[int, tuple[str, list[str]]]:
 
 
 def _dir_view(uri: str, names: list[str], epoch: int | None, model_config, base, uri_config: str | None = None):
-    from ckptflow.formats import View, hf
+    from ckptflow.formats import hf
+    from ckptflow.formats.view import View
 
     notes = _recipe_notes(uri, names) + _adapter_notes(names)
     groups = _groups(names)
@@ -187,7 +188,7 @@ def _raw_items(path: str) -> list[Item]:
     if path.endswith(".safetensors"):
         return [Item(t.name, t.dtype, list(t.shape), info=t) for t in st.read_header(path)[1]]
     sd = hf.load_pickle_weights(path)
-    return [Item(k, _code(v, path, k), list(v.shape), load=hf._bin_loader(path, k)) for k, v in sd.items()]
+    return [Item(k, _code(v, path, k), list(v.shape), load=hf.bin_loader(path, k)) for k, v in sd.items()]
 
 
 def _code(t, path: str, key: str) -> str:
@@ -223,7 +224,7 @@ def _maps(family, table: str, key: str) -> bool:
 
 
 def _weights_view(uri: str, files: list[str], arch, notes: list[str]):
-    from ckptflow.formats import View
+    from ckptflow.formats.view import View
 
     per_file = {f: _raw_items(storage.join(uri, f)) for f in files}
     keys = [it.name for items in per_file.values() for it in items]

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from ckptflow import manifest, storage
 from ckptflow.errors import CkptError
 from ckptflow.formats import st
-from ckptflow.formats.plan import FilePlan, Item, write_file
+from ckptflow.formats.plan import write_file
+from ckptflow.formats.view import FilePlan, Item
 from ckptflow.manifest import Manifest
 from ckptflow.model_args import ModelArgs
 
@@ -31,8 +32,14 @@ def expected_shapes(a: ModelArgs) -> dict[str, list[int]]:
         shapes["output.weight"] = [a.vocab_size, a.dim]
     for i in range(a.n_layers):
         p = f"layers.{i}."
+        if a.pre_norms:
+            shapes.update({p + "sa_norm.scale": [a.dim], p + "mlp_norm.scale": [a.dim]})
+        if a.post_norms:
+            shapes.update({p + "sa_scale.scale": [a.dim], p + "mlp_scale.scale": [a.dim]})
+        if a.qk_norm is not None:
+            q, k = ([hd], [hd]) if a.qk_norm == "head" else ([a.n_heads * hd], [kv * hd])
+            shapes.update({p + "attn.q_norm.scale": q, p + "attn.k_norm.scale": k})
         shapes.update({
-            p + "sa_norm.scale": [a.dim], p + "mlp_norm.scale": [a.dim],
             p + "attn.q_proj.weight": [a.n_heads * hd, a.dim], p + "attn.k_proj.weight": [kv * hd, a.dim],
             p + "attn.v_proj.weight": [kv * hd, a.dim], p + "attn.output_proj.weight": [a.dim, a.n_heads * hd],
             p + "mlp.w1.weight": [a.hidden_dim, a.dim], p + "mlp.w3.weight": [a.hidden_dim, a.dim],

@@ -20,9 +20,11 @@ import logging
 from ckptflow import manifest, progress, storage
 from ckptflow.commit import Output
 from ckptflow.errors import CkptError
-from ckptflow.formats import WRITERS, View, open_view, peft, st
+from ckptflow.formats import WRITERS, open_view, peft, st, view
+from ckptflow.formats.view import View
 from ckptflow.formats.peft import Adapter, LoraModule
-from ckptflow.formats.plan import Item
+from ckptflow.formats.view import Item
+from ckptflow.lineage import source_ref
 from ckptflow.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -35,8 +37,6 @@ def run(adapter: str, base: str | None, dst: str, *, overwrite: bool = False) ->
     ad, base_view = open_adapter(adapter, None if base in (None, "", "-") else base)
     if dst in (ad.uri, base_view.uri):
         raise CkptError(f"{dst}: the destination is the adapter or the base itself")
-    from ckptflow.stages.convert import source_ref
-
     inputs = {"adapter": adapter_ref(ad), "base": source_ref(base_view)}
     params: dict = {}
     existing = manifest.read(dst)
@@ -66,9 +66,7 @@ def merge_weight(w, a, b, module: LoraModule, use_rslora: bool):
 
 def tensor(it: Item, handles: dict):
     """One Item as a torch tensor in tune layout and its source dtype."""
-    from ckptflow.formats.plan import _transformed_bytes
-
-    return st.to_torch(_transformed_bytes(peft._plain(it), handles), it.dtype, it.shape)
+    return view.tensor(view.cast(it, None), handles)
 
 
 def _merged_tensor(w_item: Item, module: LoraModule, use_rslora: bool):
@@ -106,8 +104,6 @@ def merged_view(base_view: View, ad: Adapter, fp: str | None = None) -> View:
 
 
 def merged_manifest(bv: View, ad: Adapter, fp: str) -> Manifest:
-    from ckptflow.stages.convert import source_ref
-
     bm = bv.manifest
     m = Manifest(kind="model", format=bv.format, family=bv.family.NAME, model_args=bv.args.to_dict(),
                  dtype=bm.dtype if bm is not None else None, step=ad.step,
