@@ -6,7 +6,8 @@
 from __future__ import annotations
 
 from ckptflow import storage
-from ckptflow.formats import WRITERS, open_view
+from ckptflow.formats import registry
+from ckptflow.formats.registry import open_view
 from ckptflow.formats.view import Item, View
 from ckptflow.manifest import Manifest
 
@@ -59,7 +60,7 @@ def save(model, uri: str, *, format: str = "tune", like: View | Manifest | None 
                     assets=dict(view.assets) if view else {},
                     partition=view.partition if view else None)
     out = Output(uri, overwrite=overwrite)
-    m = WRITERS[format](out_view, out, out_dtype=dtype_code(dtype), max_shard=None, progress=None)
+    m = registry.write(format, out_view, out, out_dtype=dtype_code(dtype))
     provenance(m, view, like if isinstance(like, Manifest) else None, format, out.uri)
     return out.commit(m)
 
