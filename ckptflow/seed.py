@@ -91,7 +91,8 @@ def _json(d: dict) -> bytes:
 
 
 def init_state_dict(args: ModelArgs, seed: int, dtype: str):
-    """Deterministic init in tune names: normal(0, 0.02) weights, zero biases, unit norms."""
+    """Deterministic init in tune names: normal(0, 0.02) weights, zero biases, unit norms (stored as 0
+    where norms compute x * (1 + w))."""
     import torch
 
     from ckptflow.formats.tune import expected_shapes
@@ -100,7 +101,7 @@ def init_state_dict(args: ModelArgs, seed: int, dtype: str):
     sd = {}
     for key, shape in expected_shapes(args).items():
         if key.endswith(".scale"):
-            t = torch.ones(shape)
+            t = torch.zeros(shape) if args.norm_offset else torch.ones(shape)
         elif key.endswith(".bias"):
             t = torch.zeros(shape)
         else:

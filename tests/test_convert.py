@@ -26,9 +26,14 @@ def same_dir(a, b, skip=()):
             assert fa.read() == fb.read(), f
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
-@pytest.mark.parametrize("shard", [None, "40KB"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+# Every shard x dtype for the first families; the newer ones (same code path, their own key tables and
+# config.json fields) sharded in bfloat16 and whole in float32.
+ROUND_TRIPS = [(f, s, d) for f in ("llama", "mistral", "qwen2") for s in (None, "40KB")
+               for d in (torch.float32, torch.bfloat16, torch.float16)]
+ROUND_TRIPS += [(f, s, d) for f in hfmodels.DENSE for s, d in ((None, torch.float32), ("40KB", torch.bfloat16))]
+
+
+@pytest.mark.parametrize("family, shard, dtype", ROUND_TRIPS)
 def test_round_trip_is_byte_exact(tmp_path, family, shard, dtype):
     src = hfmodels.save(family, str(tmp_path / "src"), shard=shard, dtype=dtype)
     convert.run(src, str(tmp_path / "tune"))
@@ -111,7 +116,7 @@ def test_rerun_with_same_inputs_does_no_work(tmp_path):
     assert manifest.fingerprint(first) == manifest.fingerprint(again)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", *hfmodels.DENSE])
 def test_load_gives_transformers_logits(tmp_path, family):
     import ckptflow
 

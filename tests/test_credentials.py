@@ -31,8 +31,8 @@ def test_stash_moves_literals_into_the_environment_and_resolve_brings_them_back(
     assert credentials.literals(OPTIONS) == ["key", "secret", "client_kwargs.aws_session_token"]
     assert credentials.literals(refs) == []          # "anon" and False are not secrets
     assert refs["key"] == {"env": "CKPTFLOW_CREDENTIAL_KEY"} and refs["token"] == "anon"
-    assert refs["client_kwargs"] == {"endpoint_url": "http://127.0.0.1:9",
-                                     "aws_session_token": {"env": "CKPTFLOW_CREDENTIAL_CLIENT_KWARGS_AWS_SESSION_TOKEN"}}
+    token = {"env": "CKPTFLOW_CREDENTIAL_CLIENT_KWARGS_AWS_SESSION_TOKEN"}
+    assert refs["client_kwargs"] == {"endpoint_url": "http://127.0.0.1:9", "aws_session_token": token}
     assert set(env.values()) == {"AKIAEXAMPLE", "s3cr3t", "t0ken"} and "s3cr3t" not in json.dumps(refs)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -170,3 +170,15 @@ def test_canary_credentials_reach_no_database_log_artifact_or_file(prefect_api, 
         print(f"ckptflow run on S3 in {ran_s:.1f} s; searched {len(copied)} objects, {db}, {home}: 0 hits")
     finally:
         server.stop()
+
+
+def test_the_embedded_server_gets_no_credential_and_a_configured_api_is_used_as_is(tmp_path):
+    from ckptflow import settings
+
+    env = {"PREFECT_HOME": str(tmp_path), "CKPTFLOW_CREDENTIAL_SECRET": "s3cr3t", "PATH": "/bin"}
+    assert "CKPTFLOW_CREDENTIAL_SECRET" not in settings.embedded_server_env(env)
+    assert settings.configured_api_url(env) is None
+    (tmp_path / "profiles.toml").write_text('active = "remote"\n[profiles.remote]\n'
+                                            'PREFECT_API_URL = "http://prefect.internal:4200/api"\n')
+    assert settings.configured_api_url(env) == "http://prefect.internal:4200/api"   # no embedded server then
+    assert settings.configured_api_url({**env, "PREFECT_API_URL": "http://x/api"}) == "http://x/api"

@@ -61,6 +61,19 @@ def test_a_deployment_with_an_unknown_key_is_refused(tmp_path):
         deploy.load(str(bad))
 
 
+def test_a_deployment_with_a_literal_credential_is_refused(tmp_path):
+    from ckptflow.errors import CkptError
+    from flows import deploy
+
+    bad = tmp_path / "prefect.yaml"
+    bad.write_text("deployments:\n  - name: x\n    entrypoint: flows/export.py:export\n    parameters:\n"
+                   "      params: {source: s3://b/r, storage_options: {key: AKIA1, secret: {env: S}}}\n")
+    with pytest.raises(CkptError, match=r"deployment 'x': parameters\.params\.storage_options\.key is a literal"):
+        deploy.load(str(bad))
+    bad.write_text(bad.read_text().replace("key: AKIA1", "key: {secret: s3-key}"))
+    assert deploy.load(str(bad))[0]["name"] == "x"
+
+
 # ---- on a real server ------------------------------------------------------------------------
 
 AUTH = "ckptflow-admin:" + secrets.token_hex(16)     # user:password, as the dashboard asks for it

@@ -198,7 +198,7 @@ def test_no_base_is_an_error_naming_it(tmp_path, llama_dir):
 
 # --- writing ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", *hfmodels.DENSE])
 def test_written_adapter_loads_in_peft_with_ckptflow_logits(tmp_path, family):
     run = make_run(str(tmp_path), family)
     step = lora_step(run, 5, {"rank": 4, "alpha": 8.0, "targets": ["q_proj", "k_proj", "v_proj", "output_proj", "w2"],

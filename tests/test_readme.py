@@ -251,3 +251,50 @@ def test_the_local_s3_server_as_docs_storage_md_starts_it(tmp_path):
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
         _remove_weed_sockets([s3, master, volume, filer])
+
+
+# --- `ckptflow train` says what it does ------------------------------------------------------
+
+def _train_cmd(tmp_path, *extra) -> list[str]:
+    return [sys.executable, "-m", "ckptflow.cli", "train", os.path.join(ROOT, "deployments", "configs", "demo.yaml"),
+            f"storage={tmp_path}", "train.steps=4", "checkpoint.every_steps=2", "data.eval_batches=1", *extra]
+
+
+def _on_a_terminal(cmd: list[str]) -> tuple[int, str]:
+    """Run `cmd` with stderr on a pseudo-terminal of 100x24 (as a user's shell): (rc, what it showed)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k != "CKPTFLOW_LOG"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=follower)
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:       # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(leader)
+    return proc.wait(), shown.decode(errors="replace")
+
+
+def test_train_shows_a_bar_on_a_terminal_and_log_lines_elsewhere_and_where_it_resumed(tmp_path):
+    rc, shown = _on_a_terminal(_train_cmd(tmp_path, "--stop-after", "2"))
+    assert rc == 0, shown
+    assert re.search(r"train:\s+\d+%\|.*\| 2/2 \[.*(step/s|s/step), loss=\d+\.\d{4}, tok/s=\d+", shown), shown  # tqdm's bar
+    assert "no committed step checkpoint; training from step 0 to 2" in shown
+    env = {k: v for k, v in os.environ.items() if k != "CKPTFLOW_LOG"}
+    r = subprocess.run(_train_cmd(tmp_path), cwd=ROOT, env=env, capture_output=True, text=True)   # a pipe: lines
+    assert r.returncode == 0, r.stderr
+    assert f"resumed from {tmp_path}/demo/train/step-000002 (step 2)" in r.stderr
+    steps = re.findall(r"step (\d)/4 loss (\d+\.\d{4}) eval_loss \S+ lr \S+ tokens/s (\d+)", r.stderr)
+    assert [s for s, _, _ in steps] == ["3", "4"], r.stderr
+    assert "%|" not in r.stderr                # no bar drawn into a log
+    assert r.stdout.startswith(f"{tmp_path}/demo/train/step-000004: step 4 (lora)")

@@ -52,7 +52,7 @@ def open_source(uri: str) -> Source:
         raise CkptError(f"{storage.join(uri, CONFIG)}: missing (not a Hugging Face checkpoint)")
     config = storage.read_json(storage.join(uri, CONFIG))
     family = families.for_hf_config(config, where=storage.join(uri, CONFIG))
-    args = family.args_from_hf(config)
+    args = family.args_from_hf(config, storage.join(uri, CONFIG))
     weights, index, files = _weight_files(uri, names)
     read = {f: _file_items(uri, f, weights) for f in files}
     tensors = {f: items for f, (_, items) in read.items()}
