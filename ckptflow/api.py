@@ -68,7 +68,7 @@ def save(model, uri: str, *, format: str = "tune", like: View | Manifest | None 
 def provenance(m: Manifest, view: View | None, like: Manifest | None, fmt: str, uri: str) -> None:
     """What the saved weights came from: `like`'s step, the adapter merged into it (a step loaded
     with ckptflow.load), its lineage, and this save as the last stage."""
-    from ckptflow.stages.convert import source_ref
+    from ckptflow.lineage import source_ref
 
     src = view.manifest if view is not None else like
     lin = dict((src.lineage if src is not None else None) or {})
