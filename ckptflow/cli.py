@@ -38,7 +38,7 @@ def manifest_summary(m) -> dict:
 @app.command()
 def detect(uri: str, as_json: bool = JSON):
     """Format, family, dtype, parameter count and files of a checkpoint."""
-    from ckptflow.formats import detect as det
+    from ckptflow.formats import registry as det
 
     d = det.detect(uri).to_dict()
     emit(d, as_json, f"format: {d['format']}\nfamily: {d['family']}\ndtype: {d['dtype']}\n"

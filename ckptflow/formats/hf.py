@@ -12,7 +12,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 
-from ckptflow import families, storage
+from ckptflow import families, manifest, storage
 from ckptflow.errors import CkptError
 from ckptflow.formats import st
 from ckptflow.formats.view import FilePlan, Item, repartition
@@ -154,6 +154,30 @@ def local_copy(uri: str) -> str:
 
 
 # --- HF -> tune plan ----------------------------------------------------------------------
+
+def open_view(uri: str, **_):
+    """An HF directory as a View: tune names, the original partition, config and tokenizer as assets."""
+    from ckptflow.formats.view import View
+
+    src = open_source(uri)
+    plans, original = tune_plan(src)
+    items = {it.name: it for p in plans for it in p.items}
+    assets = {name: storage.join(src.uri, name) for name in src.assets}
+    if src.index:
+        assets[src.index] = storage.join(src.uri, src.index)
+    return View(src.uri, "hf", src.family, src.args, items, original, assets, manifest=manifest.read(src.uri),
+                partition=[[it.name for it in p.items] for p in plans])
+
+
+def describe(uri: str):
+    """Detection for `ckptflow detect`: family, dominant dtype and parameter count from the headers."""
+    from ckptflow.formats.view import Detection, summarize
+
+    src = open_source(uri)
+    dtype, n = summarize((it.shape, it.dtype) for items in src.tensors.values() for it in items)
+    return Detection("hf", uri, src.family.NAME, dtype, n, storage.list_files(uri),
+                     {"weights": src.weights, "shards": len(src.files), "model_type": src.config.get("model_type")})
+
 
 def tune_plan(src: Source, out_dtype: str | None = None, max_shard: int | None = None) -> tuple[list[FilePlan], dict]:
     """(tune files, the `original` record export needs to write these files back)."""

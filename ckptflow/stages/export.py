@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from ckptflow import manifest, progress, storage
 from ckptflow.commit import Output
 from ckptflow.errors import CkptError
-from ckptflow.formats import WRITERS, open_adapter, open_view, st
+from ckptflow.formats import registry, st
+from ckptflow.formats.registry import open_adapter, open_view
 from ckptflow.formats.adapter import adapter_lineage, base_view, merged_view, run_of_step
 from ckptflow.formats.view import Item, View
 from ckptflow.lineage import dtype_code, source_ref
@@ -62,7 +63,7 @@ def run(src: str, dst: str, *, format: str = "original", step: int | None = None
     items = source.view.adapter.items().values() if fmt == "peft" and source.view.adapter else source.view.items.values()
     total = sum(_nbytes(it, out_dtype) for it in items)
     with progress.bar(total, f"export -> {fmt}") as bar:
-        m = WRITERS[fmt](source.view, out, out_dtype=out_dtype, max_shard=None, progress=bar)
+        m = registry.write(fmt, source.view, out, out_dtype=out_dtype, progress=bar)
     m.kind, m.inputs, m.params, m.step = "export", inputs, params, source.step
     m.lineage = lineage(source, fmt, dst, m.dtype)
     return out.commit(m)
@@ -105,9 +106,8 @@ def is_run(uri: str) -> bool:
 
 
 def _is_adapter_dir(uri: str, prefer_adapter: bool) -> bool:
-    from ckptflow.formats import detect
 
-    fmt = detect.sniff(uri)
+    fmt = registry.sniff(uri)
     if fmt == "peft":
         return True
     from ckptflow.formats import torchtune
@@ -158,9 +158,9 @@ def target_format(fmt: str, source: Source) -> str:
             fmt = "peft"
         else:
             fmt = (source.view.original or {}).get("format") or source.view.format
-    if fmt not in WRITERS:
+    if fmt not in registry.writable():
         raise CkptError(f"{source.uri}: writing format {fmt!r} is not available "
-                        f"(available: {', '.join(sorted(WRITERS))})")
+                        f"(available: {', '.join(registry.writable())})")
     return fmt
 
 

@@ -17,7 +17,7 @@ import logging
 from ckptflow import manifest, progress, storage
 from ckptflow.commit import Output
 from ckptflow.errors import CkptError
-from ckptflow.formats import WRITERS, open_adapter
+from ckptflow.formats import registry
 from ckptflow.formats.adapter import adapter_ref, merge_lineage, merged_view
 from ckptflow.lineage import source_ref
 from ckptflow.manifest import Manifest
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 def run(adapter: str, base: str | None, dst: str, *, overwrite: bool = False) -> Manifest:
     dst = storage.normalize(dst)
-    ad, base_view = open_adapter(adapter, None if base in (None, "", "-") else base)
+    ad, base_view = registry.open_adapter(adapter, None if base in (None, "", "-") else base)
     if dst in (ad.uri, base_view.uri):
         raise CkptError(f"{dst}: the destination is the adapter or the base itself")
     inputs = {"adapter": adapter_ref(ad), "base": source_ref(base_view)}
@@ -40,7 +40,7 @@ def run(adapter: str, base: str | None, dst: str, *, overwrite: bool = False) ->
     view = merged_view(base_view, ad, fp)     # refuses an adapter that is merged in already
     out = Output(dst, overwrite=overwrite or existing is not None)
     with progress.bar(sum(it.out_nbytes for it in view.items.values()), "merge") as bar:
-        m = WRITERS["tune"](view, out, out_dtype=None, max_shard=None, progress=bar)
+        m = registry.write("tune", view, out, progress=bar)
     m.inputs, m.params, m.step = inputs, params, ad.step
     m.lineage = merge_lineage(base_view, ad, fp, dst)
     m.extra["merged"] = {"adapter": ad.uri, "format": ad.format, "fingerprint": fp, **ad.lora_config()}
