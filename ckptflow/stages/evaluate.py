@@ -139,20 +139,24 @@ def plan(src: str, *, data: str | None = None, tasks=(), limit: int | None = Non
 
 
 def compute(job: Job) -> dict:
-    """results.json's content. One model in memory at a time."""
-    results = {**one(job, job.source), "data": job.data}
-    if job.base_source is not None:
-        results["base"] = one(job, job.base_source)
-        results["change"] = change(results["base"], results)
-    if job.tasks is not None:
-        from ckptflow import benchmarks
+    """results.json's content. One model in memory at a time; lm-eval set up once for both."""
+    import tempfile
 
+    from ckptflow import benchmarks
+
+    with tempfile.TemporaryDirectory(prefix="ckptflow-lm-eval-") as scratch:
+        harness = benchmarks.Harness(job.tasks, scratch) if job.tasks is not None else None
+        results = {**one(job, job.source, harness, scratch), "data": job.data}
+        if job.base_source is not None:
+            results["base"] = one(job, job.base_source, harness, scratch)
+            results["change"] = change(results["base"], results)
+    if harness is not None:
         results["versions"] = benchmarks.versions()
     results["settings"] = job.settings
     return results
 
 
-def one(job: Job, source) -> dict:
+def one(job: Job, source, harness, scratch: str) -> dict:
     """describe, metrics and samples (with data), lm_eval scores (with tasks) of one model."""
     from ckptflow import generate
 
@@ -165,25 +169,27 @@ def one(job: Job, source) -> dict:
                                   max_batches=s["max_batches"])
         out["samples"] = samples(loaded, s["prompts"], s["max_new_tokens"])
         del loaded
-    if job.tasks is not None:
-        out["lm_eval"], out["lm_eval_details"] = benchmark(job, source)
+    if harness is not None:
+        out["lm_eval"], out["lm_eval_details"] = benchmark(job, source, harness, scratch)
     return out
 
 
-def benchmark(job: Job, source) -> tuple[dict, dict]:
+def benchmark(job: Job, source, harness, scratch: str) -> tuple[dict, dict]:
     """lm-eval's scores and details for SOURCE, on an HF directory (a temporary export if need be)."""
-    import tempfile
+    import shutil
 
     from ckptflow import benchmarks, generate
 
     s = job.settings
     device = str(generate.pick_device(job.device))
-    with tempfile.TemporaryDirectory(prefix="ckptflow-lm-eval-") as scratch:
-        hf_dir = lm_eval_dir(source, storage.join(scratch, HF_DIR))
-        raw = benchmarks.run(hf_dir, job.tasks, scratch, limit=s["limit"], device=device,
-                             batch_size=_batch(s["lm_eval_batch_size"], device))
+    tmp_hf = storage.join(scratch, HF_DIR)
+    try:
+        hf_dir = lm_eval_dir(source, tmp_hf)
+        raw = harness.run(hf_dir, limit=s["limit"], device=device, batch_size=_batch(s["lm_eval_batch_size"], device))
+    finally:
+        shutil.rmtree(tmp_hf, ignore_errors=True)    # the next model's export goes there
     details = benchmarks.details(raw, job.tasks, s["limit"])
-    details["model"] = hf_dir if not hf_dir.startswith(scratch) else "a temporary HF export of " + source.uri
+    details["model"] = hf_dir if hf_dir != tmp_hf else "a temporary HF export of " + source.uri
     return benchmarks.scores(raw), details
 
 
