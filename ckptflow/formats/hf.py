@@ -277,6 +277,9 @@ def write_view(view, out, *, out_dtype: str | None = None, max_shard: int | None
     from ckptflow.formats.plan import write_file
     from ckptflow.manifest import Manifest
 
+    refused = getattr(view.family, "HF_WRITE_REFUSED", None)   # a family ckptflow reads only part of
+    if refused:
+        raise CkptError(f"{view.uri}: {refused}")
     plans, same = hf_plan(view.items, view.family, view.args, view.original, out_dtype, max_shard)
     for p in plans:
         write_file(out, p, progress)
