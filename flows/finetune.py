@@ -73,7 +73,9 @@ def pipeline(cfg: RunConfig, run_uri: str) -> dict:
     base = base_dirs(cfg)
     begin(rec, cfg, base)
     src, tune = prepare_base(rec, cfg, base, results)
-    step = rec.stage("train", common.bind(train, results), cfg, tune["uri"])
+    # Stopped or not, the summary lists the steps committed so far and loss.png shows the curve.
+    step = rec.stage("train", common.bind(train, results), cfg, tune["uri"],
+                     on_stop=lambda record: publish.after_training(run_uri, record))
     publish.after_training(run_uri, rec.record)
     model = step
     if cfg.train.method == "lora":
