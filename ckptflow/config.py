@@ -109,6 +109,10 @@ class EvalConfig(_Strict):
     prompts: list[str] = Field(default_factory=lambda: ["The capital of France is"],
                                description="greedy samples written beside the eval results")
     max_new_tokens: int = Field(32, ge=1, description="tokens generated per prompt")
+    tasks: list[str] = Field(default_factory=list,
+                             description="lm-eval tasks run on the export and the base: names, or task YAML files / "
+                                         "folders with local data (deployments/tasks); needs ckptflow[eval]")
+    limit: int | None = Field(None, ge=1, description="lm-eval: at most N examples per task; null: all")
     deployment: str | None = Field(None, description="an evaluate deployment to hand eval/request.json to")
 
 

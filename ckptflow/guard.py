@@ -4,7 +4,8 @@
     proc.pid                                   # the group to kill: os.killpg(proc.pid, SIGTERM)
 
 `popen` starts `python -m ckptflow.guard PARENT_PID -- CMD...` in a new session; the guard
-starts CMD in its own process group and waits. It exits with CMD's exit code when CMD ends; when
+starts CMD in its own process group and waits. It exits as CMD did (the same code, or killed by
+the same signal) when CMD ends; when
 PARENT_PID is no longer its parent (the parent died, the guard was re-parented) it sends SIGTERM
 to the whole group, then SIGKILL after GRACE_SECONDS, itself included. A SIGTERM or SIGINT to the
 group reaches CMD; the guard itself ignores them and waits for CMD.
@@ -70,7 +71,7 @@ def main(argv: list[str]) -> int:
     child = subprocess.Popen(cmd, preexec_fn=_default_signals)
     while True:
         try:
-            return _code(child.wait(POLL_SECONDS))
+            return _exit_like(child.wait(POLL_SECONDS))
         except subprocess.TimeoutExpired:
             pass
         if os.getppid() != int(parent):
@@ -111,8 +112,14 @@ def _others_in_group() -> bool:
     return False
 
 
-def _code(rc: int) -> int:
-    return 128 - rc if rc < 0 else rc
+def _exit_like(rc: int) -> int:
+    """The guard's own exit status is the command's: killed by the same signal, or its code."""
+    if rc < 0:
+        signal.signal(-rc, signal.SIG_DFL)
+        os.kill(os.getpid(), -rc)
+        time.sleep(1.0)          # a signal whose default is not to terminate: fall back to a code
+        return 128 - rc
+    return rc
 
 
 if __name__ == "__main__":

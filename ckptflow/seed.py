@@ -91,7 +91,8 @@ def _json(d: dict) -> bytes:
 
 
 def init_state_dict(args: ModelArgs, seed: int, dtype: str):
-    """Deterministic init in tune names: normal(0, 0.02) weights, zero biases, unit norms."""
+    """Deterministic init in tune names: normal(0, 0.02) weights, zero biases, unit norms (stored as 0
+    where norms compute x * (1 + w))."""
     import torch
 
     from ckptflow.formats.tune import expected_shapes
@@ -100,7 +101,7 @@ def init_state_dict(args: ModelArgs, seed: int, dtype: str):
     sd = {}
     for key, shape in expected_shapes(args).items():
         if key.endswith(".scale"):
-            t = torch.ones(shape)
+            t = torch.zeros(shape) if args.norm_offset else torch.ones(shape)
         elif key.endswith(".bias"):
             t = torch.zeros(shape)
         else:
@@ -114,7 +115,7 @@ FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenize
 
 def describe(uri: str):
     """What `ckptflow download URI DST` would write, without writing it: `ckptflow detect seed://...`."""
-    from ckptflow.formats.detect import Detection
+    from ckptflow.formats.view import Detection
 
     family_name, o = parse(uri)
     _, vocab = tokenizer_files(o["vocab_size"])

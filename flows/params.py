@@ -60,13 +60,15 @@ class ExportParams(_Params):
 
 class EvalRequest(_Params):
     source: str = Field(description="The model to evaluate: an export, a merged model or any checkpoint (fsspec URI)")
-    data: str = Field(description="Held-out data: JSONL (`text`, or `prompt`/`response`) or plain text")
+    data: str | None = Field(None, description="Held-out data: JSONL (`text`, or `prompt`/`response`) or plain "
+                                                "text. Empty: benchmark scores only (settings.tasks)")
     base: str | None = Field(None, description="The base model before fine-tuning, for before/after numbers")
     out: str | None = Field(None, description="Where results.json and request.json go. Empty: {run}/eval "
                                               "for {run}/export, else <source>-eval")
     run: str | None = Field(None, description="The run directory whose run.json and summary get the results")
     settings: dict = Field(default_factory=dict, description="ckptflow.stages.evaluate options: prompts, "
-                                                             "max_new_tokens, batch_size, seq_len, max_batches")
+                                                             "max_new_tokens, batch_size, seq_len, max_batches, "
+                                                             "tasks (lm-eval), limit")
     storage_options: dict = Field(default_factory=dict, description="fsspec options for these URIs; credentials as "
                                                                     '{"env": VAR} or {"secret": BLOCK} references')
 

@@ -2,9 +2,9 @@
 
 Unit level: references resolve, literals are stashed or redacted, a missing or redacted one is
 one line naming it. End to end: a canary key and secret, which the loopback S3 server demands,
-go through a whole `ckptflow run` on S3 (literals in the YAML) and an export flow run (Secret
-block references); then Prefect's database, its homes, the console output and every object of
-the bucket are searched for them: zero hits."""
+go through a whole `ckptflow run` on S3 (literals in the YAML, its own embedded API) and an
+export flow run on the test server (Secret block references); then both Prefect databases and
+homes, the console output and every object of the bucket are searched for them: zero hits."""
 import json
 import os
 import secrets
@@ -31,8 +31,8 @@ def test_stash_moves_literals_into_the_environment_and_resolve_brings_them_back(
     assert credentials.literals(OPTIONS) == ["key", "secret", "client_kwargs.aws_session_token"]
     assert credentials.literals(refs) == []          # "anon" and False are not secrets
     assert refs["key"] == {"env": "CKPTFLOW_CREDENTIAL_KEY"} and refs["token"] == "anon"
-    assert refs["client_kwargs"] == {"endpoint_url": "http://127.0.0.1:9",
-                                     "aws_session_token": {"env": "CKPTFLOW_CREDENTIAL_CLIENT_KWARGS_AWS_SESSION_TOKEN"}}
+    token = {"env": "CKPTFLOW_CREDENTIAL_CLIENT_KWARGS_AWS_SESSION_TOKEN"}
+    assert refs["client_kwargs"] == {"endpoint_url": "http://127.0.0.1:9", "aws_session_token": token}
     assert set(env.values()) == {"AKIAEXAMPLE", "s3cr3t", "t0ken"} and "s3cr3t" not in json.dumps(refs)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -134,9 +134,11 @@ def test_canary_credentials_reach_no_database_log_artifact_or_file(prefect_api, 
         inputs.mkdir()
         config = inputs / "canary.yaml"
         config.write_text(RUN.format(storage=f"{bucket}/runs", options=json.dumps(options), repo=REPO))
-        home = tmp_path / "client-home"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        env.update(PREFECT_API_URL=prefect_api, PREFECT_HOME=str(home))
+        # As a user runs it: no server configured, so `ckptflow run` starts its embedded API, whose
+        # database lands in this PREFECT_HOME.
+        home = tmp_path / "prefect-home"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PREFECT_API_URL"))}
+        env.update(PREFECT_HOME=str(home), PREFECT_PROFILES_PATH=str(home / "profiles.toml"))
         t0 = time.monotonic()
         run = subprocess.run([sys.executable, "-m", "ckptflow.cli", "run", str(config), "--json"], cwd=tmp_path,
                              env=env, capture_output=True, timeout=600)
@@ -145,6 +147,7 @@ def test_canary_credentials_reach_no_database_log_artifact_or_file(prefect_api, 
         out = json.loads(run.stdout.decode().strip().splitlines()[-1])
         assert out["export"] == f"{bucket}/runs/canary/export"
         ran_s = time.monotonic() - t0
+        assert (home / "prefect.db").is_file()
 
         # An export flow run whose credentials are Secret block references.
         Secret(value=key).save("canary-key", overwrite=True)
@@ -168,5 +171,18 @@ def test_canary_credentials_reach_no_database_log_artifact_or_file(prefect_api, 
         assert found == [], found
         assert sum(1 for root in searched for p in root.rglob("*") if p.is_file()) > len(copied)
         print(f"ckptflow run on S3 in {ran_s:.1f} s; searched {len(copied)} objects, {db}, {home}: 0 hits")
+        print("files searched:", sum(1 for root in searched for p in root.rglob("*") if p.is_file()))
     finally:
         server.stop()
+
+
+def test_the_embedded_server_gets_no_credential_and_a_configured_api_is_used_as_is(tmp_path):
+    from ckptflow import settings
+
+    env = {"PREFECT_HOME": str(tmp_path), "CKPTFLOW_CREDENTIAL_SECRET": "s3cr3t", "PATH": "/bin"}
+    assert "CKPTFLOW_CREDENTIAL_SECRET" not in settings.embedded_server_env(env)
+    assert settings.configured_api_url(env) is None
+    (tmp_path / "profiles.toml").write_text('active = "remote"\n[profiles.remote]\n'
+                                            'PREFECT_API_URL = "http://prefect.internal:4200/api"\n')
+    assert settings.configured_api_url(env) == "http://prefect.internal:4200/api"   # no embedded server then
+    assert settings.configured_api_url({**env, "PREFECT_API_URL": "http://x/api"}) == "http://x/api"

@@ -61,6 +61,19 @@ def test_a_deployment_with_an_unknown_key_is_refused(tmp_path):
         deploy.load(str(bad))
 
 
+def test_a_deployment_with_a_literal_credential_is_refused(tmp_path):
+    from ckptflow.errors import CkptError
+    from flows import deploy
+
+    bad = tmp_path / "prefect.yaml"
+    bad.write_text("deployments:\n  - name: x\n    entrypoint: flows/export.py:export\n    parameters:\n"
+                   "      params: {source: s3://b/r, storage_options: {key: AKIA1, secret: {env: S}}}\n")
+    with pytest.raises(CkptError, match=r"deployment 'x': parameters\.params\.storage_options\.key is a literal"):
+        deploy.load(str(bad))
+    bad.write_text(bad.read_text().replace("key: AKIA1", "key: {secret: s3-key}"))
+    assert deploy.load(str(bad))[0]["name"] == "x"
+
+
 # ---- on a real server ------------------------------------------------------------------------
 
 AUTH = "ckptflow-admin:" + secrets.token_hex(16)     # user:password, as the dashboard asks for it
@@ -185,6 +198,9 @@ def test_deployed_flows_run_on_a_process_worker(tmp_path):
             wait_for_run(server, {"deployment_id": {"any_": [deployment_id(server, "evaluate", "evaluate")]}})
             rec = json.loads((Path(run_uri) / "run.json").read_text())
             assert rec["eval"]["after"]["perplexity"] < rec["eval"]["before"]["perplexity"]
+            # the demo config's lm-eval tasks (eval.tasks) ran in the evaluate deployment, on both models
+            scores = rec["eval"]["lm_eval"]
+            assert set(scores["after"]) == set(scores["before"]) == {"ckptflow_demo_qa", "ckptflow_demo_cloze"}
             assert {s["name"]: s["state"] for s in rec["stages"]}["evaluate"] == "Completed"
             assert manifest.verify(f"{run_uri}/eval") == []
 

@@ -51,9 +51,52 @@ eval:
   prompts: ["Q: Where does the camel live?\\nA:"]
   max_new_tokens: 4
 """
-# (stage, longest delay in seconds after run.json shows it Running)
-STAGE_DELAYS = {"download": 0.4, "convert": 0.6, "train": 4.0, "merge": 0.4, "export": 0.5, "evaluate": 1.5}
+STAGES = ("download", "convert", "train", "merge", "export", "evaluate")
 GONE_WITHIN_S = 15.0
+# `ckptflow run` with a crash armed: `delay` seconds after the flow enters `stage` (or at once if
+# the run gets past it first), a timer SIGKILLs the whole process group, as the OOM killer or a
+# lost node would. In-process, so that a stage of 50 ms is hit as surely as one of 5 s; before the
+# kill it notes where the run was and every process of the group, to be checked from outside.
+KILLER = textwrap.dedent("""
+    import json, os, signal, sys, threading
+
+    config, target, delay, note, storage = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4], sys.argv[5]
+    from flows import stage as stages
+
+    real, where, armed = stages.Recorder.stage, ["startup"], []
+
+    def fire():
+        import psutil
+
+        from pathlib import Path
+
+        me = psutil.Process()
+        writing = sorted(str(p.parent) for p in Path(storage).rglob(".ckptflow-writing*"))   # writes in flight
+        with open(note, "w") as f:
+            json.dump({"stage": where[0], "pids": [me.pid] + [p.pid for p in me.children(recursive=True)],
+                       "writing": writing}, f)
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    def arm(seconds):
+        if not armed:
+            armed.append(threading.Timer(seconds, fire))
+            armed[0].daemon = True
+            armed[0].start()
+
+    def stage(self, name, task, *args, **kwargs):
+        where[0] = name
+        if name == target or (name in order and order.index(name) > order.index(target)):
+            arm(delay if name == target else 0.0)
+        try:
+            return real(self, name, task, *args, **kwargs)
+        finally:
+            where[0] = "after " + name
+
+    order = %r
+    stages.Recorder.stage = stage
+    from ckptflow.cli import main
+    sys.exit(main(["run", config, "--json"]))
+""" % (STAGES,))
 
 
 def write_config(root: Path, storage: Path, run_id: str) -> Path:
@@ -78,57 +121,40 @@ def committed_dirs(storage: Path) -> list[Path]:
     return sorted(p.parent for p in storage.rglob(manifest.NAME))
 
 
-def stage_states(run_json: Path) -> dict:
-    try:
-        return {s["name"]: s for s in json.loads(run_json.read_text())["stages"]}
-    except (OSError, ValueError, KeyError):
-        return {}
+def stage_seconds(run_dir: Path) -> dict:
+    """How long each stage took in a run (its run.json)."""
+    return {s["name"]: s["seconds"] or 0.0 for s in json.loads((run_dir / "run.json").read_text())["stages"]}
 
 
-def running_stage(run_json: Path) -> str:
-    running = [n for n, s in stage_states(run_json).items() if s["state"] == "Running"]
-    return running[-1] if running else "between stages"
-
-
-def attempt(config: Path, env: dict, run_json: Path, log: Path, target: str | None, delay: float) -> dict:
-    """One `ckptflow run`; with a target, SIGKILL its process group `delay` seconds after run.json
-    shows `target` Running in this attempt (or at once if this attempt got past it first)."""
-    t0 = time.time()
+def attempt(killer: Path, config: Path, env: dict, log: Path, target: str | None, delay: float) -> dict:
+    """One `ckptflow run` (in a session of its own); with a target, killed `delay` s into it."""
+    t0 = time.monotonic()
+    note = log.parent / "kill.json"
+    note.unlink(missing_ok=True)
+    storage = config.parent / "runs"
+    cmd = ([sys.executable, str(killer), str(config), target, str(delay), str(note), str(storage)] if target else
+           [sys.executable, "-m", "ckptflow.cli", "run", str(config), "--json"])
     with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "ckptflow.cli", "run", str(config), "--json"], cwd=REPO,
-                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        while target is not None and proc.poll() is None:
-            stages = stage_states(run_json)
-            s = stages.get(target)
-            started = s and s.get("started") and _epoch(s["started"]) >= t0
-            later = [n for n in STAGE_DELAYS if list(STAGE_DELAYS).index(n) > list(STAGE_DELAYS).index(target)
-                     and (stages.get(n) or {}).get("started") and _epoch(stages[n]["started"]) >= t0]
-            if started or later:
-                if started and not later:
-                    time.sleep(delay)
-                return kill(proc, run_json, time.time() - t0)
-            time.sleep(0.01)
         rc = proc.wait(timeout=600)
-        return {"killed": False, "rc": rc, "seconds": time.time() - t0}
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-
-
-def kill(proc: subprocess.Popen, run_json: Path, at: float) -> dict:
-    """SIGKILL the whole group (the run and everything it started); every process gone."""
-    try:
-        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
+    out = {"rc": rc, "seconds": round(time.monotonic() - t0, 1), "killed": rc == -signal.SIGKILL and note.exists()}
+    if out["killed"]:
+        seen = json.loads(note.read_text())
         procs = []
-    where = running_stage(run_json)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    left = wait_gone(procs)
-    session = [p for p in psutil.process_iter() if _sid(p) == proc.pid]
-    return {"killed": True, "stage": where, "at": round(at, 2), "processes": len(procs), "left": left + session}
+        for pid in seen["pids"]:
+            try:
+                procs.append(psutil.Process(pid))
+            except psutil.NoSuchProcess:
+                pass
+        session = [f"{p.pid} {p.name()}" for p in psutil.process_iter() if _sid(p) == proc.pid]
+        out.update(stage=seen["stage"], writing=[Path(w).name for w in seen["writing"]], processes=len(seen["pids"]),
+                   left=wait_gone(procs) + session)
+    return out
 
 
 def wait_gone(procs: list, within: float = GONE_WITHIN_S) -> list:
@@ -154,31 +180,28 @@ def _sid(p: psutil.Process) -> int | None:
         return None
 
 
-def _epoch(iso: str) -> float:
-    import datetime as dt
-
-    return dt.datetime.fromisoformat(iso).timestamp()
-
-
 def kill_anywhere(tmp_path: Path, prefect_api: str, reference: Path, targets: list[str], seed: int) -> list[dict]:
     rng = random.Random(seed)
+    took = stage_seconds(reference.parent)
     storage = tmp_path / "runs"
     config = write_config(tmp_path, storage, "killed")
-    run_json = storage / "killed" / "run.json"
+    killer = tmp_path / "killer.py"
+    killer.write_text(KILLER)
     env = {**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_HOME": str(tmp_path / "home")}
     log = tmp_path / "console.log"
     kills = []
     for target in targets:
-        delay = rng.uniform(0.0, STAGE_DELAYS[target])
-        out = attempt(config, env, run_json, log, target, delay)
+        delay = round(rng.uniform(0.0, max(took.get(target, 0.0), 0.05)), 3)
+        out = attempt(killer, config, env, log, target, delay)
+        assert out["killed"] or out["rc"] == 0, log.read_text(errors="replace")[-4000:]
         if not out["killed"]:
             break      # it finished before the kill: the rest of the schedule has nothing left to kill
-        out.update(target=target, delay=round(delay, 3))
+        out.update(target=target, delay=delay)
         kills.append(out)
         assert out["left"] == [], out
         for d in committed_dirs(storage):
             assert manifest.verify(str(d)) == [], (out, str(d))
-    final = attempt(config, env, run_json, log, None, 0.0)
+    final = attempt(killer, config, env, log, None, 0.0)
     assert final["rc"] == 0, log.read_text(errors="replace")[-4000:]
     export = storage / "killed" / "export"
     want, got = manifest.require(str(reference)), manifest.require(str(export))
@@ -186,21 +209,26 @@ def kill_anywhere(tmp_path: Path, prefect_api: str, reference: Path, targets: li
     for name in want.files:
         assert (export / name).read_bytes() == (reference / name).read_bytes(), name
     assert all(manifest.verify(str(d)) == [] for d in committed_dirs(storage))
-    print(json.dumps({"kills": kills, "final_seconds": round(final["seconds"], 1)}, indent=1))
+    print(json.dumps({"stage_seconds": took, "kills": kills, "final_seconds": final["seconds"]}))
     return kills
 
 
 def test_killed_three_times_then_finished_equals_an_uninterrupted_run(prefect_api, reference, tmp_path):
     kills = kill_anywhere(tmp_path, prefect_api, reference, ["convert", "train", "export"], seed=13)
-    assert len(kills) == 3
+    assert len(kills) == 3 and len({landed(k) for k in kills}) == 3, kills
 
 
 @pytest.mark.slow
 def test_killed_ten_times_anywhere_then_finished_equals_an_uninterrupted_run(prefect_api, reference, tmp_path):
     targets = ["download", "convert", "train", "train", "train", "merge", "export", "export", "evaluate", "evaluate"]
     kills = kill_anywhere(tmp_path, prefect_api, reference, targets, seed=20261202)
-    assert len(kills) >= 10
-    assert {k["stage"] for k in kills} >= {"train", "export", "evaluate"}
+    assert len(kills) == 10
+    assert len({landed(k) for k in kills} & set(STAGES)) >= 5, kills
+
+
+def landed(kill: dict) -> str:
+    """The stage a kill hit ("after merge": in the flow's own work right after it)."""
+    return kill["stage"].removeprefix("after ")
 
 
 # ---- processes that die with their parent ----------------------------------------------------

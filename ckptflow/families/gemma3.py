@@ -42,7 +42,7 @@ DEFAULT_PATTERN = 6
 def seed_args(o: dict) -> dict:
     """seed://gemma3_text defaults: q/k norms, the 5:1 pattern, per-layer-type RoPE."""
     return {**_gemma.SEED_ARGS, "post_norms": True, "qk_norm": "head", "attn_scalar": 256.0,
-            "layer_types": _gemma2.alternating(o["n_layers"], DEFAULT_PATTERN), "rope_theta": 1_000_000.0,
+            "layer_types": _gemma2.alternating(o["n_layers"], DEFAULT_PATTERN),
             "rope_local_theta": 10_000.0, "extra": {"sliding_window": 4096}}
 
 
