@@ -43,7 +43,7 @@ def save(model, uri: str, *, format: str = "tune", like: View | Manifest | None 
                     original=view.original if view else (like.extra.get("original") if like else None),
                     assets=dict(view.assets) if view else {},
                     partition=view.partition if view else None)
-    out = Output(uri, overwrite=overwrite)
-    m = WRITERS[format](out_view, out, out_dtype=dtype_code(dtype), max_shard=None, progress=None)
-    m.lineage = {"source": view.uri if view else None, "stages": [{"stage": "save", "to": format, "uri": out.uri}]}
-    return out.commit(m)
+    with Output(uri, overwrite=overwrite) as out:
+        m = WRITERS[format](out_view, out, out_dtype=dtype_code(dtype), max_shard=None, progress=None)
+        m.lineage = {"source": view.uri if view else None, "stages": [{"stage": "save", "to": format, "uri": out.uri}]}
+        return out.commit(m)

@@ -22,7 +22,7 @@ import hashlib
 import logging
 import shlex
 
-from ckptflow import manifest, storage
+from ckptflow import commit, manifest, storage
 from ckptflow.commit import Output
 from ckptflow.errors import CkptError
 from ckptflow.manifest import Manifest
@@ -37,7 +37,8 @@ TASKS = ("hellaswag", "arc_easy", "lambada_openai")
 def run(src: str, *, data: str, base: str | None = None, out: str | None = None, step: int | None = None,
         prompts: list[str] | tuple[str, ...] = PROMPTS, max_new_tokens: int = 32, batch_size: int = 8,
         seq_len: int = 256, max_batches: int | None = None, tasks: list[str] | tuple[str, ...] = TASKS,
-        lm_eval_batch_size: str = "auto", device: str = "auto", overwrite: bool = False) -> Manifest:
+        lm_eval_batch_size: str = "auto", device: str = "auto", overwrite: bool = False,
+        wait: float = 0.0) -> Manifest:
     from ckptflow import generate
 
     src, data = storage.normalize(src), storage.normalize(data)
@@ -50,8 +51,8 @@ def run(src: str, *, data: str, base: str | None = None, out: str | None = None,
     inputs = {"model": model_ref(source), "data": data_ref(data)}
     if base_source is not None:
         inputs["base"] = model_ref(base_source)
-    existing = manifest.read(out)
-    if manifest.matches(existing, inputs, settings) and not overwrite:
+    existing = commit.reusable(out, manifest.read(out), inputs, settings, overwrite=overwrite)
+    if existing is not None:
         log.info("%s: already evaluated %s on %s; nothing to do", out, src, data)
         return existing
     # Everything is computed before DIR is touched: bad data or a failed load leave it as it was.
@@ -69,16 +70,18 @@ def run(src: str, *, data: str, base: str | None = None, out: str | None = None,
         del bl
         results["change"] = change(results["base"]["metrics"], results["metrics"])
     results["settings"] = settings
-    output = Output(out, overwrite=overwrite or existing is not None)
-    request = hand_off(source, tokenizer_uri, out, tasks=tasks, batch_size=lm_eval_batch_size)
-    output.put(RESULTS, _json(results))
-    output.put(REQUEST, _json(request))
-    m = Manifest(kind="eval", format="eval", family=source.view.family.NAME, model_args=source.view.args.to_dict(),
-                 dtype=request["dtype"], step=source.step, inputs=inputs, params=settings,
-                 lineage=request["lineage"],
-                 extra={"perplexity": results["metrics"]["perplexity"], "model": request["model"],
-                        **({"change": results["change"]} if "change" in results else {})})
-    return output.commit(m)
+    with Output(out, overwrite=overwrite, wait=wait, expect=(inputs, settings)) as output:
+        if output.done is not None:     # another writer committed the same while we waited
+            return output.done
+        request = hand_off(source, tokenizer_uri, out, tasks=tasks, batch_size=lm_eval_batch_size)
+        output.put(RESULTS, _json(results))
+        output.put(REQUEST, _json(request))
+        m = Manifest(kind="eval", format="eval", family=source.view.family.NAME,
+                     model_args=source.view.args.to_dict(), dtype=request["dtype"], step=source.step, inputs=inputs,
+                     params=settings, lineage=request["lineage"],
+                     extra={"perplexity": results["metrics"]["perplexity"], "model": request["model"],
+                            **({"change": results["change"]} if "change" in results else {})})
+        return output.commit(m)
 
 
 # --- where things go ------------------------------------------------------------------------
