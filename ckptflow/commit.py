@@ -39,7 +39,7 @@ from ckptflow.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
-MARKER = ".ckptflow-writing"
+MARKER = manifest.MARKER
 SPACE_MARGIN = 64 * 1024     # plus 1 %: what the manifest, the marker and file system overhead may take
 # Failures of the environment, not of ckptflow: one line, exit 2, nothing of the write kept.
 ENVIRONMENT = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",

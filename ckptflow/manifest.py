@@ -13,12 +13,15 @@ import json
 import logging
 from dataclasses import dataclass, field
 
-from ckptflow import __version__, storage
+from ckptflow import storage
 from ckptflow.errors import CkptError
+from ckptflow.version import __version__
 
 log = logging.getLogger(__name__)
 
 NAME = "ckptflow.json"
+# The commit protocol's two files: commit.Output puts MARKER first and NAME last.
+MARKER = ".ckptflow-writing"
 SCHEMA = 1
 KINDS = ("source", "model", "adapter", "train_state", "export", "eval")
 
@@ -137,3 +140,18 @@ def verify(uri: str) -> list[str]:
         elif got["sha256"] != want.get("sha256"):
             problems.append(f"{path}: sha256 mismatch")
     return problems
+
+
+def committed_under(uri: str) -> tuple[list[str], list[str]]:
+    """(committed, interrupted) directories below `uri`, from one recursive listing: a directory
+    is committed by its ckptflow.json, interrupted by a writing marker without one. Hidden
+    directories (.cache: Prefect results, the shared base) are left out."""
+    files = [f for f in storage.list_files(uri) if not any(p.startswith(".") for p in f.split("/")[:-1])]
+
+    def dirs_with(name: str) -> set[str]:
+        return {f[:-len(name)].rstrip("/") for f in files if f == name or f.endswith("/" + name)}
+
+    committed = dirs_with(NAME)
+    interrupted = dirs_with(MARKER) - committed
+    return ([storage.join(uri, d) if d else storage.normalize(uri) for d in sorted(committed)],
+            [storage.join(uri, d) for d in sorted(interrupted)])

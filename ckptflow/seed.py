@@ -43,14 +43,21 @@ def parse(uri: str) -> tuple[str, dict]:
 
 
 def model_args(family_name: str, o: dict) -> ModelArgs:
+    """The seed model's args: the URI's sizes, then the family's own defaults (its SEED_ARGS constants
+    and seed_args(options) for what depends on the sizes), then tie= when the URI gives it."""
     fam = families.get(family_name)
-    hidden = o.get("hidden_dim") or _ffn(o["dim"])
-    tie = o["tie"] in ("1", "true", "True") if o["tie"] is not None else family_name == "qwen2"
-    return ModelArgs(dim=o["dim"], n_layers=o["n_layers"], n_heads=o["n_heads"], n_kv_heads=o["n_kv_heads"],
-                     vocab_size=o["vocab_size"], hidden_dim=hidden, head_dim=o.get("head_dim"),
-                     norm_eps=1e-5, rope_theta=o["rope_theta"], rope_interleaved=fam.ROPE_INTERLEAVED,
-                     max_seq_len=o["max_seq_len"], qkv_bias=family_name == "qwen2", tie_embeddings=tie,
-                     extra={"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0})
+    kw = {"dim": o["dim"], "n_layers": o["n_layers"], "n_heads": o["n_heads"], "n_kv_heads": o["n_kv_heads"],
+          "vocab_size": o["vocab_size"], "hidden_dim": o.get("hidden_dim") or _ffn(o["dim"]),
+          "head_dim": o.get("head_dim"), "norm_eps": 1e-5, "rope_theta": o["rope_theta"],
+          "rope_interleaved": fam.ROPE_INTERLEAVED, "max_seq_len": o["max_seq_len"],
+          "extra": {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}}
+    for over in (getattr(fam, "SEED_ARGS", {}), fam.seed_args(o) if hasattr(fam, "seed_args") else {}):
+        over = dict(over)
+        kw["extra"] = {**kw["extra"], **over.pop("extra", {})}
+        kw.update(over)
+    if o["tie"] is not None:
+        kw["tie_embeddings"] = o["tie"] in ("1", "true", "True")
+    return ModelArgs(**kw)
 
 
 def _ffn(dim: int) -> int:
@@ -84,7 +91,8 @@ def _json(d: dict) -> bytes:
 
 
 def init_state_dict(args: ModelArgs, seed: int, dtype: str):
-    """Deterministic init in tune names: normal(0, 0.02) weights, zero biases, unit norms."""
+    """Deterministic init in tune names: normal(0, 0.02) weights, zero biases, unit norms (stored as 0
+    where norms compute x * (1 + w))."""
     import torch
 
     from ckptflow.formats.tune import expected_shapes
@@ -93,7 +101,7 @@ def init_state_dict(args: ModelArgs, seed: int, dtype: str):
     sd = {}
     for key, shape in expected_shapes(args).items():
         if key.endswith(".scale"):
-            t = torch.ones(shape)
+            t = torch.zeros(shape) if args.norm_offset else torch.ones(shape)
         elif key.endswith(".bias"):
             t = torch.zeros(shape)
         else:
@@ -102,9 +110,24 @@ def init_state_dict(args: ModelArgs, seed: int, dtype: str):
     return sd
 
 
+FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+def describe(uri: str):
+    """What `ckptflow download URI DST` would write, without writing it: `ckptflow detect seed://...`."""
+    from ckptflow.formats.view import Detection
+
+    family_name, o = parse(uri)
+    _, vocab = tokenizer_files(o["vocab_size"])
+    args = model_args(family_name, dict(o, vocab_size=vocab))
+    return Detection("hf", uri, family_name, o["dtype"], args.num_params(), list(FILES),
+                     {"seed": "generated on download (ckptflow download SOURCE DST); nothing is stored at this URI",
+                      "model_args": args.to_dict()})
+
+
 def write(uri: str, out) -> "object":
     """Write the seed model described by `uri` as an HF directory into Output `out`."""
-    from ckptflow.formats import plan, st
+    from ckptflow.formats import plan, st, view
     from ckptflow.manifest import Manifest
 
     family_name, o = parse(uri)
@@ -113,8 +136,8 @@ def write(uri: str, out) -> "object":
     o["vocab_size"] = vocab
     args = model_args(family_name, o)
     hf_sd = families.tune_state_dict_to_hf(init_state_dict(args, o["seed"], o["dtype"]), fam, args)
-    items = [plan.Item(k, *st.from_torch(v)[:2], load=(lambda v=v: v)) for k, v in hf_sd.items()]
-    plan.write_file(out, plan.FilePlan("model.safetensors", items))
+    items = [view.Item(k, *st.from_torch(v)[:2], load=(lambda v=v: v)) for k, v in hf_sd.items()]
+    plan.write_file(out, view.FilePlan("model.safetensors", items))
     config = fam.hf_config(args, dtype=o["dtype"])
     out.put("config.json", _json(config))
     out.put("generation_config.json", _json({k: args.extra[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}))

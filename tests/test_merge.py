@@ -11,8 +11,6 @@ from ckptflow.stages import merge
 from tests import hfmodels
 from tests.test_peft import VARIANTS, lora_step, make_run, peft_adapter
 
-transformers = pytest.importorskip("transformers")
-
 
 def tune_sd(uri):
     return api.load_state_dict(uri)[0]
@@ -28,15 +26,18 @@ def raw(uri):
     return out
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_peft_made_adapter_merges_like_peft(tmp_path, variant):
-    base = hfmodels.save("llama", str(tmp_path / "base"))
+MERGES = [("llama", v) for v in sorted(VARIANTS)] + [(f, "patterns") for f in hfmodels.DENSE]
+
+
+@pytest.mark.parametrize("family, variant", MERGES)
+def test_peft_made_adapter_merges_like_peft(tmp_path, family, variant):
+    base = hfmodels.save(family, str(tmp_path / "base"))
     pm = peft_adapter(base, str(tmp_path / "ad"), **VARIANTS[variant])
     want = pm.merge_and_unload().state_dict()
     m = merge.run(str(tmp_path / "ad"), base, str(tmp_path / "merged"))
     assert (m.kind, m.format, m.extra["merged"]["format"]) == ("model", "tune", "peft")
     got = tune_sd(str(tmp_path / "merged"))
-    fam = families.get("llama")
+    fam = families.get(family)
     ref = families.hf_state_dict_to_tune(want, fam, api.load_state_dict(base)[1].args)
     assert got.keys() == ref.keys()
     for k in ref:
@@ -155,9 +156,6 @@ def test_bad_step_adapters_name_the_key(tmp_path, run, n, extra_key, lora, match
 
 
 def test_a_torchtune_adapter_merges_like_the_same_step(tmp_path, run):
-    tt = pytest.importorskip("ckptflow.formats.torchtune")
-    if not hasattr(tt, "read_adapter"):
-        pytest.skip("the torchtune importer has no read_adapter yet")
     import json
 
     from ckptflow import checkpointer

@@ -3,9 +3,9 @@ with different --dtype, on local disk and on the loopback S3 server. Whatever th
 one wins, DST ends committed and verifies with the winner's dtype, and the loser exits 2 with one
 line naming the holder (or the committed directory it would have replaced).
 
-Most racers are forkserver children (tests/procs.py) that run `cli.main`, so a trial costs the
-conversion, not a Python start-up; one trial per run also races two `python -m ckptflow.cli`.
-The default run keeps the trials few; `-m slow` runs the sweep."""
+The racers are forkserver children (tests/procs.py) that run `cli.main`, so a trial costs the
+conversion, not a Python start-up; the slow sweep also races pairs of `python -m ckptflow.cli`.
+The default run keeps the trials few (5 local, 3 on S3); `-m slow` runs the sweep."""
 import contextlib
 import io
 import os
@@ -25,9 +25,9 @@ LOSER = ("another process is writing here", "already holds a committed model")
 
 @pytest.fixture(scope="module")
 def src(tmp_path_factory):
-    """A ~12 MB sharded HF model: converting it takes long enough for the writers to overlap."""
-    return hfmodels.save("llama", str(tmp_path_factory.mktemp("race") / "src"), shard="2MB",
-                         hidden_size=256, intermediate_size=688, num_hidden_layers=4, vocab_size=4096)
+    """A ~6 MB sharded HF model: converting it takes long enough for the writers to overlap."""
+    return hfmodels.save("llama", str(tmp_path_factory.mktemp("race") / "src"), shard="1MB",
+                         hidden_size=192, intermediate_size=512, num_hidden_layers=2, vocab_size=2048)
 
 
 @pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
@@ -113,8 +113,7 @@ def trials(src, where, n, subprocess_trials, seed):
 
 
 def test_racing_converts_leave_one_verified_winner(src, where):
-    n = 5 if where[0].startswith("/") else 3
-    seen = trials(src, where, n, subprocess_trials=1 if where[0].startswith("/") else 0, seed=13)
+    seen = trials(src, where, 5 if where[0].startswith("/") else 3, subprocess_trials=0, seed=13)
     print("\n".join(seen))
 
 

@@ -12,8 +12,10 @@ import logging
 from ckptflow import commit, manifest, progress, storage
 from ckptflow.commit import Output
 from ckptflow.errors import CkptError
-from ckptflow.formats import WRITERS, View, hf, open_view, st
+from ckptflow.formats import registry, st
+from ckptflow.formats.view import View
 from ckptflow.formats.plan import parse_size
+from ckptflow.lineage import dtype_code, source_ref, with_stage
 from ckptflow.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -21,28 +23,26 @@ log = logging.getLogger(__name__)
 
 def run(src: str, dst: str, *, to: str = "tune", dtype: str | None = None, max_shard_size: str | int | None = None,
         overwrite: bool = False, kind: str = "model", reader_opts: dict | None = None, wait: float = 0.0) -> Manifest:
+    from ckptflow.formats import hf
+
     src, dst = storage.normalize(src), storage.normalize(dst)
     if src == dst:
         raise CkptError(f"{dst}: source and destination are the same directory")
-    if to not in WRITERS:
-        raise CkptError(f"--to {to}: unknown format (choose from {', '.join(sorted(WRITERS))})")
+    if to not in registry.writable():
+        raise CkptError(f"--to {to}: unknown format (choose from {', '.join(registry.writable())})")
     out_dtype = dtype_code(dtype)
     try:
-        return _run(src, dst, to, dtype, out_dtype, max_shard_size, overwrite, kind, reader_opts, wait)
+        view = registry.open_view(src, **(reader_opts or {}))
+        params = {"to": to, "dtype": dtype, "max_shard_size": parse_size(max_shard_size), **(reader_opts or {})}
+        inputs = {"source": source_ref(view)}
+        existing = commit.reusable(dst, manifest.read(dst), inputs, params, overwrite=overwrite)
+        if existing is not None:
+            log.info("%s: already converted from %s; nothing to do", dst, src)
+            return existing
+        return write(view, dst, to=to, out_dtype=out_dtype, max_shard=params["max_shard_size"], params=params,
+                     inputs=inputs, overwrite=overwrite, kind=kind, stage="convert", wait=wait)
     finally:
         hf.drop_copies()     # local copies of remote .bin/.pth files: fetched once, freed here
-
-
-def _run(src, dst, to, dtype, out_dtype, max_shard_size, overwrite, kind, reader_opts, wait) -> Manifest:
-    view = open_view(src, **(reader_opts or {}))
-    params = {"to": to, "dtype": dtype, "max_shard_size": parse_size(max_shard_size), **(reader_opts or {})}
-    inputs = {"source": source_ref(view)}
-    existing = commit.reusable(dst, manifest.read(dst), inputs, params, overwrite=overwrite)
-    if existing is not None:
-        log.info("%s: already converted from %s; nothing to do", dst, src)
-        return existing
-    return write(view, dst, to=to, out_dtype=out_dtype, max_shard=params["max_shard_size"], params=params,
-                 inputs=inputs, overwrite=overwrite, kind=kind, stage="convert", wait=wait)
 
 
 def write(view: View, dst: str, *, to: str, out_dtype: str | None, max_shard: int | None, params: dict,
@@ -54,9 +54,9 @@ def write(view: View, dst: str, *, to: str, out_dtype: str | None, max_shard: in
             return out.done
         out.reserve(total + sum(_size(a) for a in view.assets.values()))
         with progress.bar(total, f"{stage} -> {to}") as bar:
-            m = WRITERS[to](view, out, out_dtype=out_dtype, max_shard=max_shard, progress=bar)
+            m = registry.write(to, view, out, out_dtype=out_dtype, max_shard=max_shard, progress=bar)
         m.kind, m.inputs, m.params = kind, inputs, params
-        m.lineage = lineage(view, stage, dst, to)
+        m.lineage = with_stage(view, stage, dst, to)
         if view.manifest is not None and view.manifest.step is not None:
             m.step = view.manifest.step
         if view.notes:
@@ -69,35 +69,3 @@ def _size(uri) -> int:
         return storage.size(uri) if isinstance(uri, str) else 0
     except CkptError:
         return 0
-
-
-def lineage(view: View, stage: str, dst: str, to: str) -> dict:
-    prev = dict(view.manifest.lineage) if view.manifest is not None else {}
-    prev.setdefault("source", view.uri)
-    stages = list(prev.get("stages", []))
-    stages.append({"stage": stage, "from": view.format, "to": to, "uri": dst})
-    prev["stages"] = stages
-    return prev
-
-
-def source_ref(view: View) -> dict:
-    """How an output names its input: the manifest fingerprint, or for a foreign directory a
-    fingerprint of its file names and sizes (cheap, and changes when any file is replaced)."""
-    if view.manifest is not None:
-        return manifest.input_ref(view.manifest)
-    import hashlib
-
-    h = hashlib.sha256()
-    for name in storage.list_files(view.uri):
-        h.update(f"{name}\0{storage.size(storage.join(view.uri, name))}\n".encode())
-    return {"uri": view.uri, "fingerprint": "files:" + h.hexdigest()}
-
-
-def dtype_code(dtype: str | None) -> str | None:
-    if dtype in (None, "", "keep", "null", "none"):
-        return None
-    name = dtype.removeprefix("torch.")
-    name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(name, name)
-    if name not in ("bfloat16", "float16", "float32"):
-        raise CkptError(f"--dtype {dtype}: choose bfloat16, float16 or float32")
-    return st.ST_NAME[name]
