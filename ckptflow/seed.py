@@ -115,7 +115,7 @@ FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenize
 
 def describe(uri: str):
     """What `ckptflow download URI DST` would write, without writing it: `ckptflow detect seed://...`."""
-    from ckptflow.formats.detect import Detection
+    from ckptflow.formats.view import Detection
 
     family_name, o = parse(uri)
     _, vocab = tokenizer_files(o["vocab_size"])
@@ -127,7 +127,7 @@ def describe(uri: str):
 
 def write(uri: str, out) -> "object":
     """Write the seed model described by `uri` as an HF directory into Output `out`."""
-    from ckptflow.formats import plan, st
+    from ckptflow.formats import plan, st, view
     from ckptflow.manifest import Manifest
 
     family_name, o = parse(uri)
@@ -136,8 +136,8 @@ def write(uri: str, out) -> "object":
     o["vocab_size"] = vocab
     args = model_args(family_name, o)
     hf_sd = families.tune_state_dict_to_hf(init_state_dict(args, o["seed"], o["dtype"]), fam, args)
-    items = [plan.Item(k, *st.from_torch(v)[:2], load=(lambda v=v: v)) for k, v in hf_sd.items()]
-    plan.write_file(out, plan.FilePlan("model.safetensors", items))
+    items = [view.Item(k, *st.from_torch(v)[:2], load=(lambda v=v: v)) for k, v in hf_sd.items()]
+    plan.write_file(out, view.FilePlan("model.safetensors", items))
     config = fam.hf_config(args, dtype=o["dtype"])
     out.put("config.json", _json(config))
     out.put("generation_config.json", _json({k: args.extra[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}))

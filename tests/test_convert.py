@@ -141,6 +141,24 @@ def test_convert_path_imports_neither_torch_nor_prefect(tmp_path):
     assert out.stdout.strip().splitlines()[-1] == "[]"
 
 
+@pytest.mark.parametrize("to", ["tune", "meta", "dcp"])
+def test_writing_a_cast_copy_leaves_the_views_tensors_as_they_were(tmp_path, to):
+    """Writers cast copies of the view's items: the same view loaded afterwards still has its own
+    dtype (an Item is shared by every view built on it; a writer used to set out_dtype on it)."""
+    from ckptflow.commit import Output
+    from ckptflow.formats import registry
+
+    src = hfmodels.save("llama", str(tmp_path / "src"), dtype=torch.float32)
+    view = registry.open_view(src)
+    before = view.state_dict()
+    plans = view.plans(out_dtype="BF16")
+    assert {it.final_dtype for p in plans for it in p.items} == {"BF16"}
+    registry.write(to, view, Output(str(tmp_path / to)), out_dtype="BF16")
+    after = view.state_dict()
+    assert {it.out_dtype for it in view.items.values()} == {None}
+    assert all(after[k].dtype == torch.float32 and torch.equal(after[k], before[k]) for k in before)
+
+
 def test_multimodal_gemma3_reads_its_text_model(tmp_path):
     """model_type gemma3 (Gemma3ForConditionalGeneration): the text decoder is read with transformers'
     text-only logits; the vision tower is dropped and writing the multimodal layout back is refused."""

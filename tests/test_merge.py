@@ -3,7 +3,6 @@ import os
 
 import pytest
 import torch
-import transformers
 
 from ckptflow import api, cli, families, manifest
 from ckptflow.errors import CkptError

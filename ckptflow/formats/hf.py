@@ -12,10 +12,10 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 
-from ckptflow import families, storage
+from ckptflow import families, manifest, storage
 from ckptflow.errors import CkptError
 from ckptflow.formats import st
-from ckptflow.formats.plan import FilePlan, Item, repartition
+from ckptflow.formats.view import FilePlan, Item, repartition
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def _file_items(uri: str, name: str, weights: str) -> tuple[dict, list[Item]]:
         return meta, [Item(t.name, t.dtype, t.shape, info=t) for t in infos]
     sd = load_pickle_weights(path)
     return {"format": "pt"}, [Item(k, st.ST_NAME[str(v.dtype).removeprefix("torch.")], list(v.shape),
-                 load=_bin_loader(path, k)) for k, v in sd.items()]
+                 load=bin_loader(path, k)) for k, v in sd.items()]
 
 
 def _check_index(uri: str, index: str, tensors: dict[str, list[Item]]) -> None:
@@ -122,7 +122,7 @@ def load_pickle_weights(uri: str) -> dict:
 
     if uri in _BIN_CACHE:
         return _BIN_CACHE[uri]
-    path = _local_copy(uri)
+    path = local_copy(uri)
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
@@ -138,11 +138,11 @@ def load_pickle_weights(uri: str) -> dict:
     return sd
 
 
-def _bin_loader(uri: str, key: str):
+def bin_loader(uri: str, key: str):
     return lambda: load_pickle_weights(uri)[key]
 
 
-def _local_copy(uri: str) -> str:
+def local_copy(uri: str) -> str:
     if storage.is_local(uri):
         return storage.local_path(uri)
     fd, tmp = tempfile.mkstemp(suffix=os.path.splitext(uri)[1])
@@ -154,6 +154,30 @@ def _local_copy(uri: str) -> str:
 
 
 # --- HF -> tune plan ----------------------------------------------------------------------
+
+def open_view(uri: str, **_):
+    """An HF directory as a View: tune names, the original partition, config and tokenizer as assets."""
+    from ckptflow.formats.view import View
+
+    src = open_source(uri)
+    plans, original = tune_plan(src)
+    items = {it.name: it for p in plans for it in p.items}
+    assets = {name: storage.join(src.uri, name) for name in src.assets}
+    if src.index:
+        assets[src.index] = storage.join(src.uri, src.index)
+    return View(src.uri, "hf", src.family, src.args, items, original, assets, manifest=manifest.read(src.uri),
+                partition=[[it.name for it in p.items] for p in plans])
+
+
+def describe(uri: str):
+    """Detection for `ckptflow detect`: family, dominant dtype and parameter count from the headers."""
+    from ckptflow.formats.view import Detection, summarize
+
+    src = open_source(uri)
+    dtype, n = summarize((it.shape, it.dtype) for items in src.tensors.values() for it in items)
+    return Detection("hf", uri, src.family.NAME, dtype, n, storage.list_files(uri),
+                     {"weights": src.weights, "shards": len(src.files), "model_type": src.config.get("model_type")})
+
 
 def tune_plan(src: Source, out_dtype: str | None = None, max_shard: int | None = None) -> tuple[list[FilePlan], dict]:
     """(tune files, the `original` record export needs to write these files back)."""

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from ckptflow import manifest, storage
 from ckptflow.errors import CkptError
 from ckptflow.formats import st
-from ckptflow.formats.plan import FilePlan, Item, write_file
+from ckptflow.formats.plan import write_file
+from ckptflow.formats.view import FilePlan, Item
 from ckptflow.manifest import Manifest
 from ckptflow.model_args import ModelArgs
 
@@ -144,6 +145,19 @@ def open_dir(uri: str) -> TuneDir:
 
 def items(d: TuneDir) -> dict[str, Item]:
     return {k: Item(k, t.dtype, t.shape, info=t) for k, t in d.tensors.items()}
+
+
+def open_view(uri: str, **_):
+    """A committed tune directory (a model, or a full fine-tune step) as a View."""
+    from ckptflow import families
+    from ckptflow.formats.view import View
+
+    d = open_dir(uri)
+    assets = {name[len(ASSETS) + 1:]: storage.join(d.uri, name)
+              for name in d.manifest.files if name.startswith(ASSETS + "/")}
+    layout = [e["keys"] for e in d.manifest.extra.get("layout", [])]
+    return View(d.uri, "tune", families.get(d.manifest.family), d.args, items(d), d.original, assets,
+                manifest=d.manifest, partition=layout)
 
 
 def write_view(view, out, *, out_dtype: str | None = None, max_shard: int | None = None, progress=None) -> Manifest:

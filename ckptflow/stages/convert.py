@@ -12,7 +12,8 @@ import logging
 from ckptflow import manifest, progress, storage
 from ckptflow.commit import Output
 from ckptflow.errors import CkptError
-from ckptflow.formats import WRITERS, View, open_view, st
+from ckptflow.formats import registry, st
+from ckptflow.formats.view import View
 from ckptflow.formats.plan import parse_size
 from ckptflow.lineage import dtype_code, source_ref, with_stage
 from ckptflow.manifest import Manifest
@@ -25,10 +26,10 @@ def run(src: str, dst: str, *, to: str = "tune", dtype: str | None = None, max_s
     src, dst = storage.normalize(src), storage.normalize(dst)
     if src == dst:
         raise CkptError(f"{dst}: source and destination are the same directory")
-    if to not in WRITERS:
-        raise CkptError(f"--to {to}: unknown format (choose from {', '.join(sorted(WRITERS))})")
+    if to not in registry.writable():
+        raise CkptError(f"--to {to}: unknown format (choose from {', '.join(registry.writable())})")
     out_dtype = dtype_code(dtype)
-    view = open_view(src, **(reader_opts or {}))
+    view = registry.open_view(src, **(reader_opts or {}))
     params = {"to": to, "dtype": dtype, "max_shard_size": parse_size(max_shard_size), **(reader_opts or {})}
     inputs = {"source": source_ref(view)}
     existing = manifest.read(dst)
@@ -45,7 +46,7 @@ def write(view: View, dst: str, *, to: str, out_dtype: str | None, max_shard: in
     total = sum(it.out_nbytes // st.DTYPE_SIZE[it.final_dtype] * st.DTYPE_SIZE[out_dtype or it.dtype]
                 for it in view.items.values())
     with progress.bar(total, f"{stage} -> {to}") as bar:
-        m = WRITERS[to](view, out, out_dtype=out_dtype, max_shard=max_shard, progress=bar)
+        m = registry.write(to, view, out, out_dtype=out_dtype, max_shard=max_shard, progress=bar)
     m.kind, m.inputs, m.params = kind, inputs, params
     m.lineage = with_stage(view, stage, dst, to)
     if view.manifest is not None and view.manifest.step is not None:

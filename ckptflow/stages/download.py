@@ -90,9 +90,9 @@ def _source_files(source: str) -> tuple[str, list[str]]:
 
 
 def _source_manifest(source: str, src: str, params: dict) -> Manifest:
-    from ckptflow.formats import detect
+    from ckptflow.formats import registry
 
-    fmt = detect.sniff(src)
+    fmt = registry.sniff(src)
     prior = manifest.read(src)
     lineage = dict(prior.lineage) if prior else {"source": source, "revision": None, "stages": []}
     return Manifest(kind="source", format=fmt, family=prior.family if prior else None,
@@ -287,10 +287,10 @@ def _listed(local_dir: str) -> list[str]:
 def _describe(local_dir: str, format: str) -> tuple[str, str | None, dict | None, str | None]:
     """(format, family, model_args, dtype) as far as ckptflow reads the download; the source stage
     keeps what came even when a later stage will refuse it."""
-    from ckptflow.formats import detect
+    from ckptflow.formats import registry
 
     try:
-        d = detect.detect(local_dir)
+        d = registry.detect(local_dir)
     except CkptError as e:
         log.info("%s: kept as downloaded (%s)", local_dir, e)
         return ("meta" if format == "meta" else "hf"), None, None, None
