@@ -174,10 +174,11 @@ def benchmark(job: Job, source) -> tuple[dict, dict]:
     """lm-eval's scores and details for SOURCE, on an HF directory (a temporary export if need be)."""
     import tempfile
 
-    from ckptflow import benchmarks, generate
+    from ckptflow import benchmarks
+    from ckptflow.train import pick_device
 
     s = job.settings
-    device = str(generate.pick_device(job.device))
+    device = str(pick_device(job.device, "--device"))
     with tempfile.TemporaryDirectory(prefix="ckptflow-lm-eval-") as scratch:
         hf_dir = lm_eval_dir(source, storage.join(scratch, HF_DIR))
         raw = benchmarks.run(hf_dir, job.tasks, scratch, limit=s["limit"], device=device,
@@ -209,7 +210,7 @@ def _batch(value, device: str):
 
 # --- where things go ------------------------------------------------------------------------
 
-def run_of(source) -> str | None:
+def run_of_source(source) -> str | None:
     """The run a resolved source belongs to: its own, its lineage's, or the directory above it."""
     if source.run:
         return source.run
@@ -229,7 +230,7 @@ def default_out(source) -> str:
 
 
 def run_default(source) -> str | None:
-    run = run_of(source)
+    run = run_of_source(source)
     return storage.join(run, "eval") if run is not None else None
 
 
