@@ -1,4 +1,4 @@
-"""torch.distributed.checkpoint (DCP) directories: `.metadata` + `__{rank}_{n}.distcp` (formats.md 5).
+"""torch.distributed.checkpoint (DCP) directories: `.metadata` + `__{rank}_{n}.distcp` (docs/formats.md).
 
 Reading: a View of tune-named tensors, each loaded alone into a preallocated tensor through a
 partial-load planner, so converting a DCP checkpoint (sharded by any number of ranks) to HF
@@ -14,7 +14,7 @@ the class), not with plain pickle as torch's own reader does.
 
 Writing: `write_view` (convert --to dcp) saves the tensors with DCP, hashing every file while
 it is written. `save_state` / `load_state` are the helpers for training code, in one process or
-under torch.distributed (DTensor shards reshard on load; formats.md 5.7).
+under torch.distributed (DTensor shards reshard on load; docs/formats.md).
 """
 from __future__ import annotations
 

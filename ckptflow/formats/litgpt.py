@@ -1,5 +1,5 @@
 """litgpt checkpoints: lit_model.pth (a torch.save of {litgpt key: tensor}, or {"model": ...} after
-`litgpt finetune`) + model_config.yaml (`asdict(litgpt.Config)`), formats.md 2.3 and 7.2.
+`litgpt finetune`) + model_config.yaml (`asdict(litgpt.Config)`), docs/formats.md.
 
 q, k and v are one fused tensor: `attn.qkv` = [q; k; v] on dim 0 (litgpt >= v0.5.5), or the older
 `attn.attn` in KV-group order [q heads of group 0, k0, v0, q heads of group 1, ...] (<= v0.5.4).

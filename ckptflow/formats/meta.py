@@ -1,5 +1,5 @@
 """Meta's original format: consolidated.NN.pth (one file per model-parallel rank), params.json and
-tokenizer.model (formats.md 3). Mistral's own release (consolidated.safetensors, or .pth, with a
+tokenizer.model (docs/formats.md). Mistral's own release (consolidated.safetensors, or .pth, with a
 params.json that gives hidden_dim) uses the same key names and is read here too.
 
 Reading joins each weight's model-parallel shards on the dimension Meta's reference code split it

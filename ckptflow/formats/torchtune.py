@@ -1,4 +1,4 @@
-"""What torchtune wrote, across its versions (formats.md 7.1), read as a View.
+"""What torchtune wrote, across its versions (docs/formats.md), read as a View.
 
     v0.1-v0.4 output_dir: hf_model_{NNNN}_{epoch}.pt (HF keys), model-0NNNN-of-0MMMM_{epoch}.safetensors
                           (HF keys, no index), meta_model_{epoch}.pt (Meta keys), torchtune_model_{epoch}.pt
