@@ -18,7 +18,7 @@ import logging
 from ckptflow import families, manifest, storage
 from ckptflow.errors import CkptError
 from ckptflow.formats import st
-from ckptflow.formats.view import FilePlan, Item
+from ckptflow.formats.view import FilePlan, Item, is_asset
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +91,8 @@ def open_view(uri: str, *, model_config: str | None = None, **_):
     if LORA in names:
         notes.append(f"{LORA}: litgpt LoRA weights left out (merge them with litgpt merge_lora to include them)")
     check_items([FilePlan("", list(items.values()))], a.args, uri)
-    assets = {n: storage.join(uri, n) for n in names if _is_asset(uri, n)}
+    assets = {n: storage.join(uri, n) for n in names if is_asset(uri, n, NOT_ASSETS, WEIGHT_SUFFIXES)}
     return View(uri, "litgpt", a.family, a.args, items, None, assets, manifest.read(uri), notes=notes)
-
-
-def _is_asset(uri: str, name: str) -> bool:
-    if name in NOT_ASSETS or name.startswith(".") or name.endswith(WEIGHT_SUFFIXES):
-        return False
-    return storage.isfile(storage.join(uri, name))
 
 
 def _map(family, key: str, where: str):
