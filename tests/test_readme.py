@@ -257,7 +257,8 @@ def test_the_local_s3_server_as_docs_storage_md_starts_it(tmp_path):
 
 def _train_cmd(tmp_path, *extra) -> list[str]:
     return [sys.executable, "-m", "ckptflow.cli", "train", os.path.join(ROOT, "deployments", "configs", "demo.yaml"),
-            f"storage={tmp_path}", "train.steps=4", "checkpoint.every_steps=2", "data.eval_batches=1", *extra]
+            f"storage={tmp_path}", "train.steps=4", "checkpoint.every_steps=2", "data.eval_batches=1",
+            "train.batch_size=2", "train.seq_len=16", *extra]
 
 
 def _on_a_terminal(cmd: list[str]) -> tuple[int, str]:
