@@ -53,9 +53,9 @@ def where(out: dict, run: str | None) -> None:
     from prefect.artifacts import create_link_artifact
     from prefect.events import emit_event
 
-    from flows.publish import key
+    from tasks.common import artifact_key
 
-    name = key(storage.basename(run) if run else "export", "export")
+    name = artifact_key(storage.basename(run) if run else "export", "export")
     emit_event(event=WRITTEN_EVENT, resource={"prefect.resource.id": f"ckptflow.{name}", "prefect.resource.name": out["uri"]},
                payload={"uri": out["uri"], "format": out.get("format")})
     create_link_artifact(link=out["uri"], link_text=out["uri"], key=name, description="where the export went")

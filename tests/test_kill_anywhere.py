@@ -236,7 +236,7 @@ def landed(kill: dict) -> str:
 
 PARENT = textwrap.dedent("""
     import sys, threading, time
-    from tasks import launch
+    from ckptflow import launch
 
     def train():      # like a Prefect task in a worker thread: torchrun's launcher with a worker
         launch.run(["sh", "-c", f"sleep 120 & echo $! > {sys.argv[1]}; wait"], poll=lambda: None, poll_seconds=0.2)

@@ -74,6 +74,14 @@ def repartition(items: list[Item], max_bytes: int, pattern: str = "model") -> li
     return [FilePlan(f"{pattern}-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
 
 
+def is_asset(uri: str, name: str, not_assets, weight_suffixes) -> bool:
+    """A non-weight file of directory `uri` that travels with the weights (config, tokenizer):
+    a file, not hidden, not in the format's `not_assets`, not ending in one of `weight_suffixes`."""
+    if name in not_assets or name.startswith(".") or name.endswith(weight_suffixes):
+        return False
+    return storage.isfile(storage.join(uri, name))
+
+
 def cast(it: Item, out_dtype: str | None) -> Item:
     """A copy of `it` written as `out_dtype` (None: its source dtype); `it` itself is unchanged."""
     return dataclasses.replace(it, out_dtype=out_dtype)
