@@ -165,6 +165,12 @@ def _write_dcp(view, out, **kw):
     return dcp.write_view(view, out, **kw)
 
 
+def _write_gguf(view, out, **kw):
+    from ckptflow.formats import gguf
+
+    return gguf.write_view(view, out, **kw)
+
+
 # format name -> writer(view, out: commit.Output, *, out_dtype, max_shard, progress) -> Manifest
 WRITERS: dict[str, callable] = {"hf": _write_hf, "tune": _write_tune, "peft": _write_peft, "meta": _write_meta,
-                                "dcp": _write_dcp}
+                                "dcp": _write_dcp, "gguf": _write_gguf}

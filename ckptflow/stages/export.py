@@ -1,6 +1,6 @@
 """Export a model or an adapter in a format other tools load as is, streaming one tensor at a time.
 
-    ckptflow export SRC DST [--format original|hf|meta|peft] [--step N] [--dtype D] [--base BASE]
+    ckptflow export SRC DST [--format original|hf|meta|peft|gguf] [--step N] [--dtype D] [--base BASE]
 
 SRC is a run directory (its newest committed step, or --step N), a step checkpoint, a tune
 directory, an HF or Meta directory, or an adapter (LoRA step, PEFT, torchtune). A LoRA adapter is
@@ -8,7 +8,8 @@ merged on the fly for hf/meta/original (one tensor at a time, nothing written in
 written unmerged for peft. `original` is the format the model came in (the tune manifest's
 `extra.original.format`; PEFT for a PEFT adapter). HF output reproduces the source's key names,
 order, partition, index, config and tokenizer files (formats.hf.write_view); --dtype casts every
-tensor and updates config.json.
+tensor and updates config.json. GGUF output is one .gguf file for llama.cpp / Ollama (with a
+Modelfile), --dtype f32 | f16 | bf16 | q8_0 (formats/gguf.py); the adapter is merged into it.
 
 ckptflow.json of the export (kind "export") records the lineage: source model and revision, the
 run, the step, every stage the weights went through, and the dtype.
@@ -29,7 +30,7 @@ from ckptflow.stages.convert import dtype_code, source_ref
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("original", "hf", "meta", "peft", "tune")
+FORMATS = ("original", "hf", "meta", "peft", "tune", "gguf")
 
 
 @dataclass
@@ -49,6 +50,8 @@ def run(src: str, dst: str, *, format: str = "original", step: int | None = None
         raise CkptError(f"{dst}: source and destination are the same directory")
     source = resolve(src, step=step, base=base, adapter=format == "peft")
     fmt = target_format(format, source)
+    if fmt == "gguf":
+        return _run_gguf(source, dst, dtype, overwrite)
     out_dtype = dtype_code(dtype)
     inputs = {"source": source_ref(source.view) if source.manifest is None else manifest.input_ref(source.manifest)}
     if source.base is not None:
@@ -65,6 +68,27 @@ def run(src: str, dst: str, *, format: str = "original", step: int | None = None
         m = WRITERS[fmt](source.view, out, out_dtype=out_dtype, max_shard=None, progress=bar)
     m.kind, m.inputs, m.params, m.step = "export", inputs, params, source.step
     m.lineage = lineage(source, fmt, dst, m.dtype)
+    return out.commit(m)
+
+
+def _run_gguf(source: Source, dst: str, dtype: str | None, overwrite: bool) -> Manifest:
+    from ckptflow.formats import gguf
+
+    dtype = gguf.dtype_name(dtype, source.view)
+    inputs = {"source": source_ref(source.view) if source.manifest is None else manifest.input_ref(source.manifest)}
+    if source.base is not None:
+        inputs["base"] = source_ref(source.base)
+    params = {"format": "gguf", "dtype": dtype, "step": source.step}
+    existing = manifest.read(dst)
+    if manifest.matches(existing, inputs, params):
+        log.info("%s: already exported from %s; nothing to do", dst, source.uri)
+        return existing
+    prepared = gguf.prepare(source.view, dtype)     # a bad key or tokenizer fails before DST is touched
+    out = Output(dst, overwrite=overwrite or existing is not None)
+    with progress.bar(prepared.nbytes, "export -> gguf") as bar:
+        m = gguf.write_view(source.view, out, progress=bar, prepared=prepared)
+    m.kind, m.inputs, m.params, m.step = "export", inputs, params, source.step
+    m.lineage = lineage(source, "gguf", dst, dtype)
     return out.commit(m)
 
 
