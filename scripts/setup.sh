@@ -18,6 +18,19 @@ fi
 .venv/bin/python -m pip install -q --disable-pip-version-check "${TORCH[@]}" 2>&1 | grep -v "is ignored" || true
 if [ "${1:-}" = "--test" ]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v "is ignored" || true
+  # llama.cpp's own Python binding proves the GGUF export (tests/test_gguf.py). It is an sdist only:
+  # built once (5-10 min on 2 cores) into a wheel cache that later setups install from in seconds.
+  # A failed build fails the setup: CI must not run without the proof.
+  LLAMA_WHEELS=${CKPTFLOW_WHEEL_CACHE:-$HOME/.cache/ckptflow-wheels}
+  if ! ls "$LLAMA_WHEELS"/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1; then
+    echo "setup: building llama-cpp-python 0.3.36 into $LLAMA_WHEELS (takes minutes)" >&2
+    mkdir -p "$LLAMA_WHEELS"
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF" \
+      .venv/bin/python -m pip wheel -q --disable-pip-version-check --no-deps llama-cpp-python==0.3.36 -w "$LLAMA_WHEELS"
+  fi
+  .venv/bin/python -m pip install -q --disable-pip-version-check --find-links "$LLAMA_WHEELS" \
+    --only-binary llama-cpp-python llama-cpp-python==0.3.36
+  .venv/bin/python -c "import llama_cpp" || { echo "setup: llama_cpp does not import" >&2; exit 1; }
   bash .ci/browser-deps.sh || echo "setup: could not install chromium; browser tests will be skipped" >&2
 else
   .venv/bin/python -m pip install -q --disable-pip-version-check -e . 2>&1 | grep -v "is ignored" || true

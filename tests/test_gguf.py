@@ -36,6 +36,7 @@ CASES = {
                                                        "original_max_position_embeddings": 32}}),
     "mistral": ("mistral", "tekken", {}),
     "qwen2": ("qwen2", "qwen2", {}),
+    "mistral-spm": ("mistral", "spm", {}),       # Mistral 7B / Llama 2 style: SentencePiece tokenizer.model
 }
 SPECIALS = {"gpt2": ["<|pad|>", "<|bos|>", "<|eos|>"],
             "llama3": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
@@ -75,6 +76,24 @@ def train_tokenizer(style: str, vocab: int = 320):
     return tj
 
 
+def train_spm(path: str, vocab: int = 700) -> int:
+    """A SentencePiece BPE tokenizer.model like Llama 2's (byte fallback, identity normalizer)."""
+    import io
+
+    spm = pytest.importorskip("sentencepiece")
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(input=CORPUS, model_writer=buf, vocab_size=vocab, model_type="bpe",
+                                   byte_fallback=True, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, split_digits=True, hard_vocab_limit=False,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    with open(os.path.join(path, "tokenizer.model"), "wb") as f:
+        f.write(buf.getvalue())
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                   "unk_token": "<unk>", "add_bos_token": True, "legacy": False}, f)
+    return spm.SentencePieceProcessor(model_file=os.path.join(path, "tokenizer.model")).vocab_size()
+
+
 def tokenizer_config(style: str) -> dict:
     s = SPECIALS[style]
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
@@ -90,18 +109,22 @@ def tokenizer_config(style: str) -> dict:
 def hf_dir(path: str, case: str) -> str:
     """A transformers-saved tiny model (weights scaled up so logits are O(1)) plus its tokenizer."""
     family, style, over = CASES[case]
-    tj = train_tokenizer(style)
-    n = len(tj["model"]["vocab"])
+    os.makedirs(path)
+    if style == "spm":
+        n = train_spm(path)
+    else:
+        tj = train_tokenizer(style)
+        n = len(tj["model"]["vocab"])
+        with open(os.path.join(path, "tokenizer.json"), "w") as f:
+            json.dump(tj, f)
+        with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+            json.dump(tokenizer_config(style), f)
     m = hfmodels.model(family, vocab_size=n, initializer_range=0.15, **over)
     with torch.no_grad():
         for name, p in m.named_parameters():
             if name.endswith(".bias"):
                 p.add_(torch.randn_like(p) * 0.2)
     m.save_pretrained(path)
-    with open(os.path.join(path, "tokenizer.json"), "w") as f:
-        json.dump(tj, f)
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump(tokenizer_config(style), f)
     return path
 
 
@@ -113,9 +136,19 @@ def models(tmp_path_factory):
 
 # --- what each side computes ------------------------------------------------------------------
 
-def hf_side(path: str, text: str = TEXT):
+def hf_ids(path: str, text: str) -> list[int]:
+    """The model's own tokenizer: transformers' for tokenizer.json, SentencePiece for tokenizer.model
+    (transformers 5 converts a tokenizer.model only with protobuf/tiktoken, not installed here)."""
+    if os.path.exists(os.path.join(path, "tokenizer.model")):
+        import sentencepiece
+
+        return sentencepiece.SentencePieceProcessor(model_file=os.path.join(path, "tokenizer.model")).encode(text)
     tok = transformers.AutoTokenizer.from_pretrained(path)
-    ids = tok(text, add_special_tokens=False)["input_ids"]
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def hf_side(path: str, text: str = TEXT):
+    ids = hf_ids(path, text)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0].numpy()
@@ -248,3 +281,21 @@ def test_a_bad_gguf_dtype_is_one_line(tmp_path, models):
     with pytest.raises(CkptError, match="q8_0"):
         export.run(models["llama"], str(tmp_path / "x"), format="gguf", dtype="q4_k")
     assert not os.path.exists(tmp_path / "x")
+
+
+def test_sentencepiece_metadata(tmp_path, models):
+    from gguf import GGUFReader
+
+    import sentencepiece
+
+    r = GGUFReader(export_gguf(models["mistral-spm"], str(tmp_path / "spm"), "f16"))
+    kv = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(models["mistral-spm"], "tokenizer.model"))
+    n = sp.vocab_size()
+    assert (kv["general.architecture"], kv["tokenizer.ggml.model"], kv["tokenizer.ggml.pre"]) == ("llama", "llama", "default")
+    assert kv["tokenizer.ggml.tokens"] == [sp.id_to_piece(i) for i in range(n)]
+    assert kv["tokenizer.ggml.scores"] == pytest.approx([sp.get_score(i) for i in range(n)])
+    assert kv["tokenizer.ggml.token_type"][:4] == [2, 3, 3, 6]               # unk, bos, eos, <0x00>
+    assert (kv["tokenizer.ggml.bos_token_id"], kv["tokenizer.ggml.eos_token_id"]) == (1, 2)
+    assert kv["tokenizer.ggml.add_bos_token"] is True and kv["tokenizer.ggml.add_space_prefix"] is True
+    assert kv["general.file_type"] == 1 and {t.name: t.tensor_type.name for t in r.tensors}["blk.0.attn_q.weight"] == "F16"

@@ -141,22 +141,57 @@ RULES = {
 }
 
 
-def tensor_bytes(t: Tensor, handles: dict) -> bytes:
-    """The bytes of one tensor in its GGUF type; the source bytes as they are when nothing changes."""
+CHUNK_BYTES = 16 * 2**20     # float32 bytes converted at a time: memory stays at the source tensor
+
+
+def tensor_chunks(t: Tensor, handles: dict):
+    """The bytes of one tensor in its GGUF type, in pieces: source bytes as they are when nothing
+    changes, else the source tensor (one copy) cast or quantized a block of rows at a time."""
+    import torch
+
+    if t.data is not None:
+        yield encode(torch.from_numpy(t.data), t.qtype)
+        return
+    it = t.sources[0]
+    if len(t.sources) == 1 and t.rule is None and it.final_dtype == t.qtype and it.info is not None \
+            and it.permute is None:
+        src = handles.get(it.info.file) or handles.setdefault(it.info.file, storage.open_read(it.info.file))
+        yield from st.iter_tensor_chunks(it.info, src)
+        return
+    parts = [source_tensor(i, handles) for i in t.sources]
+    x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    del parts
+    rows = x.shape[0] if x.dim() > 1 else 1
+    step = max(1, CHUNK_BYTES // max(1, x.numel() // rows * 4))
+    flat = x if x.dim() > 1 else x.reshape(1, -1)
+    for r in range(0, rows, step):
+        piece = flat[r:r + step]
+        if t.rule is not None:
+            piece = RULES[t.rule](piece.float())
+        yield encode(piece, t.qtype)
+
+
+def source_tensor(it: Item, handles: dict):
+    """One tune Item as a torch tensor in its own dtype, read straight into the tensor's memory."""
     import torch
 
     from ckptflow.formats.plan import _transformed_bytes
 
-    if t.data is not None:
-        return encode(torch.from_numpy(t.data), t.qtype)
-    if len(t.sources) == 1 and t.rule is None and t.sources[0].final_dtype == t.qtype:
-        return _transformed_bytes(t.sources[0], handles)
-    parts = [st.to_torch(_transformed_bytes(it, handles), it.final_dtype, it.shape) for it in t.sources]
-    x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-    del parts
-    if t.rule is not None:
-        x = RULES[t.rule](x.float())
-    return encode(x, t.qtype)
+    if it.load is not None and it.permute is None:
+        return it.load()
+    if it.info is None or it.permute is not None or it.final_dtype != it.dtype:
+        return st.to_torch(_transformed_bytes(it, handles), it.final_dtype, it.shape)
+    buf = bytearray(it.info.nbytes)
+    src = handles.get(it.info.file) or handles.setdefault(it.info.file, storage.open_read(it.info.file))
+    src.seek(it.info.start)
+    view, got = memoryview(buf), 0
+    while got < len(buf):
+        n = src.readinto(view[got:])
+        if not n:
+            raise CkptError(f"{it.info.file}: truncated while reading tensor {it.info.name!r}")
+        got += n
+    return torch.frombuffer(buf, dtype=getattr(torch, st.TORCH_NAME[it.dtype])).reshape(it.shape) if buf else \
+        torch.empty(it.shape, dtype=getattr(torch, st.TORCH_NAME[it.dtype]))
 
 
 def encode(x, qtype: str) -> bytes:
@@ -279,11 +314,11 @@ def write_view(view, out, *, dtype: str | None = None, out_dtype: str | None = N
             writer.write_ti_data_to_file()
             for t in p.tensors:
                 writer.write_padding(sink, sink.tell())
-                data = tensor_bytes(t, handles)
-                if len(data) != t.nbytes:
-                    raise CkptError(f"GGUF tensor {t.name!r}: produced {len(data)} bytes, expected {t.nbytes}")
-                sink.write(data)
-                del data
+                start = sink.tell()
+                for data in tensor_chunks(t, handles):
+                    sink.write(data)
+                if sink.tell() - start != t.nbytes:
+                    raise CkptError(f"GGUF tensor {t.name!r}: produced {sink.tell() - start} bytes, expected {t.nbytes}")
                 if progress is not None:
                     progress(t.nbytes)
             writer.write_padding(sink, sink.tell())

@@ -5,7 +5,8 @@ Byte-level BPE (tokenizer.json) becomes llama.cpp's `gpt2` model: tokens, token 
 name by hashing the tokenizer's output on a fixed text and refuses every tokenizer it has not seen
 (fine-tuned or custom ones); here it is read from tokenizer.json's own structure: its split
 regexes, its byte-level step and its normalizer, matched against the literal table PRE_TOKENIZERS.
-A SentencePiece tokenizer.model becomes llama.cpp's `llama` model (gguf_spm.py).
+A SentencePiece tokenizer.model becomes llama.cpp's `llama` model (gguf_spm.py); it wins over
+tokenizer.json, as upstream prefers it, unless it is not SentencePiece (Llama 3's tiktoken file).
 Special ids, add_bos/add_eos and the chat template come from tokenizer_config.json,
 generation_config.json and config.json, first found wins, as transformers reads them.
 """
@@ -77,11 +78,11 @@ class Vocab:
 
 
 def read(view) -> Vocab:
-    """The tokenizer of a View, from its assets (tokenizer.model wins, as upstream prefers it)."""
-    assets, n = view.assets, view.args.vocab_size
-    if "tokenizer.model" in assets:
-        from ckptflow.formats import gguf_spm
+    """The tokenizer of a View, from its assets."""
+    from ckptflow.formats import gguf_spm
 
+    assets, n = view.assets, view.args.vocab_size
+    if "tokenizer.model" in assets and ("tokenizer.json" not in assets or gguf_spm.is_spm(assets["tokenizer.model"])):
         vocab = gguf_spm.read(assets["tokenizer.model"], n, _json_asset(assets, "tokenizer_config.json"))
     elif "tokenizer.json" in assets:
         vocab = read_bpe(assets["tokenizer.json"], n)
