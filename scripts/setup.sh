@@ -15,9 +15,14 @@ if ls /opt/wheels/torch-2.13.0+cpu-*.whl >/dev/null 2>&1; then
 else
   TORCH=("torch==2.13.0")
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check "${TORCH[@]}" 2>&1 | grep -v "is ignored" || true
+# pip's output without its noisy "... is ignored" lines; pip's exit status is the pipeline's
+# (pipefail), and grep finding nothing to print (a quiet, successful pip) is not a failure.
+pip_install() {
+  { .venv/bin/python -m pip install -q --disable-pip-version-check "$@" 2>&1; } | { grep -v "is ignored" || true; }
+}
+pip_install "${TORCH[@]}"
 if [ "${1:-}" = "--test" ]; then
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v "is ignored" || true
+  pip_install -e '.[test]'
   # llama.cpp's own Python binding proves the GGUF export (tests/test_gguf.py). It is an sdist only:
   # built once (5-10 min on 2 cores) into a wheel cache that later setups install from in seconds.
   # A failed build fails the setup: CI must not run without the proof.
@@ -25,14 +30,17 @@ if [ "${1:-}" = "--test" ]; then
   if ! ls "$LLAMA_WHEELS"/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1; then
     echo "setup: building llama-cpp-python 0.3.36 into $LLAMA_WHEELS (takes minutes)" >&2
     mkdir -p "$LLAMA_WHEELS"
-    CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF" \
-      .venv/bin/python -m pip wheel -q --disable-pip-version-check --no-deps llama-cpp-python==0.3.36 -w "$LLAMA_WHEELS"
+    { CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF" \
+      .venv/bin/python -m pip wheel -q --disable-pip-version-check --no-deps llama-cpp-python==0.3.36 \
+      -w "$LLAMA_WHEELS" 2>&1; } | { grep -v "is ignored" || true; }
   fi
-  .venv/bin/python -m pip install -q --disable-pip-version-check --find-links "$LLAMA_WHEELS" \
-    --only-binary llama-cpp-python llama-cpp-python==0.3.36
+  pip_install --find-links "$LLAMA_WHEELS" --only-binary llama-cpp-python llama-cpp-python==0.3.36
   .venv/bin/python -c "import llama_cpp" || { echo "setup: llama_cpp does not import" >&2; exit 1; }
-  bash .ci/browser-deps.sh || echo "setup: could not install chromium; browser tests will be skipped" >&2
+  # Chromium is a system package (apt, as root), the one test dependency pip cannot install. Without
+  # it setup goes on and only the tests marked `browser` skip, saying why (pytest -rs lists them);
+  # every Python test dependency above is required: a failed install stops here.
+  bash .ci/browser-deps.sh || echo "setup: could not install chromium (needs root and apt); the tests marked browser will skip" >&2
 else
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e . 2>&1 | grep -v "is ignored" || true
+  pip_install -e .
 fi
 .venv/bin/python -c "import ckptflow, torch, prefect; print('ckptflow', ckptflow.__version__, '| torch', torch.__version__, '| prefect', prefect.__version__)"
