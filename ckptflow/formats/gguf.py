@@ -79,21 +79,22 @@ def qtype_for(name: str, shape: list, dtype: str) -> str:
 
 
 def plan(view, dtype: str) -> list[Tensor]:
-    """Every GGUF tensor in the order llama.cpp's converter writes them (generated ones first)."""
+    """Every GGUF tensor in the order llama.cpp's converter writes them (generated ones first).
+    A family's GGUF_FUSED ({GGUF template: (tune templates, ...)}) stacks tune tensors on dim 0."""
     fam, args = view.family, view.args
     table = families.table(fam, "TUNE_TO_GGUF")
-    fused = getattr(fam, "GGUF_FUSED", {})
+    fused = {part: (name, parts) for name, parts in getattr(fam, "GGUF_FUSED", {}).items() for part in parts}
     rules = getattr(fam, "GGUF_RULES", {})
     out = [Tensor(n, list(d.shape), "F32", data=d) for n, d in extra_tensors(args).items()]
     done: set[str] = set()
     for key, it in view.items.items():
         template = families.template_of(key)
-        index = key.split(".")[1:2] if template != key else []
+        index = [p for p, t in zip(key.split("."), template.split(".")) if t == "{}"]
         if template in fused:
-            name, members = fused[template]
+            name, parts = fused[template]
             if name.format(*index) in done:
                 continue
-            items = [view.items[m.format(*index)] for m in members]
+            items = [view.items[p.format(*index)] for p in parts]
             shape = [sum(i.shape[0] for i in items), *items[0].shape[1:]]
             t = Tensor(name.format(*index), shape, "", items, rules.get(template))
         else:
