@@ -27,7 +27,25 @@ def load(prefect_file: str) -> list[dict]:
         unknown = set(d) - KEYS
         if unknown:
             raise CkptError(f"{prefect_file}: deployment {d.get('name')!r}: unknown key {sorted(unknown)[0]!r}")
+        literal = literal_credentials(d.get("parameters") or {})
+        if literal:
+            raise CkptError(f"{prefect_file}: deployment {d.get('name')!r}: parameters.{literal[0]} is a literal "
+                            'credential, which Prefect would store and show; use {env: VARIABLE} or {secret: BLOCK}')
     return deployments
+
+
+def literal_credentials(params: dict, path: str = "") -> list[str]:
+    """Dotted paths of literal credentials in any `storage_options` of deployment parameters."""
+    from ckptflow import credentials
+
+    found = []
+    for k, v in params.items() if isinstance(params, dict) else ():
+        here = f"{path}.{k}" if path else str(k)
+        if k == "storage_options" and isinstance(v, dict):
+            found += [f"{here}.{p}" for p in credentials.literals(v)]
+        elif isinstance(v, dict):
+            found += literal_credentials(v, here)
+    return found
 
 
 def flow_of(entrypoint: str, where: str):
@@ -60,5 +78,29 @@ def serve(prefect_file: str, limit: int | None = None) -> None:
     from prefect import serve as prefect_serve
 
     deployments = [runner_deployment(spec, prefect_file) for spec in load(prefect_file)]
+    take_over(deployments)
     # Keep the schedules on when this process stops: a restart must not silently pause nightly runs.
     prefect_serve(*deployments, limit=limit, pause_on_shutdown=False)
+
+
+def take_over(deployments: list) -> None:
+    """Make deployments that `prefect deploy` registered first run here. Serving updates only
+    the fields it sets: the work pool stayed, the pull step went and the code path stayed empty,
+    so every run crashed ("Downloading flow code from storage at None"). So: no work pool (this
+    process runs them, as Prefect's own flow.serve does), and the code where this process runs."""
+    import os
+
+    from prefect import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        for d in deployments:
+            d.work_pool_name = None     # assigned, so the update sends them
+            d.work_queue_name = None
+            try:
+                existing = client.read_deployment_by_name(f"{d.flow_name}/{d.name}")
+            except ObjectNotFound:
+                continue                # serving creates it with the right path
+            if existing.path != os.getcwd():
+                client.update_deployment(existing.id, DeploymentUpdate(path=os.getcwd()))

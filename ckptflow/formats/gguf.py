@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from ckptflow import families, storage
 from ckptflow.errors import CkptError
 from ckptflow.formats import st
-from ckptflow.formats.plan import Item
+from ckptflow.formats.view import Item
 from ckptflow.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def dtype_name(dtype: str | None, view) -> str:
     checkpoint's own float type."""
     if dtype in (None, "", "keep"):
         from ckptflow.formats.tune import dominant_dtype
-        from ckptflow.formats.plan import FilePlan
+        from ckptflow.formats.view import FilePlan
 
         dtype = dominant_dtype([FilePlan("-", list(view.items.values()))])
     name = ALIASES.get(dtype.removeprefix("torch."), dtype)
@@ -176,12 +176,12 @@ def source_tensor(it: Item, handles: dict):
     """One tune Item as a torch tensor in its own dtype, read straight into the tensor's memory."""
     import torch
 
-    from ckptflow.formats.plan import _transformed_bytes
+    from ckptflow.formats.view import tensor
 
     if it.load is not None and it.permute is None:
         return it.load()
     if it.info is None or it.permute is not None or it.final_dtype != it.dtype:
-        return st.to_torch(_transformed_bytes(it, handles), it.final_dtype, it.shape)
+        return tensor(it, handles)
     buf = bytearray(it.info.nbytes)
     src = handles.get(it.info.file) or handles.setdefault(it.info.file, storage.open_read(it.info.file))
     src.seek(it.info.start)

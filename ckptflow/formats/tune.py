@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from ckptflow import manifest, storage
 from ckptflow.errors import CkptError
 from ckptflow.formats import st
-from ckptflow.formats.plan import FilePlan, Item, write_file
+from ckptflow.formats.plan import write_file
+from ckptflow.formats.view import FilePlan, Item
 from ckptflow.manifest import Manifest
 from ckptflow.model_args import ModelArgs
 
@@ -31,8 +32,14 @@ def expected_shapes(a: ModelArgs) -> dict[str, list[int]]:
         shapes["output.weight"] = [a.vocab_size, a.dim]
     for i in range(a.n_layers):
         p = f"layers.{i}."
+        if a.pre_norms:
+            shapes.update({p + "sa_norm.scale": [a.dim], p + "mlp_norm.scale": [a.dim]})
+        if a.post_norms:
+            shapes.update({p + "sa_scale.scale": [a.dim], p + "mlp_scale.scale": [a.dim]})
+        if a.qk_norm is not None:
+            q, k = ([hd], [hd]) if a.qk_norm == "head" else ([a.n_heads * hd], [kv * hd])
+            shapes.update({p + "attn.q_norm.scale": q, p + "attn.k_norm.scale": k})
         shapes.update({
-            p + "sa_norm.scale": [a.dim], p + "mlp_norm.scale": [a.dim],
             p + "attn.q_proj.weight": [a.n_heads * hd, a.dim], p + "attn.k_proj.weight": [kv * hd, a.dim],
             p + "attn.v_proj.weight": [kv * hd, a.dim], p + "attn.output_proj.weight": [a.dim, a.n_heads * hd],
             p + "mlp.w1.weight": [a.hidden_dim, a.dim], p + "mlp.w3.weight": [a.hidden_dim, a.dim],
@@ -49,6 +56,17 @@ def expected_shapes(a: ModelArgs) -> dict[str, list[int]]:
     return shapes
 
 
+def _blame(a: ModelArgs, want: list[int], got: list[int]) -> str:
+    """The config fields (config.json names) that set the dimensions where `got` differs from `want`."""
+    sizes = {"hidden_size": a.dim, "intermediate_size": a.hidden_dim, "vocab_size": a.vocab_size,
+             "head_dim": a.hd, "num_attention_heads * head_dim": a.n_heads * a.hd,
+             "num_key_value_heads * head_dim": a.kv_heads * a.hd}
+    named = []
+    for w, g in zip(want, got):
+        named += [f"{name} = {value}" for name, value in sizes.items() if w != g and value == w]
+    return f" (from the config's {' or '.join(dict.fromkeys(named))})" if named else ""
+
+
 def check_items(plans: list[FilePlan], args: ModelArgs, where: str) -> None:
     """Shapes must match the config, and nothing may be missing: one error naming the key."""
     want = expected_shapes(args)
@@ -59,7 +77,7 @@ def check_items(plans: list[FilePlan], args: ModelArgs, where: str) -> None:
                 raise CkptError(f"{where}: tensor {it.name!r} has no place in a model with this config")
             if list(it.shape) != want[it.name]:
                 raise CkptError(f"{where}: tensor {it.name!r} has shape {list(it.shape)} but the config "
-                                f"implies {want[it.name]}")
+                                f"implies {want[it.name]}{_blame(args, want[it.name], list(it.shape))}")
             if it.name in seen:
                 raise CkptError(f"{where}: tensor {it.name!r} appears twice")
             seen.add(it.name)
@@ -127,6 +145,19 @@ def open_dir(uri: str) -> TuneDir:
 
 def items(d: TuneDir) -> dict[str, Item]:
     return {k: Item(k, t.dtype, t.shape, info=t) for k, t in d.tensors.items()}
+
+
+def open_view(uri: str, **_):
+    """A committed tune directory (a model, or a full fine-tune step) as a View."""
+    from ckptflow import families
+    from ckptflow.formats.view import View
+
+    d = open_dir(uri)
+    assets = {name[len(ASSETS) + 1:]: storage.join(d.uri, name)
+              for name in d.manifest.files if name.startswith(ASSETS + "/")}
+    layout = [e["keys"] for e in d.manifest.extra.get("layout", [])]
+    return View(d.uri, "tune", families.get(d.manifest.family), d.args, items(d), d.original, assets,
+                manifest=d.manifest, partition=layout)
 
 
 def write_view(view, out, *, out_dtype: str | None = None, max_shard: int | None = None, progress=None) -> Manifest:

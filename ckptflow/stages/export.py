@@ -19,14 +19,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from ckptflow import manifest, progress, storage
+from ckptflow import commit, manifest, progress, storage
 from ckptflow.commit import Output
 from ckptflow.errors import CkptError
-from ckptflow.formats import WRITERS, View, open_view, st
-from ckptflow.formats.plan import Item
+from ckptflow.formats import registry, st
+from ckptflow.formats.registry import open_adapter, open_view
+from ckptflow.formats.adapter import adapter_lineage, base_view, merged_view, run_of_step
+from ckptflow.formats.view import Item, View
 from ckptflow.lineage import dtype_code, source_ref
 from ckptflow.manifest import Manifest
-from ckptflow.stages import merge
 
 log = logging.getLogger(__name__)
 
@@ -44,52 +45,57 @@ class Source:
 
 
 def run(src: str, dst: str, *, format: str = "original", step: int | None = None, dtype: str | None = None,
-        base: str | None = None, overwrite: bool = False) -> Manifest:
+        base: str | None = None, overwrite: bool = False, wait: float = 0.0) -> Manifest:
+    from ckptflow.formats import hf
+
     src, dst = storage.normalize(src), storage.normalize(dst)
     if src == dst:
         raise CkptError(f"{dst}: source and destination are the same directory")
+    try:
+        return _run(src, dst, format, step, dtype, base, overwrite, wait)
+    finally:
+        hf.drop_copies()     # local copies of remote .bin/.pth files: fetched once, freed here
+
+
+def _run(src: str, dst: str, format: str, step: int | None, dtype: str | None, base: str | None,
+         overwrite: bool, wait: float) -> Manifest:
     source = resolve(src, step=step, base=base, adapter=format == "peft")
     fmt = target_format(format, source)
-    if fmt == "gguf":
-        return _run_gguf(source, dst, dtype, overwrite)
-    out_dtype = dtype_code(dtype)
+    out_dtype, prepared = (None, _gguf(source.view, dtype)) if fmt == "gguf" else (dtype_code(dtype), None)
+    if prepared is not None:
+        dtype = prepared.dtype
     inputs = {"source": source_ref(source.view) if source.manifest is None else manifest.input_ref(source.manifest)}
     if source.base is not None:
         inputs["base"] = source_ref(source.base)
     params = {"format": fmt, "dtype": dtype, "step": source.step}
-    existing = manifest.read(dst)
-    if manifest.matches(existing, inputs, params):
+    existing = commit.reusable(dst, manifest.read(dst), inputs, params, overwrite=overwrite)
+    if existing is not None:
         log.info("%s: already exported from %s; nothing to do", dst, source.uri)
         return existing
-    out = Output(dst, overwrite=overwrite or existing is not None)
     items = source.view.adapter.items().values() if fmt == "peft" and source.view.adapter else source.view.items.values()
-    total = sum(_nbytes(it, out_dtype) for it in items)
-    with progress.bar(total, f"export -> {fmt}") as bar:
-        m = WRITERS[fmt](source.view, out, out_dtype=out_dtype, max_shard=None, progress=bar)
-    m.kind, m.inputs, m.params, m.step = "export", inputs, params, source.step
-    m.lineage = lineage(source, fmt, dst, m.dtype)
-    return out.commit(m)
+    total = prepared.nbytes if prepared is not None else sum(_nbytes(it, out_dtype) for it in items)
+    with Output(dst, overwrite=overwrite, wait=wait, expect=(inputs, params)) as out:
+        if out.done is not None:     # another writer committed the same while we waited
+            return out.done
+        out.reserve(total)
+        with progress.bar(total, f"export -> {fmt}") as bar:
+            if prepared is not None:
+                from ckptflow.formats import gguf
+
+                m = gguf.write_view(source.view, out, progress=bar, prepared=prepared)
+            else:
+                m = registry.write(fmt, source.view, out, out_dtype=out_dtype, progress=bar)
+        m.kind, m.inputs, m.params, m.step = "export", inputs, params, source.step
+        m.lineage = lineage(source, fmt, dst, m.dtype)
+        return out.commit(m)
 
 
-def _run_gguf(source: Source, dst: str, dtype: str | None, overwrite: bool) -> Manifest:
+def _gguf(view: View, dtype: str | None):
+    """The GGUF file planned (dtype, tensors, tokenizer): a bad key or tokenizer fails before DST
+    is touched."""
     from ckptflow.formats import gguf
 
-    dtype = gguf.dtype_name(dtype, source.view)
-    inputs = {"source": source_ref(source.view) if source.manifest is None else manifest.input_ref(source.manifest)}
-    if source.base is not None:
-        inputs["base"] = source_ref(source.base)
-    params = {"format": "gguf", "dtype": dtype, "step": source.step}
-    existing = manifest.read(dst)
-    if manifest.matches(existing, inputs, params):
-        log.info("%s: already exported from %s; nothing to do", dst, source.uri)
-        return existing
-    prepared = gguf.prepare(source.view, dtype)     # a bad key or tokenizer fails before DST is touched
-    out = Output(dst, overwrite=overwrite or existing is not None)
-    with progress.bar(prepared.nbytes, "export -> gguf") as bar:
-        m = gguf.write_view(source.view, out, progress=bar, prepared=prepared)
-    m.kind, m.inputs, m.params, m.step = "export", inputs, params, source.step
-    m.lineage = lineage(source, "gguf", dst, dtype)
-    return out.commit(m)
+    return gguf.prepare(view, dtype)
 
 
 def _nbytes(it: Item, out_dtype: str | None) -> int:
@@ -114,10 +120,10 @@ def resolve(src: str, *, step: int | None = None, base: str | None = None, adapt
         raise CkptError(f"{src}: --step {step} needs a run directory; this is "
                         + (f"step {m.step}" if m is not None and m.step is not None else "not a step checkpoint"))
     if m is not None and m.kind == "train_state":
-        return from_step(src, m, base, run=m.extra.get("run") or merge.run_of(src))
+        return from_step(src, m, base, run=m.extra.get("run") or run_of_step(src))
     if (m is not None and m.format == "peft") or _is_adapter_dir(src, adapter):
-        ad, bv = merge.open_adapter(src, base)
-        return Source(src, merge.merged_view(bv, ad), m, base=bv, step=ad.step)
+        ad, bv = open_adapter(src, base)
+        return Source(src, merged_view(bv, ad), m, base=bv, step=ad.step)
     view = open_view(src, **({"base": base} if base else {}))
     lin = (m.lineage if m is not None else None) or {}
     return Source(src, view, m, run=lin.get("run"), step=m.step if m is not None else None)
@@ -129,23 +135,23 @@ def is_run(uri: str) -> bool:
 
 
 def _is_adapter_dir(uri: str, prefer_adapter: bool) -> bool:
-    from ckptflow.formats import detect
 
-    fmt = detect.sniff(uri)
+    fmt = registry.sniff(uri)
     if fmt == "peft":
         return True
-    torchtune = merge._torchtune()
+    from ckptflow.formats import torchtune
+
     # torchtune output: its reader reads the (merged) model beside an adapter, or merges an
     # adapter-only directory onto --base; a PEFT export takes the adapter itself.
-    return fmt == "torchtune" and prefer_adapter and torchtune is not None and torchtune.is_adapter(uri)
+    return fmt == "torchtune" and prefer_adapter and torchtune.is_adapter(uri)
 
 
 def from_step(uri: str, m: Manifest, base: str | None, run: str | None) -> Source:
     if m.extra.get("lora"):
-        ad, bv = merge.open_adapter(uri, base)
-        return Source(uri, merge.merged_view(bv, ad), m, base=bv, run=run, step=m.step)
-    bv = merge.base_view(base, [m.extra.get("base"), (m.inputs.get("base") or {}).get("uri"),
-                                storage.join(run, "base") if run else None], uri)
+        ad, bv = open_adapter(uri, base)
+        return Source(uri, merged_view(bv, ad), m, base=bv, run=run, step=m.step)
+    bv = base_view(base, [m.extra.get("base"), (m.inputs.get("base") or {}).get("uri"),
+                          storage.join(run, "base") if run else None], uri, open_view)
     return Source(uri, full_step_view(uri, m, bv), m, base=bv, run=run, step=m.step)
 
 
@@ -181,9 +187,9 @@ def target_format(fmt: str, source: Source) -> str:
             fmt = "peft"
         else:
             fmt = (source.view.original or {}).get("format") or source.view.format
-    if fmt not in WRITERS:
+    if fmt not in registry.writable():
         raise CkptError(f"{source.uri}: writing format {fmt!r} is not available "
-                        f"(available: {', '.join(sorted(WRITERS))})")
+                        f"(available: {', '.join(registry.writable())})")
     return fmt
 
 
@@ -193,7 +199,7 @@ def lineage(source: Source, fmt: str, dst: str, dtype: str | None) -> dict:
     """Source model and revision, run, step, every stage (download, convert, train, merge), dtype."""
     ad = source.view.adapter
     if ad is not None and fmt == "peft":      # written unmerged: no merge stage
-        lin = merge.adapter_lineage(source.base, ad)
+        lin = adapter_lineage(source.base, ad)
     else:                                     # a merged view's manifest already records the merge
         m = source.view.manifest
         lin = dict((m.lineage if m is not None else None) or {})
