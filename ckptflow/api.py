@@ -59,10 +59,10 @@ def save(model, uri: str, *, format: str = "tune", like: View | Manifest | None 
                     original=view.original if view else (like.extra.get("original") if like else None),
                     assets=dict(view.assets) if view else {},
                     partition=view.partition if view else None)
-    out = Output(uri, overwrite=overwrite)
-    m = registry.write(format, out_view, out, out_dtype=dtype_code(dtype))
-    provenance(m, view, like if isinstance(like, Manifest) else None, format, out.uri)
-    return out.commit(m)
+    with Output(uri, overwrite=overwrite) as out:
+        m = registry.write(format, out_view, out, out_dtype=dtype_code(dtype))
+        provenance(m, view, like if isinstance(like, Manifest) else None, format, out.uri)
+        return out.commit(m)
 
 
 def provenance(m: Manifest, view: View | None, like: Manifest | None, fmt: str, uri: str) -> None:

@@ -36,7 +36,8 @@ def export(params: ExportParams) -> dict:
     # The lease of the exports' parent tells `ckptflow gc` that this directory is being written.
     get_run_logger().info("exporting %s (step %s) to %s", resolved.uri, resolved.step, dst)
     with lease.hold(storage.parent(dst), owner=f"export flow run {flow_run.id}", wait=LEASE_WAIT_SECONDS):
-        out = task(resolved.uri, dst, format=params.format, step=None, dtype=dtype_or_none(params.dtype))
+        out = task(resolved.uri, dst, format=params.format, step=None, dtype=dtype_or_none(params.dtype),
+                   overwrite=not params.dst)   # a name of its own choosing is the flow's to replace
     get_run_logger().info("exported %s (step %s, %s) to %s", resolved.uri, resolved.step, out["format"], out["uri"])
     where(out, resolved.run)
     return out

@@ -142,15 +142,31 @@ def bin_loader(uri: str, key: str):
     return lambda: load_pickle_weights(uri)[key]
 
 
+_COPIES: dict[str, object] = {}   # remote URI -> its local copy: an anonymous temp file, open
+
+
 def local_copy(uri: str) -> str:
+    """A local path of `uri`. A remote file is fetched once per process into an anonymous temp
+    file (no name on disk, so nothing is left behind even after SIGKILL), opened by its
+    /proc/self/fd path; drop_copies() frees them."""
     if storage.is_local(uri):
         return storage.local_path(uri)
-    fd, tmp = tempfile.mkstemp(suffix=os.path.splitext(uri)[1])
-    os.close(fd)
-    with storage.open_read(uri) as fin, open(tmp, "wb") as fout:
-        while chunk := fin.read(storage.CHUNK):
-            fout.write(chunk)
-    return tmp
+    f = _COPIES.get(uri)
+    if f is None:
+        f = tempfile.TemporaryFile(dir=storage.SPOOL_DIR)
+        with storage.open_read(uri) as fin:
+            while chunk := fin.read(storage.CHUNK):
+                f.write(chunk)
+        f.flush()
+        _COPIES[uri] = f
+    return f"/proc/self/fd/{f.fileno()}"
+
+
+def drop_copies() -> None:
+    """Close the local copies of remote pickle files (their space is freed once unmapped)."""
+    _BIN_CACHE.clear()
+    while _COPIES:
+        _COPIES.popitem()[1].close()
 
 
 # --- HF -> tune plan ----------------------------------------------------------------------

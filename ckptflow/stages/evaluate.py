@@ -33,7 +33,7 @@ import hashlib
 import logging
 import shlex
 
-from ckptflow import manifest, storage
+from ckptflow import commit, manifest, storage
 from ckptflow.commit import Output
 from ckptflow.errors import CkptError
 from ckptflow.manifest import Manifest
@@ -49,30 +49,32 @@ def run(src: str, *, data: str | None = None, tasks: list[str] | tuple[str, ...]
         base: str | None = None, out: str | None = None, step: int | None = None,
         prompts: list[str] | tuple[str, ...] = PROMPTS, max_new_tokens: int = 32, batch_size: int = 8,
         seq_len: int = 256, max_batches: int | None = None, lm_eval_batch_size: str = "auto",
-        device: str = "auto", overwrite: bool = False) -> Manifest:
+        device: str = "auto", overwrite: bool = False, wait: float = 0.0) -> Manifest:
     """Evaluate SRC (and BASE) and commit results.json and request.json to OUT (default {run}/eval)."""
     job = plan(src, data=data, tasks=tasks, limit=limit, base=base, step=step, prompts=prompts,
                max_new_tokens=max_new_tokens, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches,
                lm_eval_batch_size=lm_eval_batch_size, device=device)
     out = storage.normalize(out) if out else default_out(job.source)
-    existing = manifest.read(out)
-    if manifest.matches(existing, job.inputs, job.settings) and not overwrite:
+    existing = commit.reusable(out, manifest.read(out), job.inputs, job.settings, overwrite=overwrite)
+    if existing is not None:
         log.info("%s: already evaluated %s; nothing to do", out, src)
         return existing
     # Everything is computed before DIR is touched: bad data or a failed load leave it as it was.
     results = compute(job)
-    output = Output(out, overwrite=overwrite or existing is not None)
-    request = hand_off(job.source, results["model"]["tokenizer"], out, tasks=job.tasks,
-                       batch_size=lm_eval_batch_size)
-    for rel, text in (job.tasks.texts() if job.tasks is not None else {}).items():
-        output.put(f"{TASKS_DIR}/{rel}", text.encode())
-    output.put(RESULTS, _json(results))
-    output.put(REQUEST, _json(request))
-    m = Manifest(kind="eval", format="eval", family=job.source.view.family.NAME,
-                 model_args=job.source.view.args.to_dict(), dtype=request["dtype"], step=job.source.step,
-                 inputs=job.inputs, params=job.settings, lineage=request["lineage"],
-                 extra={**headline(results), "model": request["model"]})
-    return output.commit(m)
+    with Output(out, overwrite=overwrite, wait=wait, expect=(job.inputs, job.settings)) as output:
+        if output.done is not None:     # another writer committed the same while we waited
+            return output.done
+        request = hand_off(job.source, results["model"]["tokenizer"], out, tasks=job.tasks,
+                           batch_size=lm_eval_batch_size)
+        for rel, text in (job.tasks.texts() if job.tasks is not None else {}).items():
+            output.put(f"{TASKS_DIR}/{rel}", text.encode())
+        output.put(RESULTS, _json(results))
+        output.put(REQUEST, _json(request))
+        m = Manifest(kind="eval", format="eval", family=job.source.view.family.NAME,
+                     model_args=job.source.view.args.to_dict(), dtype=request["dtype"], step=job.source.step,
+                     inputs=job.inputs, params=job.settings, lineage=request["lineage"],
+                     extra={**headline(results), "model": request["model"]})
+        return output.commit(m)
 
 
 def measure(src: str, **kw) -> dict:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from ckptflow import manifest, progress, storage
+from ckptflow import commit, manifest, progress, storage
 from ckptflow.commit import Output
 from ckptflow.errors import CkptError
 from ckptflow.formats import registry, st
@@ -44,10 +44,20 @@ class Source:
 
 
 def run(src: str, dst: str, *, format: str = "original", step: int | None = None, dtype: str | None = None,
-        base: str | None = None, overwrite: bool = False) -> Manifest:
+        base: str | None = None, overwrite: bool = False, wait: float = 0.0) -> Manifest:
+    from ckptflow.formats import hf
+
     src, dst = storage.normalize(src), storage.normalize(dst)
     if src == dst:
         raise CkptError(f"{dst}: source and destination are the same directory")
+    try:
+        return _run(src, dst, format, step, dtype, base, overwrite, wait)
+    finally:
+        hf.drop_copies()     # local copies of remote .bin/.pth files: fetched once, freed here
+
+
+def _run(src: str, dst: str, format: str, step: int | None, dtype: str | None, base: str | None,
+         overwrite: bool, wait: float) -> Manifest:
     source = resolve(src, step=step, base=base, adapter=format == "peft")
     fmt = target_format(format, source)
     out_dtype = dtype_code(dtype)
@@ -55,18 +65,21 @@ def run(src: str, dst: str, *, format: str = "original", step: int | None = None
     if source.base is not None:
         inputs["base"] = source_ref(source.base)
     params = {"format": fmt, "dtype": dtype, "step": source.step}
-    existing = manifest.read(dst)
-    if manifest.matches(existing, inputs, params):
+    existing = commit.reusable(dst, manifest.read(dst), inputs, params, overwrite=overwrite)
+    if existing is not None:
         log.info("%s: already exported from %s; nothing to do", dst, source.uri)
         return existing
-    out = Output(dst, overwrite=overwrite or existing is not None)
     items = source.view.adapter.items().values() if fmt == "peft" and source.view.adapter else source.view.items.values()
     total = sum(_nbytes(it, out_dtype) for it in items)
-    with progress.bar(total, f"export -> {fmt}") as bar:
-        m = registry.write(fmt, source.view, out, out_dtype=out_dtype, progress=bar)
-    m.kind, m.inputs, m.params, m.step = "export", inputs, params, source.step
-    m.lineage = lineage(source, fmt, dst, m.dtype)
-    return out.commit(m)
+    with Output(dst, overwrite=overwrite, wait=wait, expect=(inputs, params)) as out:
+        if out.done is not None:     # another writer committed the same while we waited
+            return out.done
+        out.reserve(total)
+        with progress.bar(total, f"export -> {fmt}") as bar:
+            m = registry.write(fmt, source.view, out, out_dtype=out_dtype, progress=bar)
+        m.kind, m.inputs, m.params, m.step = "export", inputs, params, source.step
+        m.lineage = lineage(source, fmt, dst, m.dtype)
+        return out.commit(m)
 
 
 def _nbytes(it: Item, out_dtype: str | None) -> int:
