@@ -25,6 +25,17 @@ class ModelArgs:
     attn_out_bias: bool = False
     mlp_bias: bool = False
     tie_embeddings: bool = False
+    # Phi-3/Phi-4-mini: RoPE turns only the first int(hd * factor) dims of each head (HF rounds down).
+    partial_rotary_factor: float = 1.0
+    # Mixture of experts (Mixtral, Qwen3-MoE): 0 experts is a dense model. Sparse layers route each
+    # token to n_active_experts of n_experts SwiGLU experts of moe_hidden_dim (None: hidden_dim);
+    # dense_layers keep a plain MLP of hidden_dim (Qwen3-MoE's mlp_only_layers/decoder_sparse_step).
+    n_experts: int = 0
+    n_active_experts: int = 0
+    moe_hidden_dim: int | None = None
+    norm_topk_prob: bool = True
+    dense_layers: list = field(default_factory=list)
+    router_aux_loss_coef: float = 0.0
     extra: dict = field(default_factory=dict)
 
     @property
@@ -34,6 +45,18 @@ class ModelArgs:
     @property
     def hd(self) -> int:
         return self.head_dim or self.dim // self.n_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """How many leading dims of each head RoPE turns (even), as HF's int(head_dim * factor)."""
+        return int(self.hd * self.partial_rotary_factor)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.n_experts > 0 and layer not in self.dense_layers
+
+    @property
+    def expert_dim(self) -> int:
+        return self.moe_hidden_dim or self.hidden_dim
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -54,6 +77,7 @@ class ModelArgs:
         if self.attn_out_bias:
             attn += self.dim
         mlp = 3 * self.dim * self.hidden_dim + (2 * self.hidden_dim + self.dim if self.mlp_bias else 0)
-        layer = attn + mlp + 2 * self.dim
+        moe = self.n_experts * 3 * self.dim * self.expert_dim + self.n_experts * self.dim
+        layers = sum(attn + (moe if self.is_moe_layer(i) else mlp) + 2 * self.dim for i in range(self.n_layers))
         head = 0 if self.tie_embeddings else self.vocab_size * self.dim
-        return self.vocab_size * self.dim + self.n_layers * layer + self.dim + head
+        return self.vocab_size * self.dim + layers + self.dim + head

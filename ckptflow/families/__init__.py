@@ -225,3 +225,8 @@ from ckptflow.families import llama, mistral, qwen2  # noqa: E402  (they need no
 
 for _family in (llama, mistral, qwen2):
     register(_family)
+
+from ckptflow.families import mixtral, phi3  # noqa: E402
+
+for _family in (phi3, mixtral):
+    register(_family)

@@ -25,6 +25,7 @@ class Item:
     load: Callable | None = None             # or a callable returning a torch tensor (.bin/.pth/DCP)
     permute: tuple | None = None             # ("to_tune" | "to_hf", n_heads)
     out_dtype: str | None = None             # cast to this safetensors code
+    parts: list | None = None                # or the concatenation (dim 0) of these Items (a fused tensor)
 
     @property
     def final_dtype(self) -> str:
@@ -97,6 +98,10 @@ def write_file(out, plan: FilePlan, progress=None) -> None:
 
 
 def _write_item(f, it: Item, handles: dict) -> None:
+    if it.parts is not None:    # rows on dim 0 are contiguous: a fused tensor is its parts' bytes in turn
+        for part in it.parts:
+            _write_item(f, part, handles)
+        return
     if it.info is not None and it.permute is None and it.out_dtype in (None, it.dtype):
         src = handles.get(it.info.file) or handles.setdefault(it.info.file, storage.open_read(it.info.file))
         for chunk in st.iter_tensor_chunks(it.info, src):
@@ -109,6 +114,8 @@ def _write_item(f, it: Item, handles: dict) -> None:
 
 
 def _transformed_bytes(it: Item, handles: dict) -> bytes:
+    if it.parts is not None:
+        return b"".join(_transformed_bytes(p, handles) for p in it.parts)
     if it.info is not None and (it.out_dtype in (None, it.dtype)):
         src = handles.get(it.info.file) or handles.setdefault(it.info.file, storage.open_read(it.info.file))
         return _permute_bytes(st.read_tensor_bytes(it.info, src), it)

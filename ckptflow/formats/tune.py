@@ -35,6 +35,8 @@ def expected_shapes(a: ModelArgs) -> dict[str, list[int]]:
             p + "sa_norm.scale": [a.dim], p + "mlp_norm.scale": [a.dim],
             p + "attn.q_proj.weight": [a.n_heads * hd, a.dim], p + "attn.k_proj.weight": [kv * hd, a.dim],
             p + "attn.v_proj.weight": [kv * hd, a.dim], p + "attn.output_proj.weight": [a.dim, a.n_heads * hd],
+        })
+        shapes.update(_mlp_shapes(a, i) if a.is_moe_layer(i) else {
             p + "mlp.w1.weight": [a.hidden_dim, a.dim], p + "mlp.w3.weight": [a.hidden_dim, a.dim],
             p + "mlp.w2.weight": [a.dim, a.hidden_dim],
         })
@@ -46,6 +48,16 @@ def expected_shapes(a: ModelArgs) -> dict[str, list[int]]:
         if a.mlp_bias:
             shapes.update({p + "mlp.w1.bias": [a.hidden_dim], p + "mlp.w3.bias": [a.hidden_dim],
                            p + "mlp.w2.bias": [a.dim]})
+    return shapes
+
+
+def _mlp_shapes(a: ModelArgs, i: int) -> dict[str, list[int]]:
+    """A mixture-of-experts layer: the router, then one w1/w2/w3 per expert."""
+    p, h = f"layers.{i}.mlp.", a.expert_dim
+    shapes = {p + "router.weight": [a.n_experts, a.dim]}
+    for e in range(a.n_experts):
+        shapes.update({f"{p}experts.{e}.w1.weight": [h, a.dim], f"{p}experts.{e}.w2.weight": [a.dim, h],
+                       f"{p}experts.{e}.w3.weight": [h, a.dim]})
     return shapes
 
 
