@@ -20,6 +20,29 @@ from ckptflow.errors import CkptError
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3", "output")
 SUFFIXES = (".lora_a.weight", ".lora_b.weight")
+# The HF module names peft users write, as tune modules (fused Phi-3 names adapt every part).
+HF_TARGETS = {
+    "o_proj": ("output_proj",), "gate_proj": ("w1",), "up_proj": ("w3",), "down_proj": ("w2",),
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("w1", "w3"), "lm_head": ("output",),
+    # peft's "all-linear": every linear layer but the output head.
+    "all-linear": ("q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3"),
+}
+
+
+def normalize_targets(targets) -> list[str]:
+    """Tune module names for targets given in tune or HF (peft) names, in first-seen order."""
+    out: list[str] = []
+    for t in targets:
+        for name in HF_TARGETS.get(t, (t,)):
+            if name not in out:
+                out.append(name)
+    return out
+
+
+def adaptable(module_path: str) -> bool:
+    """Whether a module may take LoRA: not a mixture-of-experts expert or router (transformers keeps
+    experts as grouped 3-D parameters that PEFT's LoRA layers do not wrap)."""
+    return ".experts." not in module_path and not module_path.endswith(".router")
 
 
 @dataclass
@@ -48,10 +71,14 @@ class LoraConfig:
         cfg.check()
         return cfg
 
+    def __post_init__(self):
+        self.targets = normalize_targets(self.targets)
+
     def check(self) -> None:
         bad = [t for t in self.targets if t not in TARGETS]
         if bad:
-            raise CkptError(f"lora.targets: unknown module {bad[0]!r} (choose from {', '.join(TARGETS)})")
+            raise CkptError(f"lora.targets: unknown module {bad[0]!r} (choose from {', '.join(TARGETS)}, "
+                            f"or the HF names {', '.join(n for n in HF_TARGETS if n != 'all-linear')}, or all-linear)")
         if self.rank < 1 or self.alpha <= 0:
             raise CkptError(f"lora: rank must be >= 1 and alpha > 0 (got rank={self.rank}, alpha={self.alpha})")
 
@@ -113,7 +140,7 @@ def apply_lora(model, cfg: LoraConfig, *, seed: int = 0) -> list[str]:
     wrapped = []
     for name, module in list(model.named_modules()):
         leaf = name.rsplit(".", 1)[-1]
-        if leaf in cfg.targets and isinstance(module, nn.Linear):
+        if leaf in cfg.targets and isinstance(module, nn.Linear) and adaptable(name):
             parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
             setattr(parent, leaf, LoRALinear(module, cfg, gen))
             wrapped.append(name)
@@ -138,7 +165,8 @@ def adapter_shapes(model_args, cfg: LoraConfig) -> dict[str, list[int]]:
     out = {}
     for key, shape in expected_shapes(model_args).items():
         module = key.removesuffix(".weight")
-        if key.endswith(".weight") and module.rsplit(".", 1)[-1] in cfg.targets and len(shape) == 2:
+        if key.endswith(".weight") and module.rsplit(".", 1)[-1] in cfg.targets and len(shape) == 2 \
+                and adaptable(module):
             out[module + ".lora_a.weight"] = [cfg.rank, shape[1]]
             out[module + ".lora_b.weight"] = [shape[0], cfg.rank]
     return out

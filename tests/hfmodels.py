@@ -8,16 +8,27 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             num_key_value_heads=2, vocab_size=256, max_position_embeddings=128)
 
 
+# Per family, what makes every feature move the logits at tiny sizes: a sliding window shorter
+# than the test inputs, LongRoPE whose original context (8) the inputs outgrow, partial rotary,
+# 4 experts with top-2 routing, a dense layer among the sparse ones.
+LONGROPE = {"rope_type": "longrope", "long_factor": [1.0 + 0.5 * i for i in range(6)],
+            "short_factor": [1.0 + 0.1 * i for i in range(6)]}
+FAMILY_KW = {
+    "phi3": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=6, original_max_position_embeddings=8,
+                 rope_scaling=LONGROPE, partial_rotary_factor=0.75),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=6, intermediate_size=96),
+}
+
+
 def config(family: str, **over):
     import transformers
 
-    cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-           "qwen2": transformers.Qwen2Config}[family]
     kw = dict(TINY)
     if family == "qwen2":
         kw["tie_word_embeddings"] = True
+    kw.update(FAMILY_KW.get(family, {}))
     kw.update(over)
-    return cls(**kw)
+    return transformers.AutoConfig.for_model(family, **kw)
 
 
 def model(family: str, seed: int = 0, dtype=None, **over):

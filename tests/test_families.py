@@ -306,8 +306,11 @@ def test_unknown_key_names_the_key_and_file():
 
 
 def test_peft_targets_cover_the_lora_modules():
+    attention = {"q_proj", "k_proj", "v_proj", "output_proj", "output"}
     for family in families.FAMILIES.values():
-        assert set(family.PEFT_TARGETS) == {"q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3", "output"}
+        # MoE families: PEFT's LoRA layers do not wrap transformers' grouped expert parameters.
+        mlp = set() if family.NAME in ("mixtral",) else {"w1", "w2", "w3"}
+        assert set(family.PEFT_TARGETS) >= attention | mlp, family.NAME
 
 
 # --- the q/k permute ----------------------------------------------------------------------------

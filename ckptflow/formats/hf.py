@@ -175,10 +175,25 @@ def tune_plan(src: Source, out_dtype: str | None = None, max_shard: int | None =
             items.append(Item(tkey, it.dtype, it.shape, info=it.info, load=it.load, permute=permute, out_dtype=out_dtype))
         original_files.append({"name": f, "keys": keys, "metadata": src.metadata[f]})
         per_file.append(items)
+    _check_complete(src, {it.name for items in per_file for it in items})
     plans = _tune_partition(per_file, max_shard)
     original = {"format": "hf", "weights": src.weights, "files": original_files, "index": src.index,
                 "config": src.config, "assets": src.assets}
     return plans, original
+
+
+def _check_complete(src: Source, have: set[str]) -> None:
+    """A tensor the config implies but no file holds (an expert, a layer): one error naming its HF key."""
+    from ckptflow.formats.tune import expected_shapes
+
+    missing = [k for k in expected_shapes(src.args) if k not in have]
+    if not missing:
+        return
+    fused = _fused.fused_key(src.family, missing[0])
+    hf_key = fused[0] if fused else families.tune_key_to_hf(src.family, missing[0])[0]
+    where = storage.join(src.uri, src.index or src.files[0])
+    more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+    raise CkptError(f"{where}: missing tensor {hf_key!r}{more} (config.json implies it)")
 
 
 def _split(it: Item, parts: tuple[str, ...], args, where: str, out_dtype: str | None) -> list[Item]:
