@@ -16,7 +16,7 @@ from ckptflow import families, storage
 from ckptflow.errors import CkptError
 from ckptflow.formats import st
 from ckptflow.families import _fused
-from ckptflow.formats.plan import FilePlan, Item, repartition
+from ckptflow.formats.plan import FilePlan, Item, repartition, split_rows
 
 log = logging.getLogger(__name__)
 
@@ -198,23 +198,7 @@ def _check_complete(src: Source, have: set[str]) -> None:
 
 def _split(it: Item, parts: tuple[str, ...], args, where: str, out_dtype: str | None) -> list[Item]:
     """The tune tensors of a fused HF tensor: each a byte range of its rows (or a slice when loaded)."""
-    rows = _fused.check_rows(args, it.name, it.shape, parts, where)
-    row_bytes = st.DTYPE_SIZE[it.dtype] * _numel(it.shape[1:])
-    out, start = [], 0
-    for part, n in zip(parts, rows):
-        shape = [n, *it.shape[1:]]
-        if it.info is not None:
-            i = it.info
-            info = st.TensorInfo(part, i.dtype, shape, i.start + start * row_bytes, i.start + (start + n) * row_bytes, i.file)
-            out.append(Item(part, it.dtype, shape, info=info, out_dtype=out_dtype))
-        else:
-            out.append(Item(part, it.dtype, shape, load=_rows(it.load, start, n), out_dtype=out_dtype))
-        start += n
-    return out
-
-
-def _rows(load, start: int, n: int):
-    return lambda: load()[start:start + n].contiguous()
+    return split_rows(it, list(parts), _fused.check_rows(args, it.name, it.shape, parts, where), out_dtype)
 
 
 def _fuse(hf_key: str, parts: tuple[str, ...], tune_items: dict[str, Item], item) -> Item:

@@ -46,6 +46,30 @@ class FilePlan:
     metadata: dict = field(default_factory=lambda: {"format": "pt"})
 
 
+def split_rows(it: Item, names: list[str], rows: list[int], out_dtype: str | None = None) -> list[Item]:
+    """Items for consecutive row blocks of `it` (dim 0): byte ranges of its bytes on storage, or
+    slices of the loaded tensor. A fused tensor (Phi-3 qkv_proj) is split this way, bit for bit."""
+    row_bytes = st.DTYPE_SIZE[it.dtype]
+    for s in it.shape[1:]:
+        row_bytes *= s
+    out, start = [], 0
+    for name, n in zip(names, rows):
+        shape = [n, *it.shape[1:]]
+        if it.info is not None:
+            i = it.info
+            info = st.TensorInfo(name, i.dtype, shape, i.start + start * row_bytes, i.start + (start + n) * row_bytes,
+                                 i.file)
+            out.append(Item(name, it.dtype, shape, info=info, out_dtype=out_dtype))
+        else:
+            out.append(Item(name, it.dtype, shape, load=_rows(it.load, start, n), out_dtype=out_dtype))
+        start += n
+    return out
+
+
+def _rows(load, start: int, n: int):
+    return lambda: load()[start:start + n].contiguous()
+
+
 def repartition(items: list[Item], max_bytes: int, pattern: str = "model") -> list[FilePlan]:
     """Split items, in order, into shards of at most max_bytes (a larger tensor gets its own),
     named like transformers does: model.safetensors, or model-0000i-of-0000N.safetensors."""
