@@ -1,5 +1,5 @@
 """ckptflow: checkpoint stages of an LLM fine-tuning run."""
-__version__ = "0.1.0"
+from ckptflow.version import __version__  # noqa: F401  (one place for the version)
 
 
 def __getattr__(name):

@@ -1,6 +1,6 @@
 """The Python API: load any supported checkpoint as ckptflow's model, save it in any format.
 
-    model, m = ckptflow.load("path/or/uri")                    # hf, tune, ... (detected)
+    model, m = ckptflow.load("path/or/uri")                    # hf, tune, ... (detected), a run, a step
     ckptflow.save(model, "out/", format="hf", like=m)          # same partition and files as `m`'s source
 """
 from __future__ import annotations
@@ -13,12 +13,27 @@ from ckptflow.manifest import Manifest
 
 def load_state_dict(uri: str, dtype=None, **opts) -> tuple[dict, View]:
     """Tune-named tensors of any checkpoint, materialised, and the view they came from."""
-    view = open_view(uri, **opts)
+    view = _open(uri, **opts)
     return view.state_dict(dtype), view
 
 
+def _open(uri: str, step: int | None = None, base: str | None = None, **opts) -> View:
+    """A run (its newest committed step, or `step`) and a step checkpoint resolve as `ckptflow
+    export` resolves them (the LoRA adapter merged lazily onto its base); anything else is read
+    by its format's reader."""
+    from ckptflow import checkpointer, manifest
+    from ckptflow.stages import export
+
+    uri = storage.normalize(uri)
+    m = manifest.read(uri)
+    if step is not None or (m is None and checkpointer.is_run(uri)) or (m is not None and m.kind == "train_state"):
+        return export.resolve(uri, step=step, base=base).view
+    return open_view(uri, **({"base": base} if base else {}), **opts)
+
+
 def load(uri: str, *, device="cpu", dtype=None, **opts):
-    """(Transformer, View) for any supported checkpoint directory."""
+    """(Transformer, View) for any supported checkpoint directory, a run (its newest committed
+    step; `step=N` for another) or a step checkpoint."""
     from ckptflow.model import Transformer
 
     sd, view = load_state_dict(uri, dtype=dtype, **opts)
@@ -32,7 +47,7 @@ def save(model, uri: str, *, format: str = "tune", like: View | Manifest | None 
     from ckptflow import families
     from ckptflow.commit import Output
     from ckptflow.formats import st
-    from ckptflow.stages.convert import dtype_code
+    from ckptflow.lineage import dtype_code
 
     sd = model.state_dict() if hasattr(model, "state_dict") else model
     view = like if isinstance(like, View) else None
@@ -45,5 +60,23 @@ def save(model, uri: str, *, format: str = "tune", like: View | Manifest | None 
                     partition=view.partition if view else None)
     out = Output(uri, overwrite=overwrite)
     m = WRITERS[format](out_view, out, out_dtype=dtype_code(dtype), max_shard=None, progress=None)
-    m.lineage = {"source": view.uri if view else None, "stages": [{"stage": "save", "to": format, "uri": out.uri}]}
+    provenance(m, view, like if isinstance(like, Manifest) else None, format, out.uri)
     return out.commit(m)
+
+
+def provenance(m: Manifest, view: View | None, like: Manifest | None, fmt: str, uri: str) -> None:
+    """What the saved weights came from: `like`'s step, the adapter merged into it (a step loaded
+    with ckptflow.load), its lineage, and this save as the last stage."""
+    from ckptflow.stages.convert import source_ref
+
+    src = view.manifest if view is not None else like
+    lin = dict((src.lineage if src is not None else None) or {})
+    lin.setdefault("source", view.uri if view is not None else None)
+    lin["stages"] = list(lin.get("stages", [])) + [{"stage": "save", "to": fmt, "uri": uri}]
+    m.lineage = lin
+    if view is not None:
+        m.inputs = {"source": source_ref(view)}
+    if src is not None:
+        m.step = src.step
+        if src.extra.get("merged"):
+            m.extra["merged"] = src.extra["merged"]

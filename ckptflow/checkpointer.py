@@ -60,6 +60,20 @@ def latest(train_uri: str, *, verify: bool = True) -> Manifest | None:
     return None
 
 
+def is_run(uri: str) -> bool:
+    """A run directory (`{storage}/{run_id}`): it has run.json or train/, and no manifest of its own."""
+    names = storage.listdir(uri)
+    return "run.json" in names or "train" in names
+
+
+def newest_of_run(run_uri: str) -> Manifest:
+    """A run as a checkpoint: its newest committed, verified step (what export and generate take)."""
+    m = latest(storage.join(run_uri, "train"))
+    if m is None:
+        raise CkptError(f"{run_uri}: a run with no committed, verified step checkpoint under train/")
+    return m
+
+
 def find(train_uri: str, step: int, *, verify: bool = True) -> Manifest:
     """Step `step`, committed and verified, or an error listing what there is."""
     uri = storage.join(train_uri, step_name(step))

@@ -42,7 +42,8 @@ def detect(uri: str, as_json: bool = JSON):
 
     d = det.detect(uri).to_dict()
     emit(d, as_json, f"format: {d['format']}\nfamily: {d['family']}\ndtype: {d['dtype']}\n"
-                     f"num_params: {d['num_params']}\nfiles: {len(d['files'])}")
+                     f"num_params: {d['num_params']}\nfiles: {len(d['files'])}"
+                     + "".join(f"\n{k}: {v}" for k, v in d.get("details", {}).items() if k in ("seed", "checkpoint")))
 
 
 @app.command()
@@ -69,14 +70,36 @@ def convert(src: str, dst: str, to: str = typer.Option("tune", "--to", help="tun
 
 @app.command()
 def verify(uri: str, as_json: bool = JSON):
-    """Re-hash every file against ckptflow.json; exit 1 on any mismatch."""
+    """Re-hash every file against ckptflow.json; a run: every committed directory in it; exit 1 on any mismatch."""
     from ckptflow import manifest
 
-    problems = manifest.verify(uri)
-    emit({"uri": uri, "ok": not problems, "problems": problems}, as_json,
-         "\n".join(problems) if problems else f"{uri}: ok")
+    if manifest.read(uri) is not None:
+        problems = manifest.verify(uri)
+        emit({"uri": uri, "ok": not problems, "problems": problems}, as_json,
+             "\n".join(problems) if problems else f"{uri}: ok")
+    else:
+        problems = _verify_tree(uri, as_json)
     if problems:
         raise typer.Exit(1)
+
+
+def _verify_tree(uri: str, as_json: bool) -> list[str]:
+    """A run (or any directory): every committed directory below it, and the shared base its run.json names."""
+    from ckptflow import manifest, runfile, storage
+
+    dirs, interrupted = manifest.committed_under(uri)
+    run = storage.read_json(runfile.uri_of(uri)) if storage.isfile(runfile.uri_of(uri)) else {}
+    base = run.get("base") or {}
+    dirs += [u for u in (base.get("source"), base.get("tune")) if base.get("shared") and u and manifest.is_committed(u)]
+    if not dirs:
+        raise CkptError(f"{uri}: not a committed ckptflow directory, and no committed directory below it")
+    results = {d: manifest.verify(d) for d in dirs}
+    problems = [p for ps in results.values() for p in ps]
+    lines = [f"{d}: " + ("ok" if not ps else "\n  ".join(["FAILED"] + ps)) for d, ps in results.items()]
+    lines += [f"{d}: uncommitted (an interrupted write; `ckptflow gc` deletes it), not checked" for d in interrupted]
+    emit({"uri": uri, "ok": not problems, "problems": problems, "checked": {d: not ps for d, ps in results.items()},
+          "uncommitted": interrupted}, as_json, "\n".join(lines))
+    return problems
 
 
 @app.command()

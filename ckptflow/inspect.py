@@ -49,7 +49,7 @@ def as_text(info: dict) -> str:
     if info["type"] == "manifest":
         m = info["manifest"]
         lines = [f"{info['uri']}: {m['kind']} {m['format']} family={m['family']} dtype={m['dtype']} step={m['step']}",
-                 f"files: {len(m['files'])} ({info['size_bytes']} bytes)"]
+                 f"files: {len(m['files'])}, {_size(info['size_bytes'])}"]
         lin = m.get("lineage") or {}
         if lin:
             lines.append(f"source: {lin.get('source')} @ {lin.get('revision')}")
@@ -62,5 +62,11 @@ def as_text(info: dict) -> str:
     for name, s in info.get("stages", {}).items():
         lines.append(f"  {name}: {'committed' if s['committed'] else 'uncommitted'} {s['format'] or ''}")
     for s in info.get("steps", []):
-        lines.append(f"  {s['name']}: {'committed' if s['committed'] else 'uncommitted'} {s['size_bytes'] or ''}")
+        lines.append(f"  {s['name']}: {'committed' if s['committed'] else 'uncommitted'} {_size(s['size_bytes'])}")
     return "\n".join(lines)
+
+
+def _size(n: int | None) -> str:
+    from ckptflow.report import format_bytes
+
+    return "" if n is None else f"{format_bytes(n)} ({n} bytes)"

@@ -13,8 +13,9 @@ import json
 import logging
 from dataclasses import dataclass, field
 
-from ckptflow import __version__, storage
+from ckptflow import storage
 from ckptflow.errors import CkptError
+from ckptflow.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -137,3 +138,20 @@ def verify(uri: str) -> list[str]:
         elif got["sha256"] != want.get("sha256"):
             problems.append(f"{path}: sha256 mismatch")
     return problems
+
+
+def committed_under(uri: str) -> tuple[list[str], list[str]]:
+    """(committed, interrupted) directories below `uri`, from one recursive listing: a directory
+    is committed by its ckptflow.json, interrupted by a writing marker without one. Hidden
+    directories (.cache: Prefect results, the shared base) are left out."""
+    from ckptflow.commit import MARKER
+
+    files = [f for f in storage.list_files(uri) if not any(p.startswith(".") for p in f.split("/")[:-1])]
+
+    def dirs_with(name: str) -> set[str]:
+        return {f[:-len(name)].rstrip("/") for f in files if f == name or f.endswith("/" + name)}
+
+    committed = dirs_with(NAME)
+    interrupted = dirs_with(MARKER) - committed
+    return ([storage.join(uri, d) if d else storage.normalize(uri) for d in sorted(committed)],
+            [storage.join(uri, d) for d in sorted(interrupted)])

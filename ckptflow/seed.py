@@ -43,14 +43,21 @@ def parse(uri: str) -> tuple[str, dict]:
 
 
 def model_args(family_name: str, o: dict) -> ModelArgs:
+    """The seed model's args: the URI's sizes, then the family's own defaults (its SEED_ARGS constants
+    and seed_args(options) for what depends on the sizes), then tie= when the URI gives it."""
     fam = families.get(family_name)
-    hidden = o.get("hidden_dim") or _ffn(o["dim"])
-    tie = o["tie"] in ("1", "true", "True") if o["tie"] is not None else family_name == "qwen2"
-    return ModelArgs(dim=o["dim"], n_layers=o["n_layers"], n_heads=o["n_heads"], n_kv_heads=o["n_kv_heads"],
-                     vocab_size=o["vocab_size"], hidden_dim=hidden, head_dim=o.get("head_dim"),
-                     norm_eps=1e-5, rope_theta=o["rope_theta"], rope_interleaved=fam.ROPE_INTERLEAVED,
-                     max_seq_len=o["max_seq_len"], qkv_bias=family_name == "qwen2", tie_embeddings=tie,
-                     extra={"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0})
+    kw = {"dim": o["dim"], "n_layers": o["n_layers"], "n_heads": o["n_heads"], "n_kv_heads": o["n_kv_heads"],
+          "vocab_size": o["vocab_size"], "hidden_dim": o.get("hidden_dim") or _ffn(o["dim"]),
+          "head_dim": o.get("head_dim"), "norm_eps": 1e-5, "rope_theta": o["rope_theta"],
+          "rope_interleaved": fam.ROPE_INTERLEAVED, "max_seq_len": o["max_seq_len"],
+          "extra": {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}}
+    for over in (getattr(fam, "SEED_ARGS", {}), fam.seed_args(o) if hasattr(fam, "seed_args") else {}):
+        over = dict(over)
+        kw["extra"] = {**kw["extra"], **over.pop("extra", {})}
+        kw.update(over)
+    if o["tie"] is not None:
+        kw["tie_embeddings"] = o["tie"] in ("1", "true", "True")
+    return ModelArgs(**kw)
 
 
 def _ffn(dim: int) -> int:
@@ -100,6 +107,21 @@ def init_state_dict(args: ModelArgs, seed: int, dtype: str):
             t = torch.randn(shape, generator=g) * 0.02
         sd[key] = t.to(getattr(torch, dtype))
     return sd
+
+
+FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+def describe(uri: str):
+    """What `ckptflow download URI DST` would write, without writing it: `ckptflow detect seed://...`."""
+    from ckptflow.formats.detect import Detection
+
+    family_name, o = parse(uri)
+    _, vocab = tokenizer_files(o["vocab_size"])
+    args = model_args(family_name, dict(o, vocab_size=vocab))
+    return Detection("hf", uri, family_name, o["dtype"], args.num_params(), list(FILES),
+                     {"seed": "generated on download (ckptflow download SOURCE DST); nothing is stored at this URI",
+                      "model_args": args.to_dict()})
 
 
 def write(uri: str, out) -> "object":

@@ -15,11 +15,19 @@ if ls /opt/wheels/torch-2.13.0+cpu-*.whl >/dev/null 2>&1; then
 else
   TORCH=("torch==2.13.0")
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check "${TORCH[@]}" 2>&1 | grep -v "is ignored" || true
+# pip's output without its noisy "... is ignored" lines; pip's exit status is the pipeline's
+# (pipefail), and grep finding nothing to print (a quiet, successful pip) is not a failure.
+pip_install() {
+  { .venv/bin/python -m pip install -q --disable-pip-version-check "$@" 2>&1; } | { grep -v "is ignored" || true; }
+}
+pip_install "${TORCH[@]}"
 if [ "${1:-}" = "--test" ]; then
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v "is ignored" || true
-  bash .ci/browser-deps.sh || echo "setup: could not install chromium; browser tests will be skipped" >&2
+  pip_install -e '.[test]'
+  # Chromium is a system package (apt, as root), the one test dependency pip cannot install. Without
+  # it setup goes on and only the tests marked `browser` skip, saying why (pytest -rs lists them);
+  # every Python test dependency above is required: a failed install stops here.
+  bash .ci/browser-deps.sh || echo "setup: could not install chromium (needs root and apt); the tests marked browser will skip" >&2
 else
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e . 2>&1 | grep -v "is ignored" || true
+  pip_install -e .
 fi
 .venv/bin/python -c "import ckptflow, torch, prefect; print('ckptflow', ckptflow.__version__, '| torch', torch.__version__, '| prefect', prefect.__version__)"

@@ -15,6 +15,23 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 pytest_plugins = ["tests.servers.fixtures", "tests.tinyrun"]
 
+# The Python test dependencies (pyproject's [test] extra, and what the parity and report tests use
+# from its dependencies). A missing one fails the run before any test: a broken install must never
+# turn the parity suites into skips. Only Chromium (a system package) may be missing: the tests
+# marked `browser` then skip and say why.
+TEST_DEPS = {"transformers": "transformers", "peft": "peft", "s3fs": "s3fs", "moto": "moto[server]",
+             "psutil": "psutil", "selenium": "selenium", "pytest_timeout": "pytest-timeout",
+             "PIL": "pillow", "markdown_it": "markdown-it-py"}
+
+
+def pytest_configure(config):
+    import importlib.util
+
+    missing = [dist for mod, dist in TEST_DEPS.items() if importlib.util.find_spec(mod) is None]
+    if missing:
+        raise pytest.UsageError(f"test dependencies not installed: {', '.join(missing)} "
+                                "(bash scripts/setup.sh --test, or pip install -e '.[test]')")
+
 
 @pytest.fixture(scope="session")
 def prefect_api():

@@ -4,7 +4,9 @@ import json
 import os
 
 import pytest
+import peft as peft_lib
 import torch
+import transformers
 from safetensors import safe_open
 
 from ckptflow import api, cli, families, manifest
@@ -12,8 +14,6 @@ from ckptflow.errors import CkptError
 from ckptflow.stages import download, export, merge
 from tests.test_peft import lora_step, make_run, own_model, tokens
 
-transformers = pytest.importorskip("transformers")
-peft_lib = pytest.importorskip("peft")
 
 LORA = {"rank": 4, "alpha": 8.0, "targets": ["q_proj", "k_proj", "v_proj", "output_proj", "w1"]}
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 
 from ckptflow import families
 from ckptflow.errors import CkptError
 from ckptflow.families import UnknownKeyError
 
-transformers = pytest.importorskip("transformers")
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=256, intermediate_size=128)

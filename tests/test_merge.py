@@ -3,6 +3,7 @@ import os
 
 import pytest
 import torch
+import transformers
 
 from ckptflow import api, cli, families, manifest
 from ckptflow.errors import CkptError
@@ -10,8 +11,6 @@ from ckptflow.formats import st
 from ckptflow.stages import merge
 from tests import hfmodels
 from tests.test_peft import VARIANTS, lora_step, make_run, peft_adapter
-
-transformers = pytest.importorskip("transformers")
 
 
 def tune_sd(uri):
@@ -188,9 +187,6 @@ def test_bad_step_adapters_name_the_key(tmp_path, run, n, extra_key, lora, match
 
 
 def test_a_torchtune_adapter_merges_like_the_same_step(tmp_path, run):
-    tt = pytest.importorskip("ckptflow.formats.torchtune")
-    if not hasattr(tt, "read_adapter"):
-        pytest.skip("the torchtune importer has no read_adapter yet")
     import json
 
     from ckptflow import checkpointer

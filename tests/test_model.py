@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+import transformers
 from torch import nn
 
 from ckptflow import families
@@ -11,7 +12,6 @@ from ckptflow.errors import CkptError
 from ckptflow.model import Transformer, generate
 from tests.test_families import to_v4, to_v5
 
-transformers = pytest.importorskip("transformers")
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=256, intermediate_size=128)

@@ -3,7 +3,9 @@ import json
 import os
 
 import pytest
+import peft as peft_lib
 import torch
+import transformers
 
 from ckptflow import families, lora, manifest
 from ckptflow.commit import Output
@@ -14,8 +16,6 @@ from ckptflow.model_args import ModelArgs
 from ckptflow.stages import convert, export, merge
 from tests import hfmodels
 
-transformers = pytest.importorskip("transformers")
-peft_lib = pytest.importorskip("peft")
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 VARIANTS = {

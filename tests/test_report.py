@@ -38,8 +38,9 @@ def _png_size(png: bytes) -> tuple[int, int]:
 
 def _count(png: bytes, pred) -> int:
     """Pixels for which pred(r, g, b) holds (numpy int arrays, so the predicates vectorise)."""
-    Image = pytest.importorskip("PIL.Image")
     import io
+
+    from PIL import Image
     import numpy as np
     px = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
     return int(np.count_nonzero(pred(px[..., 0], px[..., 1], px[..., 2])))
@@ -108,7 +109,7 @@ def _full_run(png):
 
 
 def _render(md_text: str) -> str:
-    markdown_it = pytest.importorskip("markdown_it")
+    import markdown_it
     return markdown_it.MarkdownIt("commonmark").enable("table").render(md_text)
 
 

@@ -1,8 +1,10 @@
 """Llama 2, 3, 3.1, 3.2 (HF model_type "llama"). Tune layout is Meta's: q/k rows are permuted."""
 from __future__ import annotations
 
+import ckptflow.families._hf as _hf
+import ckptflow.families._litgpt as _litgpt
+import ckptflow.families._meta as _meta
 from ckptflow.errors import CkptError
-from ckptflow.families import _hf
 from ckptflow.model_args import ModelArgs
 
 NAME = "llama"
@@ -130,8 +132,6 @@ def args_from_meta(params: dict, where: str = "params.json", *, vocab_size: int 
                    rope_factor: float | None = None) -> ModelArgs:
     """ModelArgs from params.json. vocab_size: from the embedding when params says -1 (Llama 1/2);
     rope_factor: for use_scaled_rope, from the user or a manifest (else the known-model table)."""
-    from ckptflow.families import _meta
-
     _meta.check(params, where)
     known = meta_known(params)
     vocab = params.get("vocab_size", -1)
@@ -147,8 +147,6 @@ def args_from_meta(params: dict, where: str = "params.json", *, vocab_size: int 
 
 def meta_params(args: ModelArgs) -> dict:
     """params.json for `args` (multiple_of / ffn_dim_multiplier chosen to give hidden_dim back)."""
-    from ckptflow.families import _meta
-
     _meta.check_writable(args, NAME)
     if args.hd * args.n_heads != args.dim:
         raise CkptError(f"{NAME}: Meta's params.json cannot express head_dim {args.hd} != dim / n_heads")
@@ -187,6 +185,4 @@ def is_litgpt_config(cfg: dict) -> bool:
 
 
 def args_from_litgpt(cfg: dict, where: str = "model_config.yaml") -> ModelArgs:
-    from ckptflow.families import _litgpt
-
     return _litgpt.args_from_config(cfg, where, rope_interleaved=ROPE_INTERLEAVED)

@@ -4,9 +4,11 @@ Tune layout is Meta's (q/k rows permuted), as in torchtune.
 """
 from __future__ import annotations
 
+import ckptflow.families._hf as _hf
+import ckptflow.families._litgpt as _litgpt
+import ckptflow.families._meta as _meta
+import ckptflow.families.llama as _llama
 from ckptflow.errors import CkptError
-from ckptflow.families import _hf
-from ckptflow.families import llama as _llama
 from ckptflow.model_args import ModelArgs
 
 NAME = "mistral"
@@ -96,8 +98,6 @@ def is_meta_params(params: dict) -> bool:
 
 def args_from_meta(params: dict, where: str = "params.json", *, vocab_size: int | None = None,
                    rope_factor: float | None = None) -> ModelArgs:
-    from ckptflow.families import _meta
-
     _meta.check(params, where)
     if not isinstance(params.get("hidden_dim"), int):
         raise CkptError(f"{where}: missing hidden_dim")
@@ -110,8 +110,6 @@ def args_from_meta(params: dict, where: str = "params.json", *, vocab_size: int 
 
 
 def meta_params(args: ModelArgs) -> dict:
-    from ckptflow.families import _meta
-
     _meta.check_writable(args, NAME)
     out = _meta.common_params(args)
     out.update(head_dim=args.hd, hidden_dim=args.hidden_dim)
@@ -131,8 +129,6 @@ def is_litgpt_config(cfg: dict) -> bool:
 
 
 def args_from_litgpt(cfg: dict, where: str = "model_config.yaml") -> ModelArgs:
-    from ckptflow.families import _litgpt
-
     if cfg.get("sliding_window_indices") not in (None, [1] * cfg.get("n_layer", 0)):
         raise CkptError(f"{where}: a sliding window on some layers only is not supported")
     return _litgpt.args_from_config(cfg, where, rope_interleaved=ROPE_INTERLEAVED,

@@ -4,8 +4,9 @@ Tune layout keeps HF's rotate-half rows (torchtune's Qwen2 converter does not pe
 """
 from __future__ import annotations
 
+import ckptflow.families._hf as _hf
+import ckptflow.families._litgpt as _litgpt
 from ckptflow.errors import CkptError
-from ckptflow.families import _hf
 from ckptflow.model_args import ModelArgs
 
 NAME = "qwen2"
@@ -35,6 +36,9 @@ PEFT_TARGETS = {
     "q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "output_proj": "o_proj",
     "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj", "output": "lm_head",
 }
+
+# seed://qwen2 defaults (ckptflow.seed): q/k/v biases as every Qwen2 has, tied like the small models.
+SEED_ARGS = {"qkv_bias": True, "tie_embeddings": True}
 
 
 def args_from_hf(config: dict, where: str = "config.json") -> ModelArgs:
@@ -86,6 +90,4 @@ def is_litgpt_config(cfg: dict) -> bool:
 
 
 def args_from_litgpt(cfg: dict, where: str = "model_config.yaml") -> ModelArgs:
-    from ckptflow.families import _litgpt
-
     return _litgpt.args_from_config(cfg, where, qkv_bias=True, rope_interleaved=ROPE_INTERLEAVED)

@@ -103,10 +103,17 @@ def sniff(uri: str, *, interrupted_ok: bool = True) -> str:
 
 
 def detect(uri: str) -> Detection:
-    """Format, family, dtype, parameter count and files of a checkpoint directory."""
+    """Format, family, dtype, parameter count and files of a checkpoint directory (or of the
+    model a seed:// URI generates)."""
+    if uri.startswith("seed://"):
+        from ckptflow import seed
+
+        return seed.describe(uri)
     uri = storage.normalize(uri)
-    fmt = sniff(uri)
     m = manifest.read(uri)
+    if m is None and _is_run(uri):
+        return _describe_run(uri)
+    fmt = sniff(uri)
     if m is not None:
         args = m.model_args or {}
         from ckptflow.model_args import ModelArgs
@@ -117,6 +124,23 @@ def detect(uri: str) -> Detection:
     if describe is None:
         return Detection(fmt, uri, files=storage.list_files(uri))
     return describe(uri)
+
+
+def _is_run(uri: str) -> bool:
+    from ckptflow import checkpointer
+
+    return checkpointer.is_run(uri)
+
+
+def _describe_run(uri: str) -> Detection:
+    """A run directory: its newest committed step, as export and generate would take it."""
+    from ckptflow import checkpointer
+
+    step = checkpointer.newest_of_run(uri)
+    d = detect(step.uri)
+    d.details["checkpoint"] = f"{step.uri} (step {step.step}, the newest committed step of run {uri})"
+    d.details["run"] = uri
+    return d
 
 
 def _describe_hf(uri: str) -> Detection:

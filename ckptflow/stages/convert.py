@@ -14,6 +14,7 @@ from ckptflow.commit import Output
 from ckptflow.errors import CkptError
 from ckptflow.formats import WRITERS, View, open_view, st
 from ckptflow.formats.plan import parse_size
+from ckptflow.lineage import dtype_code, source_ref, with_stage
 from ckptflow.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -46,41 +47,9 @@ def write(view: View, dst: str, *, to: str, out_dtype: str | None, max_shard: in
     with progress.bar(total, f"{stage} -> {to}") as bar:
         m = WRITERS[to](view, out, out_dtype=out_dtype, max_shard=max_shard, progress=bar)
     m.kind, m.inputs, m.params = kind, inputs, params
-    m.lineage = lineage(view, stage, dst, to)
+    m.lineage = with_stage(view, stage, dst, to)
     if view.manifest is not None and view.manifest.step is not None:
         m.step = view.manifest.step
     if view.notes:
         m.extra["notes"] = view.notes
     return out.commit(m)
-
-
-def lineage(view: View, stage: str, dst: str, to: str) -> dict:
-    prev = dict(view.manifest.lineage) if view.manifest is not None else {}
-    prev.setdefault("source", view.uri)
-    stages = list(prev.get("stages", []))
-    stages.append({"stage": stage, "from": view.format, "to": to, "uri": dst})
-    prev["stages"] = stages
-    return prev
-
-
-def source_ref(view: View) -> dict:
-    """How an output names its input: the manifest fingerprint, or for a foreign directory a
-    fingerprint of its file names and sizes (cheap, and changes when any file is replaced)."""
-    if view.manifest is not None:
-        return manifest.input_ref(view.manifest)
-    import hashlib
-
-    h = hashlib.sha256()
-    for name in storage.list_files(view.uri):
-        h.update(f"{name}\0{storage.size(storage.join(view.uri, name))}\n".encode())
-    return {"uri": view.uri, "fingerprint": "files:" + h.hexdigest()}
-
-
-def dtype_code(dtype: str | None) -> str | None:
-    if dtype in (None, "", "keep", "null", "none"):
-        return None
-    name = dtype.removeprefix("torch.")
-    name = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}.get(name, name)
-    if name not in ("bfloat16", "float16", "float32"):
-        raise CkptError(f"--dtype {dtype}: choose bfloat16, float16 or float32")
-    return st.ST_NAME[name]

@@ -103,7 +103,7 @@ def default_out(source) -> str:
 
 
 def model_ref(source) -> dict:
-    from ckptflow.stages.convert import source_ref
+    from ckptflow.lineage import source_ref
 
     return manifest.input_ref(source.manifest) if source.manifest is not None else source_ref(source.view)
 

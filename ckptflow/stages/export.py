@@ -23,9 +23,9 @@ from ckptflow.commit import Output
 from ckptflow.errors import CkptError
 from ckptflow.formats import WRITERS, View, open_view, st
 from ckptflow.formats.plan import Item
+from ckptflow.lineage import dtype_code, source_ref
 from ckptflow.manifest import Manifest
 from ckptflow.stages import merge
-from ckptflow.stages.convert import dtype_code, source_ref
 
 log = logging.getLogger(__name__)
 

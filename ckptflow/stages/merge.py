@@ -23,6 +23,7 @@ from ckptflow.errors import CkptError
 from ckptflow.formats import WRITERS, View, open_view, peft, st
 from ckptflow.formats.peft import Adapter, LoraModule
 from ckptflow.formats.plan import Item
+from ckptflow.lineage import source_ref
 from ckptflow.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,6 @@ def run(adapter: str, base: str | None, dst: str, *, overwrite: bool = False) ->
     ad, base_view = open_adapter(adapter, None if base in (None, "", "-") else base)
     if dst in (ad.uri, base_view.uri):
         raise CkptError(f"{dst}: the destination is the adapter or the base itself")
-    from ckptflow.stages.convert import source_ref
-
     inputs = {"adapter": adapter_ref(ad), "base": source_ref(base_view)}
     params: dict = {}
     existing = manifest.read(dst)
@@ -106,8 +105,6 @@ def merged_view(base_view: View, ad: Adapter, fp: str | None = None) -> View:
 
 
 def merged_manifest(bv: View, ad: Adapter, fp: str) -> Manifest:
-    from ckptflow.stages.convert import source_ref
-
     bm = bv.manifest
     m = Manifest(kind="model", format=bv.format, family=bv.family.NAME, model_args=bv.args.to_dict(),
                  dtype=bm.dtype if bm is not None else None, step=ad.step,
