@@ -181,6 +181,7 @@ class MoE(nn.Module):
         super().__init__()
         self.n_experts, self.top_k, self.norm_topk = args.n_experts, args.n_active_experts, args.norm_topk_prob
         self.float32_weights = bool(args.extra.get("moe_weights_float32"))
+        self.aux_coef = args.router_aux_loss_coef
         self.router = nn.Linear(args.dim, args.n_experts, bias=False)
         self.experts = nn.ModuleList(Expert(args.dim, args.expert_dim) for _ in range(args.n_experts))
         self.router_logits: torch.Tensor | None = None   # the last forward's, for the auxiliary loss
@@ -221,12 +222,16 @@ def load_balancing_loss(router_logits: list[torch.Tensor], n_experts: int, top_k
     return torch.sum((counts / rows) * (prob_sum / rows)) * n_experts
 
 
-def aux_loss(model: nn.Module) -> torch.Tensor | None:
-    """The router load-balancing loss of the last training forward (None for a dense model)."""
+def aux_loss(model: nn.Module) -> tuple[torch.Tensor, float] | None:
+    """(the router load-balancing loss of the last training forward over every sparse layer, its
+    coefficient router_aux_loss_coef); None for a dense model or outside training."""
     moes = [m for m in model.modules() if isinstance(m, MoE) and m.router_logits is not None]
     if not moes:
         return None
-    return load_balancing_loss([m.router_logits for m in moes], moes[0].n_experts, moes[0].top_k)
+    loss = load_balancing_loss([m.router_logits for m in moes], moes[0].n_experts, moes[0].top_k)
+    for m in moes:
+        m.router_logits = None
+    return loss, moes[0].aux_coef
 
 
 class TransformerBlock(nn.Module):

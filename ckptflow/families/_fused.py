@@ -5,19 +5,18 @@ them in HF_FUSED ({HF template: (tune template, ...)}, in stacking order). Rows 
 contiguous bytes, so a part is a byte range of the fused tensor and fusing is concatenation: both
 directions stay raw byte copies, bit for bit, one tensor at a time.
 
-A leaf module: it imports only the package's key templating, lazily.
+A leaf module beside _base: family modules and formats import it without the package root.
 """
 from __future__ import annotations
 
 import functools
 
 from ckptflow.errors import CkptError
+from ckptflow.families import _base
 
 
 def _template(key: str) -> tuple[str, list[str]]:
-    from ckptflow import families
-
-    template = families.template_of(key)
+    template = _base.template_of(key)
     return template, [p for p, t in zip(key.split("."), template.split(".")) if t == "{}"]
 
 
@@ -65,8 +64,6 @@ def check_rows(args, hf_key: str, shape: list, parts: tuple[str, ...], where: st
 
 def hf_state_dict_to_tune(sd: dict, family, args, where: str | None = None) -> dict:
     """families.hf_state_dict_to_tune with fused tensors split (torch tensors, views)."""
-    from ckptflow import families
-
     plain, out = {}, {}
     for key, value in sd.items():
         parts = parts_of(family, key)
@@ -75,14 +72,12 @@ def hf_state_dict_to_tune(sd: dict, family, args, where: str | None = None) -> d
             continue
         for part, t in zip(parts, value.split(check_rows(args, key, list(value.shape), parts, where or "state dict"))):
             out[part] = t
-    return {**families.hf_state_dict_to_tune(plain, family, args, where), **out}
+    return {**_base.hf_state_dict_to_tune(plain, family, args, where), **out}
 
 
 def tune_state_dict_to_hf(sd: dict, family, args, where: str | None = None) -> dict:
     """families.tune_state_dict_to_hf with the parts of a fused tensor concatenated again."""
     import torch
-
-    from ckptflow import families
 
     plain, fused = {}, {}
     for key, value in sd.items():
@@ -91,7 +86,7 @@ def tune_state_dict_to_hf(sd: dict, family, args, where: str | None = None) -> d
             plain[key] = value
         else:
             fused.setdefault(found[0], {})[found[1]] = value
-    out = families.tune_state_dict_to_hf(plain, family, args, where)
+    out = _base.tune_state_dict_to_hf(plain, family, args, where)
     for hf_key, parts in fused.items():
         if len(parts) != len(parts_of(family, hf_key)):
             raise CkptError(f"{where or 'state dict'}: {hf_key!r} lacks some of its parts {parts_of(family, hf_key)}")

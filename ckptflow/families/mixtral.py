@@ -43,6 +43,12 @@ DEFAULTS = {"num_local_experts": 8, "num_experts_per_tok": 2, "router_aux_loss_c
             "rope_theta": 1e6, "rms_norm_eps": 1e-5}     # MixtralConfig's, when a field is absent
 
 
+def seed_args(opts: dict) -> dict:
+    """seed://mixtral?n_experts=4&n_active_experts=2 (defaults 4 and 2, each expert hidden_dim wide)."""
+    return {"n_experts": opts.get("n_experts") or 4, "n_active_experts": opts.get("n_active_experts") or 2,
+            "norm_topk_prob": True, "router_aux_loss_coef": 0.02, "extra": {"moe_weights_float32": True}}
+
+
 def args_from_hf(config: dict, where: str = "config.json") -> ModelArgs:
     cfg = {**DEFAULTS, **{k: v for k, v in config.items() if v is not None or k == "sliding_window"}}
     moe = {field: cfg[key] for field, key in MOE_FIELDS.items()}

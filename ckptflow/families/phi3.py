@@ -47,6 +47,12 @@ DEFAULT_ORIGINAL_MAX = 4096      # Phi3Config.original_max_position_embeddings w
 DEFAULT_EPS = 1e-5               # Phi3Config.rms_norm_eps when absent
 
 
+def seed_args(opts: dict) -> dict:
+    """seed://phi3?...: Phi-4-mini's partial rotary factor 0.75 where it leaves an even rotary width."""
+    hd = opts.get("head_dim") or opts["dim"] // opts["n_heads"]
+    return {"partial_rotary_factor": 0.75 if int(hd * 0.75) % 2 == 0 else 1.0}
+
+
 def _rope_key(config: dict) -> str | None:
     for key in ("rope_parameters", "rope_scaling"):
         if isinstance(config.get(key), dict):
