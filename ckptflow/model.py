@@ -124,11 +124,19 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(args.dim, args.kv_heads * args.hd, bias=args.qkv_bias)
         self.v_proj = nn.Linear(args.dim, args.kv_heads * args.hd, bias=args.qkv_bias)
         self.output_proj = nn.Linear(args.n_heads * args.hd, args.dim, bias=args.attn_out_bias)
+        self.qk_norm = args.qk_norm
+        if args.qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(args.hd, args.norm_eps), RMSNorm(args.hd, args.norm_eps)
+        elif args.qk_norm is not None:
+            raise CkptError(f"qk_norm {args.qk_norm!r} is not supported (head)")
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, input_pos: int):
         B, T, _ = x.shape
-        q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.hd), cos, sin, self.interleaved)
-        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv, self.hd), cos, sin, self.interleaved)
+        q, k = self.q_proj(x), self.k_proj(x)
+        q, k = q.view(B, T, self.n_heads, self.hd), k.view(B, T, self.n_kv, self.hd)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin, self.interleaved), apply_rope(k, cos, sin, self.interleaved)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:

@@ -37,6 +37,7 @@ class ModelArgs:
     dense_layers: list = field(default_factory=list)
     router_aux_loss_coef: float = 0.0
     extra: dict = field(default_factory=dict)
+    qk_norm: str | None = None          # "head": RMSNorm over head_dim on each head (qwen3, qwen3_moe)
 
     @property
     def kv_heads(self) -> int:
@@ -77,6 +78,7 @@ class ModelArgs:
         if self.attn_out_bias:
             attn += self.dim
         mlp = 3 * self.dim * self.hidden_dim + (2 * self.hidden_dim + self.dim if self.mlp_bias else 0)
+        attn += {None: 0, "head": 2 * hd}[self.qk_norm]
         moe = self.n_experts * 3 * self.dim * self.expert_dim + self.n_experts * self.dim
         layers = sum(attn + (moe if self.is_moe_layer(i) else mlp) + 2 * self.dim for i in range(self.n_layers))
         head = 0 if self.tie_embeddings else self.vocab_size * self.dim

@@ -1,6 +1,7 @@
 """Tiny Hugging Face checkpoints written by transformers itself (the tool that defines the format)."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -17,6 +18,8 @@ FAMILY_KW = {
     "phi3": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=6, original_max_position_embeddings=8,
                  rope_scaling=LONGROPE, partial_rotary_factor=0.75),
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=6, intermediate_size=96),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, head_dim=32,
+                      mlp_only_layers=[1], norm_topk_prob=False),
 }
 
 
@@ -26,7 +29,7 @@ def config(family: str, **over):
     kw = dict(TINY)
     if family == "qwen2":
         kw["tie_word_embeddings"] = True
-    kw.update(FAMILY_KW.get(family, {}))
+    kw.update(copy.deepcopy(FAMILY_KW.get(family, {})))   # transformers edits rope dicts in place
     kw.update(over)
     return transformers.AutoConfig.for_model(family, **kw)
 

@@ -73,7 +73,7 @@ def for_litgpt_config(cfg: dict, where: str = "model_config.yaml") -> ModuleType
 for _family in (llama, mistral, qwen2):
     register(_family)
 
-from ckptflow.families import mixtral, phi3  # noqa: E402
+from ckptflow.families import mixtral, phi3, qwen3_moe  # noqa: E402
 
-for _family in (phi3, mixtral):
+for _family in (phi3, mixtral, qwen3_moe):
     register(_family)

@@ -36,6 +36,8 @@ def expected_shapes(a: ModelArgs) -> dict[str, list[int]]:
             p + "attn.q_proj.weight": [a.n_heads * hd, a.dim], p + "attn.k_proj.weight": [kv * hd, a.dim],
             p + "attn.v_proj.weight": [kv * hd, a.dim], p + "attn.output_proj.weight": [a.dim, a.n_heads * hd],
         })
+        if a.qk_norm is not None:
+            shapes.update({p + "attn.q_norm.scale": [hd], p + "attn.k_norm.scale": [hd]})
         shapes.update(_mlp_shapes(a, i) if a.is_moe_layer(i) else {
             p + "mlp.w1.weight": [a.hidden_dim, a.dim], p + "mlp.w3.weight": [a.hidden_dim, a.dim],
             p + "mlp.w2.weight": [a.dim, a.hidden_dim],
