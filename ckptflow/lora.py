@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from dataclasses import dataclass, field
 
 from ckptflow.errors import CkptError
+
+log = logging.getLogger(__name__)
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3", "output")
 SUFFIXES = (".lora_a.weight", ".lora_b.weight")
@@ -39,10 +42,15 @@ def normalize_targets(targets) -> list[str]:
     return out
 
 
-def adaptable(module_path: str) -> bool:
-    """Whether a module may take LoRA: not a mixture-of-experts expert or router (transformers keeps
-    experts as grouped 3-D parameters that PEFT's LoRA layers do not wrap)."""
-    return ".experts." not in module_path and not module_path.endswith(".router")
+MLP = ("w1", "w2", "w3")
+
+
+def adaptable(module_path: str, moe: bool = False) -> bool:
+    """Whether a module may take LoRA. In a mixture-of-experts model only attention and the head:
+    transformers 5 keeps the experts as grouped 3-D parameters, and peft (0.21) reads every
+    gate/up/down_proj target of such a model as those experts' parameters, so a LoRA on a dense
+    layer's MLP (Qwen3-MoE's mlp_only_layers) would not load where it was trained."""
+    return not (moe and module_path.rsplit(".", 1)[-1] in MLP) and ".experts." not in module_path
 
 
 @dataclass
@@ -138,9 +146,13 @@ def apply_lora(model, cfg: LoraConfig, *, seed: int = 0) -> list[str]:
     if "output" in cfg.targets and getattr(model, "output", None) is None:
         raise CkptError("lora.targets: 'output' is tied to tok_embeddings in this model; it cannot take an adapter")
     wrapped = []
+    moe = bool(getattr(getattr(model, "args", None), "n_experts", 0))
+    if moe and set(cfg.targets) & set(MLP):
+        log.warning("lora.targets %s: a mixture-of-experts model takes LoRA on attention and the head only; "
+                    "the MLP targets are left out", [t for t in cfg.targets if t in MLP])
     for name, module in list(model.named_modules()):
         leaf = name.rsplit(".", 1)[-1]
-        if leaf in cfg.targets and isinstance(module, nn.Linear) and adaptable(name):
+        if leaf in cfg.targets and isinstance(module, nn.Linear) and adaptable(name, moe):
             parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
             setattr(parent, leaf, LoRALinear(module, cfg, gen))
             wrapped.append(name)
@@ -166,7 +178,7 @@ def adapter_shapes(model_args, cfg: LoraConfig) -> dict[str, list[int]]:
     for key, shape in expected_shapes(model_args).items():
         module = key.removesuffix(".weight")
         if key.endswith(".weight") and module.rsplit(".", 1)[-1] in cfg.targets and len(shape) == 2 \
-                and adaptable(module):
+                and adaptable(module, model_args.n_experts > 0):
             out[module + ".lora_a.weight"] = [cfg.rank, shape[1]]
             out[module + ".lora_b.weight"] = [shape[0], cfg.rank]
     return out

@@ -26,7 +26,7 @@ def same_dir(a, b, skip=()):
             assert fa.read() == fb.read(), f
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "phi3", "mixtral"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "phi3", "mixtral", "qwen3_moe"])
 @pytest.mark.parametrize("shard", [None, "40KB"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_round_trip_is_byte_exact(tmp_path, family, shard, dtype):
@@ -111,7 +111,7 @@ def test_rerun_with_same_inputs_does_no_work(tmp_path):
     assert manifest.fingerprint(first) == manifest.fingerprint(again)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3", "mixtral"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3", "mixtral", "qwen3_moe"])
 def test_load_gives_transformers_logits(tmp_path, family):
     import ckptflow
 

@@ -48,6 +48,7 @@ FAMILY_TARGETS = {
     "phi3-rslora": dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj"], use_rslora=True,
                         rank_pattern={"model.layers.1.self_attn.qkv_proj": 2}),
     "mixtral": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "qwen3_moe": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]),
 }
 
 

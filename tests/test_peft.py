@@ -205,6 +205,7 @@ RUN_TARGETS = {
     "qwen2": (["q_proj", "k_proj", "v_proj", "output_proj", "w2"], 5),
     "phi3": (["q_proj", "v_proj", "output_proj", "w1", "w3", "w2"], 4),
     "mixtral": (["q_proj", "k_proj", "v_proj", "o_proj"], 4),
+    "qwen3_moe": (["all-linear"], 4),    # a mixture-of-experts model: attention only, dense layer 1 too
 }
 
 

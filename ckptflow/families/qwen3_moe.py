@@ -8,7 +8,7 @@ MoE, on disk as transformers 5 writes it (grouped in memory only): router `mlp.g
 softmax in float32, top `num_experts_per_tok`, renormalised only with `norm_topk_prob`, then cast to
 the activations' dtype. Layer i is dense (a plain MLP of `intermediate_size`, keys `mlp.gate_proj`...)
 when it is in `mlp_only_layers` or (i + 1) % `decoder_sparse_step` != 0. Tune layout keeps HF's
-rotate-half rows. LoRA: attention, the head and the dense MLPs, not the experts.
+rotate-half rows. LoRA: attention and the head (see PEFT_TARGETS).
 """
 from __future__ import annotations
 
@@ -41,10 +41,10 @@ HF_TO_TUNE = {
     "lm_head.weight": "output.weight",
 }
 
-PEFT_TARGETS = {
-    "q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "output_proj": "o_proj",
-    "w1": "gate_proj", "w2": "down_proj", "w3": "up_proj", "output": "lm_head",
-}
+# Attention and the head: peft reads gate/up/down_proj targets of a Qwen3-MoE model as the experts'
+# grouped parameters, dense layers included (ckptflow.lora.adaptable).
+PEFT_TARGETS = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "output_proj": "o_proj",
+                "output": "lm_head"}
 
 MOE_FIELDS = {"n_experts": "num_experts", "n_active_experts": "num_experts_per_tok",
               "moe_hidden_dim": "moe_intermediate_size", "norm_topk_prob": "norm_topk_prob",
