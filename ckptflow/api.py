@@ -6,8 +6,8 @@
 from __future__ import annotations
 
 from ckptflow import storage
-from ckptflow.formats import WRITERS, View, open_view
-from ckptflow.formats.plan import Item
+from ckptflow.formats import WRITERS, open_view
+from ckptflow.formats.view import Item, View
 from ckptflow.manifest import Manifest
 
 

@@ -157,29 +157,55 @@ def generate(src: str, prompt: str = typer.Option(..., "--prompt", help="text to
 
 
 @app.command()
-def evaluate(src: str, data: str = typer.Option(..., "--data", help="held-out JSONL or text (any fsspec URI)"),
+def evaluate(src: str, data: Optional[str] = typer.Option(None, "--data", help="held-out JSONL or text (any fsspec URI): perplexity"),
+             tasks: Optional[str] = typer.Option(
+                 None, "--tasks", help="lm-eval tasks, comma-separated: names, or task YAML files / folders with local data"),
+             limit: Optional[int] = typer.Option(None, "--limit", help="lm-eval: at most N examples per task"),
              base: Optional[str] = typer.Option(None, "--base", help="also evaluate this model and report the change"),
-             out: Optional[str] = typer.Option(None, "--out", help="default: {run}/eval"),
+             out: Optional[str] = typer.Option(None, "--out", help="default: {run}/eval; a model outside a run: "
+                                                                  "print the numbers, write nothing"),
              step: Optional[int] = typer.Option(None, "--step", help="a run's step (default: the newest committed)"),
              prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="sample prompts (repeat the option)"),
              max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
              batch_size: int = typer.Option(8, "--batch-size"), seq_len: int = typer.Option(256, "--seq-len"),
              max_batches: Optional[int] = typer.Option(None, "--max-batches"),
-             tasks: str = typer.Option("hellaswag,arc_easy,lambada_openai", "--tasks", help="lm_eval tasks for request.json"),
+             lm_eval_batch_size: str = typer.Option("auto", "--lm-eval-batch-size",
+                                                    help="a number, or auto (probes memory on a GPU; 16 on CPU)"),
              device: str = typer.Option("auto", "--device"),
              overwrite: bool = typer.Option(False, "--overwrite"), as_json: bool = JSON):
-    """Held-out perplexity and samples of SRC, and {out}/request.json for lm-evaluation-harness."""
+    """Perplexity, lm-eval scores and samples of SRC; {out}/results.json and request.json for other evaluators."""
     from ckptflow.stages import evaluate as stage
 
-    kw = {"prompts": prompt} if prompt else {}
-    m = stage.run(src, data=data, base=base, out=out, step=step, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                  seq_len=seq_len, max_batches=max_batches, tasks=[t for t in tasks.split(",") if t], device=device,
-                  overwrite=overwrite, **kw)
-    s = manifest_summary(m)
-    ch = m.extra.get("change")
-    text = f"{m.uri}: perplexity {m.extra['perplexity']:.3f}" + (
-        f" (base {ch['perplexity']['before']:.3f})" if ch else "") + f"\nmodel for lm_eval: {m.extra['model']}"
-    emit(s, as_json, text)
+    kw = {"data": data, "tasks": [t.strip() for t in (tasks or "").split(",") if t.strip()], "limit": limit,
+          "base": base, "step": step, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "seq_len": seq_len,
+          "max_batches": max_batches, "lm_eval_batch_size": lm_eval_batch_size, "device": device,
+          **({"prompts": prompt} if prompt else {})}
+    dst = stage.destination(src, out, step=step)
+    if dst is None:   # a model outside a run and no --out: the numbers only
+        res = stage.measure(src, **kw)
+        emit({"uri": None, **stage.headline(res), "results": res}, as_json, _eval_text(None, stage.headline(res)))
+        return
+    m = stage.run(src, out=dst, overwrite=overwrite, **kw)
+    head = {k: m.extra.get(k) for k in ("perplexity", "loss", "lm_eval", "change") if k in m.extra}
+    emit({**manifest_summary(m), **head}, as_json,
+         _eval_text(m.uri, head) + f"\nmodel for lm_eval: {m.extra['model']}")
+
+
+def _eval_text(uri: str | None, head: dict) -> str:
+    ch = head.get("change") or {}
+    lines = [f"{uri}: written" if uri else "(nothing written: give --out DIR to keep the results)"]
+    if head.get("perplexity") is not None:
+        before = (ch.get("perplexity") or {}).get("before")
+        lines.append(f"perplexity {head['perplexity']:.3f}" + (f" (base {before:.3f})" if before is not None else ""))
+    for task, scores in (head.get("lm_eval") or {}).items():
+        shown = []
+        for k, v in scores.items():
+            if k.endswith("_stderr") or "_stderr," in k:
+                continue
+            before = ((ch.get("lm_eval") or {}).get(task) or {}).get(k, {}).get("before")
+            shown.append(f"{k} {v:.4g}" + (f" (base {before:.4g})" if isinstance(before, (int, float)) else ""))
+        lines.append(f"{task}: " + ", ".join(shown))
+    return "\n".join(lines)
 
 
 @app.command()
@@ -192,9 +218,22 @@ def train(config: str = typer.Argument(..., help="run config YAML (any fsspec UR
     from ckptflow.stages import train as stage
 
     cfg = cfg_mod.load_config(config, overrides or [])
-    m = stage.run(cfg, stop_after=stop_after)
+    m = stage.run(cfg, stop_after=stop_after, on_metrics=_train_progress(cfg.train.steps))
     s = manifest_summary(m)
     emit(s, as_json, f"{m.uri}: step {m.step} ({cfg.train.method}), {s['num_files']} files, {s['size_bytes']} bytes")
+
+
+def _train_progress(total: int):
+    """`ckptflow train` says what it does: ckptflow's INFO lines (where it resumes from, each
+    checkpoint) unless CKPTFLOW_LOG says otherwise, and the progress: tqdm's bar on a terminal,
+    else a line every ~5% of the steps with loss, lr and tokens/s."""
+    import os
+
+    from ckptflow import progress
+
+    if "CKPTFLOW_LOG" not in os.environ:
+        logging.getLogger("ckptflow").setLevel(logging.INFO)
+    return None if sys.stderr.isatty() else progress.StepLines(total, logging.getLogger("ckptflow.train"))
 
 
 @app.command()
@@ -229,16 +268,20 @@ def run(config: str = typer.Argument(..., help="run config YAML (any fsspec URI)
         as_json: bool = JSON):
     """Run the whole pipeline as the Prefect flow `finetune`; a failed run started again resumes.
 
-    Uses the Prefect server at PREFECT_API_URL, else Prefect's embedded (ephemeral) API."""
+    Uses the Prefect server at PREFECT_API_URL, else an embedded API server of its own."""
     from ckptflow import config as cfg_mod
-    from ckptflow.settings import apply_prefect_defaults
+    from ckptflow import credentials
+    from ckptflow.settings import apply_prefect_defaults, prefect_api
 
     cfg = cfg_mod.load_config(config, overrides or [])   # bad config: one line, before Prefect starts
     apply_prefect_defaults()
+    # Literal credentials stay in this process (its environment); the flow gets references.
+    cfg = cfg.model_copy(update={"storage_options": credentials.stash(cfg.storage_options)})
     _hand_logging_to_prefect()
-    from flows.finetune import finetune
+    with prefect_api():     # PREFECT_API_URL, else an embedded server that dies with this process
+        from flows.finetune import finetune
 
-    out = finetune(cfg)
+        out = finetune(cfg)
     emit(out, as_json, f"run: {out['run']}\nsummary: {out['summary']}\nexport: {out['export']}")
 
 

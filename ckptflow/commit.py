@@ -29,7 +29,7 @@ from ckptflow.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
-MARKER = ".ckptflow-writing"
+MARKER = manifest.MARKER
 
 
 class Output:

@@ -14,9 +14,9 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator
 
-from ckptflow import storage
+from ckptflow import credentials, storage
 from ckptflow.errors import CkptError
 
 EXCLUDABLE = ("optimizer", "lr_scheduler", "data", "rng")
@@ -124,6 +124,10 @@ class EvalConfig(_Strict):
     prompts: list[str] = Field(default_factory=lambda: ["The capital of France is"],
                                description="greedy samples written beside the eval results")
     max_new_tokens: int = Field(32, ge=1, description="tokens generated per prompt")
+    tasks: list[str] = Field(default_factory=list,
+                             description="lm-eval tasks run on the export and the base: names, or task YAML files / "
+                                         "folders with local data (deployments/tasks); needs ckptflow[eval]")
+    limit: int | None = Field(None, ge=1, description="lm-eval: at most N examples per task; null: all")
     deployment: str | None = Field(None, description="an evaluate deployment to hand eval/request.json to")
 
 
@@ -137,6 +141,14 @@ class RunConfig(_Strict):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_serializer("storage_options")
+    def _no_credentials_in_json(self, value: dict, info) -> dict:
+        # JSON is what Prefect stores as the flow's parameters: literal credentials never go there
+        # (see ckptflow/credentials.py); to_dict(cfg, credentials=True) keeps them for a 0600 file.
+        if info.mode_is_json() and not (info.context or {}).get("credentials"):
+            return credentials.redacted(value)
+        return value
 
     @field_validator("run_id")
     @classmethod
@@ -231,9 +243,14 @@ def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     return [f.alias or name for name, f in model.model_fields.items()]
 
 
-def to_dict(cfg: RunConfig) -> dict:
-    """Plain JSON-able dict with the YAML key names (checkpoint.async, not async_)."""
-    return cfg.model_dump(mode="json", by_alias=True)
+def to_dict(cfg: RunConfig, credentials: bool = False) -> dict:
+    """Plain JSON-able dict with the YAML key names (checkpoint.async, not async_). Literal
+    credentials in storage_options are redacted unless `credentials` (then references are
+    resolved too: for a private temp file read by the ranks of this run, never for display)."""
+    d = cfg.model_dump(mode="json", by_alias=True, context={"credentials": credentials})
+    if credentials:
+        d["storage_options"] = resolved_storage_options(cfg)
+    return d
 
 
 def get(cfg: RunConfig | dict, dotted: str):
@@ -259,7 +276,12 @@ def run_dir(cfg: RunConfig) -> str:
     return storage.join(storage.normalize(cfg.storage), cfg.run_id)
 
 
+def resolved_storage_options(cfg: RunConfig) -> dict:
+    """storage_options with credential references ({"env": ...}, {"secret": ...}) resolved."""
+    return credentials.resolve(cfg.storage_options)
+
+
 def apply_storage_options(cfg: RunConfig) -> None:
-    """Register storage_options for every URI under cfg.storage."""
+    """Register storage_options (references resolved) for every URI under cfg.storage."""
     if cfg.storage_options:
-        storage.set_options(storage.normalize(cfg.storage), cfg.storage_options)
+        storage.set_options(storage.normalize(cfg.storage), resolved_storage_options(cfg))

@@ -44,7 +44,7 @@ def launch(cfg, base_uri: str, *, stop_after: int | None = None, on_metrics=None
     before = max((r.get("step", 0) for r in read_metrics(train_uri)), default=-1)
     fd, path = tempfile.mkstemp(prefix="ckptflow-run-", suffix=".json")   # 0600: may hold storage_options
     with os.fdopen(fd, "w") as f:
-        json.dump(config.to_dict(cfg), f)
+        json.dump(config.to_dict(cfg, credentials=True), f)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.train.nproc_per_node}",
            "-m", "ckptflow.distributed", path, base_uri, str(stop_after or 0)]
     log.info("launching %s", " ".join(cmd))

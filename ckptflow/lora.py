@@ -171,16 +171,21 @@ def lora_state_dict(model) -> dict:
 
 
 def adapter_shapes(model_args, cfg: LoraConfig) -> dict[str, list[int]]:
-    """Every adapter key a model with `model_args` gets from `cfg`, with its shape."""
-    from ckptflow.formats.tune import expected_shapes
+    """Every adapter key a model with `model_args` gets from `cfg`, with its shape: the linear
+    layers apply_lora wraps, read off the model built on the meta device (no memory, no init)."""
+    import torch
+    from torch import nn
 
+    from ckptflow.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(model_args)
     out = {}
-    for key, shape in expected_shapes(model_args).items():
-        module = key.removesuffix(".weight")
-        if key.endswith(".weight") and module.rsplit(".", 1)[-1] in cfg.targets and len(shape) == 2 \
-                and adaptable(module, model_args.n_experts > 0):
-            out[module + ".lora_a.weight"] = [cfg.rank, shape[1]]
-            out[module + ".lora_b.weight"] = [shape[0], cfg.rank]
+    moe = model_args.n_experts > 0
+    for module, layer in model.named_modules():
+        if module.rsplit(".", 1)[-1] in cfg.targets and isinstance(layer, nn.Linear) and adaptable(module, moe):
+            out[module + ".lora_a.weight"] = [cfg.rank, layer.in_features]
+            out[module + ".lora_b.weight"] = [layer.out_features, cfg.rank]
     return out
 
 

@@ -20,6 +20,8 @@ from ckptflow.version import __version__
 log = logging.getLogger(__name__)
 
 NAME = "ckptflow.json"
+# The commit protocol's two files: commit.Output puts MARKER first and NAME last.
+MARKER = ".ckptflow-writing"
 SCHEMA = 1
 KINDS = ("source", "model", "adapter", "train_state", "export", "eval")
 
@@ -144,8 +146,6 @@ def committed_under(uri: str) -> tuple[list[str], list[str]]:
     """(committed, interrupted) directories below `uri`, from one recursive listing: a directory
     is committed by its ckptflow.json, interrupted by a writing marker without one. Hidden
     directories (.cache: Prefect results, the shared base) are left out."""
-    from ckptflow.commit import MARKER
-
     files = [f for f in storage.list_files(uri) if not any(p.startswith(".") for p in f.split("/")[:-1])]
 
     def dirs_with(name: str) -> set[str]:

@@ -4,7 +4,14 @@ Llama 2/3.x, Mistral and Qwen2/2.5 differ only in ModelArgs: biases, tied embedd
 scaling and the q/k row layout (`rope_interleaved`). Numerics follow HF transformers (RMSNorm in
 float32, cos/sin in float32) so logits match an HF model of the same weights to ~1e-6 in float32.
 
-`args.extra["sliding_window"]` (Mistral v0.1) limits attention to the last N keys, as HF does.
+`args.extra["sliding_window"]` (Mistral v0.1) limits attention to the last N keys, as HF does; with
+`args.layer_types` only on the layers marked "sliding_attention" (Gemma 2/3).
+
+The newer dense families switch on ModelArgs fields, never on family names: q/k norms per head or over
+the whole projection (`qk_norm`), norms computing x * (1 + w) (`norm_offset`) or scaling in float32
+(`norm_scale_f32`), scaled embeddings (`embed_scale`), GeGLU (`mlp_act`), post-block norms with or
+without pre-norms (`post_norms`, `pre_norms`), the softmax scale (`attn_scalar`), attention and final
+logit soft-caps, per-layer-type RoPE (`rope_local_theta`) and layers without RoPE (`no_rope_layers`).
 
 The projections are plain `nn.Linear` attributes named q_proj, k_proj, v_proj, output_proj, w1,
 w2, w3 and output: ckptflow.lora swaps them for LoRA-wrapped modules by those names.
@@ -22,18 +29,23 @@ from ckptflow.errors import CkptError
 from ckptflow.model_args import ModelArgs
 
 
-def rope_inv_freq(args: ModelArgs, long: bool = False) -> torch.Tensor:
+def rope_inv_freq(args: ModelArgs, local: bool = False, long: bool = False) -> torch.Tensor:
     """Inverse frequencies [rotary_dim/2] in float32, with the llama3, linear or longrope scaling
-    applied (longrope: the short factors, or the long ones with long=True)."""
+    applied (longrope: the short factors, or the long ones with long=True).
+
+    local: the sliding layers' RoPE (rope_local_theta / rope_local_scaling) where the family has one."""
     rd = args.rotary_dim
+    theta, scaling = args.rope_theta, args.rope_scaling
+    if local and args.rope_local_theta is not None:
+        theta, scaling = args.rope_local_theta, args.rope_local_scaling
     # Explicitly on CPU: a meta-device build (from_state_dict) must still get real frequencies.
     steps = torch.arange(0, rd, 2, dtype=torch.int64, device="cpu").float()
-    scaling = args.rope_scaling or {}
+    scaling = scaling or {}
     kind = scaling.get("rope_type", "default")
     if kind == "longrope":  # HF: 1 / (ext_factor * base ** (2i / rd)), factors picked by length
         ext = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32, device="cpu")
-        return 1.0 / (ext * args.rope_theta ** (steps / rd))
-    inv_freq = 1.0 / (args.rope_theta ** (steps / rd))
+        return 1.0 / (ext * theta ** (steps / rd))
+    inv_freq = 1.0 / (theta ** (steps / rd))
     if kind == "default":
         return inv_freq
     if kind == "linear":
@@ -85,16 +97,27 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    """HF's three RMSNorms: Llama's (scale after the cast back), OLMo 2's (`f32`: scale in float32,
+    then cast) and Gemma's (`offset`: x * (1 + w) in float32, then cast)."""
+
+    def __init__(self, dim: int, eps: float, offset: bool = False, f32: bool = False):
         super().__init__()
-        self.eps = eps
-        self.scale = nn.Parameter(torch.ones(dim))
+        self.eps, self.offset, self.f32 = eps, offset, f32
+        self.scale = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Same order as HF: normalise in float32, cast back, then scale in the input dtype.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (x32 * (1.0 + self.scale.float())).type_as(x)
+        if self.f32:
+            return (self.scale * x32).to(x.dtype)
+        # Llama's order: normalise in float32, cast back, then scale in the input dtype.
         return self.scale * x32.to(x.dtype)
+
+
+def norm(args: ModelArgs, dim: int | None = None) -> RMSNorm:
+    return RMSNorm(args.dim if dim is None else dim, args.norm_eps, args.norm_offset, args.norm_scale_f32)
 
 
 class KVCache:
@@ -126,24 +149,46 @@ class Attention(nn.Module):
         self.output_proj = nn.Linear(args.n_heads * args.hd, args.dim, bias=args.attn_out_bias)
         self.qk_norm = args.qk_norm
         if args.qk_norm == "head":
-            self.q_norm, self.k_norm = RMSNorm(args.hd, args.norm_eps), RMSNorm(args.hd, args.norm_eps)
+            self.q_norm, self.k_norm = norm(args, args.hd), norm(args, args.hd)
+        elif args.qk_norm == "proj":
+            self.q_norm, self.k_norm = norm(args, args.n_heads * args.hd), norm(args, args.kv_heads * args.hd)
         elif args.qk_norm is not None:
-            raise CkptError(f"qk_norm {args.qk_norm!r} is not supported (head)")
+            raise CkptError(f"qk_norm {args.qk_norm!r} is not supported (head, proj)")
+        self.scale = None if args.attn_scalar is None else args.attn_scalar ** -0.5
+        self.softcap = args.attn_softcap
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None, input_pos: int):
+        """cos/sin None: this layer applies no RoPE."""
         B, T, _ = x.shape
         q, k = self.q_proj(x), self.k_proj(x)
+        if self.qk_norm == "proj":
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.view(B, T, self.n_heads, self.hd), k.view(B, T, self.n_kv, self.hd)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin, self.interleaved), apply_rope(k, cos, sin, self.interleaved)
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin, self.interleaved), apply_rope(k, cos, sin, self.interleaved)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer, input_pos, k, v)
         k, v = self._expand(k), self._expand(v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        if self.softcap is not None:
+            out = self._softcapped(q, k, v, mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
         return self.output_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+    def _softcapped(self, q, k, v, mask):
+        # HF's eager path (SDPA has no soft-cap): scores * scale, c * tanh(scores / c), mask, float32 softmax.
+        scores = torch.matmul(q, k.transpose(2, 3)) * (self.scale or self.hd ** -0.5)
+        scores = torch.tanh(scores / self.softcap) * self.softcap
+        T, S = q.shape[2], k.shape[2]
+        if mask is None:
+            mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(weights, v)
 
     def _expand(self, t: torch.Tensor) -> torch.Tensor:
         # Grouped-query attention: query head h reads kv head h // (n_heads / n_kv), as HF repeat_kv.
@@ -154,15 +199,21 @@ class Attention(nn.Module):
         return t[:, :, None].expand(B, n, rep, S, hd).reshape(B, n * rep, S, hd)
 
 
+ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
 class MLP(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
+        if args.mlp_act not in ACTIVATIONS:
+            raise CkptError(f"mlp_act {args.mlp_act!r} is not supported ({', '.join(ACTIVATIONS)})")
+        self.act = ACTIVATIONS[args.mlp_act]
         self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)  # gate
         self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=args.mlp_bias)  # down
         self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)  # up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(self.act(self.w1(x)) * self.w3(x))
 
 
 class Expert(nn.Module):
@@ -243,16 +294,25 @@ def aux_loss(model: nn.Module) -> tuple[torch.Tensor, float] | None:
 
 
 class TransformerBlock(nn.Module):
+    """Pre-norm (sa_norm, mlp_norm) and/or post-norm (sa_scale, mlp_scale: on the block's output
+    before the residual add) residual blocks; an absent norm is None."""
+
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
-        self.sa_norm = RMSNorm(args.dim, args.norm_eps)
+        self.sa_norm = norm(args) if args.pre_norms else None
         self.attn = Attention(args, layer)
-        self.mlp_norm = RMSNorm(args.dim, args.norm_eps)
+        self.sa_scale = norm(args) if args.post_norms else None
+        self.mlp_norm = norm(args) if args.pre_norms else None
         self.mlp = MoE(args) if args.is_moe_layer(layer) else MLP(args)
+        self.mlp_scale = norm(args) if args.post_norms else None
 
     def forward(self, x, cos, sin, mask, cache, input_pos):
-        h = x + self.attn(self.sa_norm(x), cos, sin, mask, cache, input_pos)
-        return h + self.mlp(self.mlp_norm(h))
+        h = x + _maybe(self.sa_scale, self.attn(_maybe(self.sa_norm, x), cos, sin, mask, cache, input_pos))
+        return h + _maybe(self.mlp_scale, self.mlp(_maybe(self.mlp_norm, h)))
+
+
+def _maybe(module, x):
+    return x if module is None else module(x)
 
 
 class Transformer(nn.Module):
@@ -261,19 +321,27 @@ class Transformer(nn.Module):
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args, i) for i in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.norm = norm(args)
         # Tied: the head reads tok_embeddings.weight, so output.weight is absent from state_dict.
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         # A plain attribute, not a buffer: model.to(bfloat16) must not round the frequencies,
         # and a meta-device build must not leave them unmaterialised.
-        self._inv_freq = {False: rope_inv_freq(args)}
+        # Keyed (local, long): the sliding layers' RoPE (gemma3); LongRoPE's long factors (phi3), used
+        # once the sequence outgrows the original context.
+        self._inv_freq = {(False, False): rope_inv_freq(args), (True, False): rope_inv_freq(args, local=True)}
         self._inv_freq_on: dict[tuple, torch.Tensor] = {}
-        # LongRoPE (Phi-3): the long factors once the sequence outgrows the original context.
         scaling = args.rope_scaling or {}
+        self._long_after = None
         if scaling.get("rope_type") == "longrope":
-            self._inv_freq[True] = rope_inv_freq(args, long=True)
-        self._long_after = scaling.get("original_max_position_embeddings") if True in self._inv_freq else None
+            self._inv_freq[False, True] = rope_inv_freq(args, long=True)
+            self._long_after = scaling["original_max_position_embeddings"]
         self._rope_scale = rope_attention_scaling(args)
+        no_rope = set(args.no_rope_layers or ())
+        # Per layer: None (no RoPE), False (the full layers' RoPE) or True (the sliding layers').
+        self._rope_kind = [None if i in no_rope else args.is_sliding(i) and args.rope_local_theta is not None
+                           for i in range(args.n_layers)]
+        self._window = [args.extra.get("sliding_window") if args.is_sliding(i) else None
+                        for i in range(args.n_layers)]
 
     @classmethod
     def from_state_dict(cls, args: ModelArgs, sd: dict, *, device=None, dtype=None) -> "Transformer":
@@ -290,7 +358,7 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             with torch.no_grad():
                 if name.endswith(".scale"):
-                    p.fill_(1.0)
+                    p.fill_(0.0 if self.args.norm_offset else 1.0)
                 elif name.endswith(".bias"):
                     p.zero_()
                 else:
@@ -304,30 +372,34 @@ class Transformer(nn.Module):
         """Logits [B, T, vocab] in float32 for tokens at positions input_pos .. input_pos+T-1."""
         T = tokens.shape[1]
         h = self.tok_embeddings(tokens)
-        cos, sin = self._rope(input_pos, T, h.device)
-        mask = self._mask(input_pos, T, cache is not None, h.device)
-        for layer in self.layers:
-            h = layer(h, cos, sin, mask, cache, input_pos)
+        if self.args.embed_scale:  # HF: sqrt(dim) as a float32 tensor, cast to the activation dtype
+            h = h * torch.tensor(self.args.dim ** 0.5).to(h.dtype)
+        ropes = {kind: self._rope(kind, input_pos, T, h.device) for kind in set(self._rope_kind) - {None}}
+        masks = {w: self._mask(w, input_pos, T, cache is not None, h.device) for w in set(self._window)}
+        for i, layer in enumerate(self.layers):
+            cos, sin = ropes.get(self._rope_kind[i], (None, None))
+            h = layer(h, cos, sin, masks[self._window[i]], cache, input_pos)
         h = self.norm(h)
         logits = self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)
+        if self.args.final_softcap is not None:
+            logits = torch.tanh(logits / self.args.final_softcap) * self.args.final_softcap
         return logits.float()
 
-    def _rope(self, input_pos: int, T: int, device: torch.device):
-        # As HF, a forward whose last position is past the original context uses the long factors
-        # for all its positions (the cached keys keep the ones they were made with).
-        long = self._long_after is not None and input_pos + T > self._long_after
-        inv_freq = self._inv_freq_on.get((device, long))
+    def _rope(self, local: bool, input_pos: int, T: int, device: torch.device):
+        # As HF, a forward whose last position is past the original context uses LongRoPE's long
+        # factors for all its positions (the cached keys keep the ones they were made with).
+        long = not local and self._long_after is not None and input_pos + T > self._long_after
+        inv_freq = self._inv_freq_on.get((local, long, device))
         if inv_freq is None:
-            inv_freq = self._inv_freq_on[(device, long)] = self._inv_freq[long].to(device)
+            inv_freq = self._inv_freq_on[local, long, device] = self._inv_freq[local, long].to(device)
         pos = torch.arange(input_pos, input_pos + T, device=device, dtype=torch.float32)
         freqs = pos[:, None] * inv_freq[None, :]
         if self._rope_scale != 1.0:
             return freqs.cos() * self._rope_scale, freqs.sin() * self._rope_scale
         return freqs.cos(), freqs.sin()
 
-    def _mask(self, input_pos: int, T: int, cached: bool, device):
+    def _mask(self, window: int | None, input_pos: int, T: int, cached: bool, device):
         """None for plain causal attention (SDPA's is_causal); else a bool [T, S] mask."""
-        window = self.args.extra.get("sliding_window")
         if not cached and (window is None or window >= T):
             return None
         q_pos = torch.arange(input_pos, input_pos + T, device=device)[:, None]

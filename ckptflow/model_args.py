@@ -37,7 +37,25 @@ class ModelArgs:
     dense_layers: list = field(default_factory=list)
     router_aux_loss_coef: float = 0.0
     extra: dict = field(default_factory=dict)
-    qk_norm: str | None = None          # "head": RMSNorm over head_dim on each head (qwen3, qwen3_moe)
+    # --- attention / norm / RoPE / embedding features of the newer dense families; the defaults are
+    # Llama's, so a manifest written before these fields existed reads the same model.
+    qk_norm: str | None = None          # "head": RMSNorm over head_dim on each head (qwen3, gemma3);
+    #                                     "proj": over the whole q and k projections (olmo2)
+    norm_offset: bool = False           # norms hold w and compute x * (1 + w) in float32 (gemma)
+    norm_scale_f32: bool = False        # norms multiply by w in float32, then cast (olmo2)
+    embed_scale: bool = False           # embeddings times sqrt(dim) in the activation dtype (gemma)
+    mlp_act: str = "silu"               # "silu" (SwiGLU) | "gelu_tanh" (GeGLU, gemma)
+    pre_norms: bool = True              # sa_norm / mlp_norm before attention / MLP (olmo2: none)
+    post_norms: bool = False            # sa_scale / mlp_scale on the block outputs before the residual add
+    attn_scalar: float | None = None    # softmax scale attn_scalar**-0.5 (query_pre_attn_scalar), else hd**-0.5
+    attn_softcap: float | None = None   # attention logits c * tanh(x / c) (gemma2)
+    final_softcap: float | None = None  # output logits c * tanh(x / c) (gemma2)
+    # Per layer "full_attention" | "sliding_attention"; the sliding ones use extra["sliding_window"].
+    # None: every layer uses extra["sliding_window"] when set (Mistral).
+    layer_types: list[str] | None = None
+    rope_local_theta: float | None = None   # RoPE of the sliding layers (gemma3); None: as the full ones
+    rope_local_scaling: dict | None = None
+    no_rope_layers: list[int] | None = None  # indices of layers that apply no RoPE (smollm3)
 
     @property
     def kv_heads(self) -> int:
@@ -70,6 +88,11 @@ class ModelArgs:
             raise ValueError(f"unknown model_args keys: {sorted(unknown)}")
         return cls(**d)
 
+    def is_sliding(self, layer: int) -> bool:
+        if self.layer_types is None:
+            return self.extra.get("sliding_window") is not None
+        return self.layer_types[layer] == "sliding_attention" and self.extra.get("sliding_window") is not None
+
     def num_params(self) -> int:
         hd, kv = self.hd, self.kv_heads
         attn = self.dim * hd * (self.n_heads * 2 + kv * 2)
@@ -77,9 +100,10 @@ class ModelArgs:
             attn += hd * (self.n_heads + 2 * kv)
         if self.attn_out_bias:
             attn += self.dim
+        attn += {None: 0, "head": 2 * hd, "proj": (self.n_heads + kv) * hd}[self.qk_norm]
         mlp = 3 * self.dim * self.hidden_dim + (2 * self.hidden_dim + self.dim if self.mlp_bias else 0)
-        attn += {None: 0, "head": 2 * hd}[self.qk_norm]
         moe = self.n_experts * 3 * self.dim * self.expert_dim + self.n_experts * self.dim
-        layers = sum(attn + (moe if self.is_moe_layer(i) else mlp) + 2 * self.dim for i in range(self.n_layers))
+        norms = 2 * self.dim * (int(self.pre_norms) + int(self.post_norms))
+        layers = sum(attn + (moe if self.is_moe_layer(i) else mlp) + norms for i in range(self.n_layers))
         head = 0 if self.tie_embeddings else self.vocab_size * self.dim
         return self.vocab_size * self.dim + layers + self.dim + head

@@ -28,8 +28,9 @@ class _Bar:
         from tqdm import tqdm
 
         self.total, self.desc, self.done = total, desc, 0.0
+        width = _width()
         self._tqdm = tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", disable=None,
-                          file=sys.stderr, leave=False, dynamic_ncols=True)
+                          file=sys.stderr, leave=False, dynamic_ncols=width is None, ncols=width)
         self._last = 0.0
 
     def __call__(self, n: float = 1, **postfix) -> None:
@@ -46,6 +47,17 @@ class _Bar:
         self._tqdm.close()
 
 
+def _width() -> int | None:
+    """None: follow the terminal's width; 80 where a terminal reports none (a pty with no size,
+    as some CI runners and `docker exec -t` give), on which tqdm would draw an empty bar."""
+    import os
+
+    try:
+        return None if os.get_terminal_size(sys.stderr.fileno()).columns else 80
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 @contextlib.contextmanager
 def bar(total: float, desc: str, unit: str = "B"):
     b = _Bar(total, desc, unit)
@@ -53,3 +65,24 @@ def bar(total: float, desc: str, unit: str = "B"):
         yield b
     finally:
         b.close()
+
+
+class StepLines:
+    """Training progress as log lines, where no terminal shows the bar (a log file, a pipe):
+    about `lines` of them over the run, plus every evaluation, every checkpoint and the last step.
+    Call it with each metrics row (the trainer's on_metrics)."""
+
+    def __init__(self, total: int, logger, lines: int = 20):
+        self.total, self.logger, self.every = total, logger, max(1, total // lines)
+
+    def __call__(self, row: dict) -> None:
+        step = int(row.get("step") or 0)
+        if not (step % self.every == 0 or step == self.total or row.get("checkpoint") or row.get("eval_loss") is not None):
+            return
+        self.logger.info("step %d/%d loss %s eval_loss %s lr %s tokens/s %s%s", step, self.total, _f(row.get("loss")),
+                         _f(row.get("eval_loss")), _f(row.get("lr"), ".3g"), _f(row.get("tokens_per_s"), ".0f"),
+                         f" checkpoint {row['checkpoint']}" if row.get("checkpoint") else "")
+
+
+def _f(x, spec: str = ".4f") -> str:
+    return format(x, spec) if isinstance(x, (int, float)) else "-"

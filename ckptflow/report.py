@@ -15,7 +15,8 @@ The run record (`{storage}/{run_id}/run.json`) that `summary_markdown` reads. Ev
                   "seconds": 12.3 | None, "output": "<URI>" | None}],
       "checkpoints": [{"step": 20, "uri": "<URI>", "size_bytes": 123, "saved_at": "<ISO time>",
                        "save_seconds": 0.4 | None}],
-      "eval": {"before": {"loss": 3.1, "perplexity": 22.2}, "after": {"loss": ..., "perplexity": ...}},
+      "eval": {"before": {"loss": 3.1, "perplexity": 22.2}, "after": {"loss": ..., "perplexity": ...},
+               "lm_eval": {"before": {"<task>": {"acc": 0.25, "acc_stderr": 0.05, ...}}, "after": {...}}},
       "export_command": "ckptflow export ./runs/demo ./out --format original",
       "export_deployment": "export/export-run",
       "export_deployment_command": "prefect deployment run export/export --params '{...}'",
@@ -178,12 +179,61 @@ def _checkpoints_table(checkpoints: list[dict]) -> str:
 
 def _eval_table(ev: dict) -> str:
     before, after = ev.get("before") or {}, ev.get("after") or {}
-    if not before and not after:
+    scores = ev.get("lm_eval") or {}
+    if not before and not after and not scores:
         return "Not evaluated yet."
-    rows = [[name, _num(before.get(name), digits), _num(after.get(name), digits),
-             _change(before.get(name), after.get(name), digits)]
-            for name, digits in (("loss", 4), ("perplexity", 2))]
-    return _table(["metric", "before", "after", "change"], rows)
+    parts = []
+    if before or after:
+        rows = [[name, _num(before.get(name), digits), _num(after.get(name), digits),
+                 _change(before.get(name), after.get(name), digits)]
+                for name, digits in (("loss", 4), ("perplexity", 2))]
+        parts.append(_table(["metric", "before", "after", "change"], rows))
+    if scores:
+        parts.append("Benchmarks (lm-evaluation-harness), base model before and fine-tuned after:\n\n"
+                     + _scores_table(scores.get("before") or {}, scores.get("after") or {}))
+    return "\n\n".join(parts)
+
+
+def _scores_table(before: dict, after: dict) -> str:
+    """One row per task and metric (stderr shown beside its metric, not as a row of its own)."""
+    rows = []
+    for task in sorted(set(before) | set(after)):
+        b, a = before.get(task) or {}, after.get(task) or {}
+        for metric in [m for m in dict.fromkeys([*a, *b]) if not _is_stderr(m)]:
+            rows.append([task, metric, _score(b, metric), _score(a, metric), _score_change(b.get(metric), a.get(metric))])
+    return _table(["task", "metric", "before", "after", "change"], rows)
+
+
+def _is_stderr(metric: str) -> bool:
+    name, _, _ = metric.partition(",")
+    return name.endswith("_stderr")
+
+
+def _score(scores: dict, metric: str) -> str:
+    name, sep, filt = metric.partition(",")
+    err = scores.get(f"{name}_stderr{sep}{filt}")
+    value = scores.get(metric)
+    if not _finite(value):
+        return MISSING
+    fmt = _fraction if 0 <= value <= 1 else _sig
+    return _nowrap(f"{fmt(value)} ± {fmt(err)}") if _finite(err) and err else fmt(value)
+
+
+def _score_change(before, after) -> str:
+    """Scores in [0, 1] (accuracies): the difference; others (perplexities): also the ratio."""
+    if not (_finite(before) and _finite(after)):
+        return MISSING
+    if 0 <= before <= 1 and 0 <= after <= 1:
+        return f"{after - before:+.4f}"
+    return f"{after - before:+.4g}" + (f" (×{after / before:.3g})" if before else "")
+
+
+def _fraction(x: float) -> str:
+    return f"{x:.4f}"
+
+
+def _sig(x: float) -> str:
+    return f"{x:.4g}"
 
 
 def _change(before, after, digits: int) -> str:

@@ -20,6 +20,12 @@ drops connections, a missing bucket and bad credentials on the loopback S3 serve
 
 s3fs (5 tries) and botocore (its own retry mode) already retry some of these underneath; this
 layer covers what they give up on and every other fsspec backend (gcsfs, memory, local, ...).
+
+A wrong endpoint is bad input, not a fault to wait out: before the first request to an S3
+endpoint, `check_endpoint` resolves its host and opens one TCP connection. An unknown host or a
+refused connection is a CkptError at once (the CLI: one line, exit 2), instead of tens of
+seconds of the layers' retries. Once an endpoint has answered, a refusal later in the run
+(a restarting server) is transient again and retried.
 """
 from __future__ import annotations
 
@@ -27,7 +33,9 @@ import errno
 import logging
 import os
 import random
+import socket
 import time
+from urllib.parse import urlsplit
 
 from ckptflow.errors import CkptError, TransientError
 
@@ -36,6 +44,8 @@ log = logging.getLogger(__name__)
 ATTEMPTS = int(os.environ.get("CKPTFLOW_RETRY_ATTEMPTS", "6"))
 BASE_DELAY = float(os.environ.get("CKPTFLOW_RETRY_BASE_DELAY", "0.1"))
 MAX_DELAY = 10.0
+CONNECT_TIMEOUT = 3.0
+_CHECKED: set[str] = set()    # endpoints this process reached (or could not judge): not checked again
 
 _TRANSIENT_ERRNOS = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EPIPE, errno.ECONNABORTED,
                      errno.EAGAIN, errno.EBUSY, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN,
@@ -157,3 +167,39 @@ def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
+
+# --- the first contact with an endpoint -------------------------------------------------------
+
+def check_endpoint(url: str | None, uri: str) -> None:
+    """Raise CkptError when the endpoint `url` (the one `uri` is stored at) names a host that does
+    not exist or a port where nothing listens. Once per endpoint and process; a timeout, a DNS
+    hiccup or an endpoint behind a proxy is left to the usual retries."""
+    if not url or url in _CHECKED:
+        return
+    parts = urlsplit(url)
+    host = parts.hostname
+    if not host:
+        raise CkptError(f"{uri}: storage endpoint {url!r} is not a URL (http://HOST:PORT)")
+    if not _behind_proxy(parts.scheme, host):
+        _connect(url, uri, host, parts.port or (443 if parts.scheme == "https" else 80))
+    _CHECKED.add(url)
+
+
+def _connect(url: str, uri: str, host: str, port: int) -> None:
+    hint = "check AWS_ENDPOINT_URL or storage_options.endpoint_url"
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT).close()
+    except socket.gaierror as e:
+        if e.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
+            raise CkptError(f"{uri}: storage endpoint {url}: unknown host {host!r}; {hint}") from None
+    except ConnectionRefusedError:
+        raise CkptError(f"{uri}: storage endpoint {url}: connection refused (nothing listens on port {port}); "
+                        f"{hint}, or start the server") from None
+    except OSError:
+        pass   # no answer in time, network unreachable: may pass; the retries decide
+
+
+def _behind_proxy(scheme: str, host: str) -> bool:
+    import urllib.request
+
+    return bool(urllib.request.getproxies().get(scheme)) and not urllib.request.proxy_bypass(host)

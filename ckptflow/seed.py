@@ -92,7 +92,8 @@ def _json(d: dict) -> bytes:
 
 
 def init_state_dict(args: ModelArgs, seed: int, dtype: str):
-    """Deterministic init in tune names: normal(0, 0.02) weights, zero biases, unit norms."""
+    """Deterministic init in tune names: normal(0, 0.02) weights, zero biases, unit norms (stored as 0
+    where norms compute x * (1 + w))."""
     import torch
 
     from ckptflow.formats.tune import expected_shapes
@@ -101,7 +102,7 @@ def init_state_dict(args: ModelArgs, seed: int, dtype: str):
     sd = {}
     for key, shape in expected_shapes(args).items():
         if key.endswith(".scale"):
-            t = torch.ones(shape)
+            t = torch.zeros(shape) if args.norm_offset else torch.ones(shape)
         elif key.endswith(".bias"):
             t = torch.zeros(shape)
         else:
@@ -127,7 +128,7 @@ def describe(uri: str):
 
 def write(uri: str, out) -> "object":
     """Write the seed model described by `uri` as an HF directory into Output `out`."""
-    from ckptflow.formats import plan, st
+    from ckptflow.formats import plan, st, view
     from ckptflow.manifest import Manifest
 
     family_name, o = parse(uri)
@@ -138,8 +139,8 @@ def write(uri: str, out) -> "object":
     from ckptflow.families import _fused
 
     hf_sd = _fused.tune_state_dict_to_hf(init_state_dict(args, o["seed"], o["dtype"]), fam, args)
-    items = [plan.Item(k, *st.from_torch(v)[:2], load=(lambda v=v: v)) for k, v in hf_sd.items()]
-    plan.write_file(out, plan.FilePlan("model.safetensors", items))
+    items = [view.Item(k, *st.from_torch(v)[:2], load=(lambda v=v: v)) for k, v in hf_sd.items()]
+    plan.write_file(out, view.FilePlan("model.safetensors", items))
     config = fam.hf_config(args, dtype=o["dtype"])
     out.put("config.json", _json(config))
     out.put("generation_config.json", _json({k: args.extra[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}))

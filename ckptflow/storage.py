@@ -74,7 +74,18 @@ def fs_and_path(uri: str):
     if protocol(uri) in LISTING_CACHES:
         opts.setdefault("use_listings_cache", False)
     fs, path = fsspec.core.url_to_fs(uri, **opts)
+    from ckptflow import retry
+
+    retry.check_endpoint(_endpoint_url(fs, uri), uri)   # a wrong endpoint: one line at once, not retries
     return fs, path
+
+
+def _endpoint_url(fs, uri: str) -> str | None:
+    """The S3 endpoint `fs` talks to when one is configured (storage_options or AWS_ENDPOINT_URL)."""
+    if protocol(uri) not in ("s3", "s3a"):
+        return None
+    return (getattr(fs, "endpoint_url", None) or (getattr(fs, "client_kwargs", None) or {}).get("endpoint_url")
+            or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
 
 
 def _fresh(uri: str):

@@ -12,9 +12,7 @@ from tasks.convert import convert as convert_task
 @flow(name="convert")
 def convert(params: ConvertParams) -> dict:
     """Convert `source` to `to` in `dst`, streaming one tensor at a time."""
-    for uri in (params.source, params.dst):
-        if params.storage_options:
-            storage.set_options(uri, params.storage_options)
+    common.use_options((params.source, params.dst), params.storage_options)
     dst = storage.normalize(params.dst)
     task = common.bind(convert_task, common.result_storage(storage.parent(dst), params.storage_options))
     return task(storage.normalize(params.source), dst, to=params.to, dtype=dtype_or_none(params.dtype))

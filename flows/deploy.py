@@ -27,7 +27,25 @@ def load(prefect_file: str) -> list[dict]:
         unknown = set(d) - KEYS
         if unknown:
             raise CkptError(f"{prefect_file}: deployment {d.get('name')!r}: unknown key {sorted(unknown)[0]!r}")
+        literal = literal_credentials(d.get("parameters") or {})
+        if literal:
+            raise CkptError(f"{prefect_file}: deployment {d.get('name')!r}: parameters.{literal[0]} is a literal "
+                            'credential, which Prefect would store and show; use {env: VARIABLE} or {secret: BLOCK}')
     return deployments
+
+
+def literal_credentials(params: dict, path: str = "") -> list[str]:
+    """Dotted paths of literal credentials in any `storage_options` of deployment parameters."""
+    from ckptflow import credentials
+
+    found = []
+    for k, v in params.items() if isinstance(params, dict) else ():
+        here = f"{path}.{k}" if path else str(k)
+        if k == "storage_options" and isinstance(v, dict):
+            found += [f"{here}.{p}" for p in credentials.literals(v)]
+        elif isinstance(v, dict):
+            found += literal_credentials(v, here)
+    return found
 
 
 def flow_of(entrypoint: str, where: str):

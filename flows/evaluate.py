@@ -1,4 +1,5 @@
-"""The evaluate flow: perplexity and samples of an exported model, and the eval hand-off request.
+"""The evaluate flow: perplexity, lm-eval scores and samples of an exported model, and the eval
+hand-off request.
 
 The `evaluate` deployment starts it on the `ckptflow.export.completed` event that the finetune
 flow emits (its payload carries this request). With `request.run` set, the run's run.json and
@@ -22,10 +23,9 @@ LEASE_WAIT_SECONDS = 600
 
 @flow(name="evaluate")
 def evaluate(request: EvalRequest) -> dict:
-    """Evaluate `request.source` on `request.data` (and its base, for before/after)."""
-    for uri in (request.source, request.out, request.run):
-        if uri and request.storage_options:
-            storage.set_options(uri, request.storage_options)
+    """Evaluate `request.source` on `request.data` and `request.settings["tasks"]` (and its base,
+    for before/after)."""
+    common.use_options((request.source, request.data, request.base, request.out, request.run), request.storage_options)
     out = request.destination()
     home = storage.parent(storage.normalize(request.run)) if request.run else storage.parent(out)
     task = common.bind(evaluate_task, common.result_storage(home, request.storage_options))

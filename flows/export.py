@@ -27,9 +27,7 @@ def export(params: ExportParams) -> dict:
     Args:
         params: which checkpoint to export, to which format and dtype, and where
     """
-    for uri in (params.source, params.dst):
-        if uri and params.storage_options:
-            storage.set_options(uri, params.storage_options)
+    common.use_options((params.source, params.dst), params.storage_options)
     resolved = export_stage.resolve(storage.normalize(params.source), step=params.step)
     dst = params.destination(resolved.step, resolved.run)
     # Results beside the runs (the finetune flow's cache) when the source belongs to a run.

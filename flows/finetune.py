@@ -149,8 +149,8 @@ def announce(cfg: RunConfig, run_uri: str, exported: dict, tune: dict) -> None:
 
 
 def evaluate_stage(rec: Recorder, cfg: RunConfig, results, exported: dict, tune: dict) -> None:
-    if not cfg.data.eval:
-        rec.skipped("evaluate", "no data.eval")
+    if not cfg.data.eval and not cfg.eval.tasks:
+        rec.skipped("evaluate", "no data.eval and no eval.tasks")
         return
     if cfg.eval.deployment:
         rec.skipped("evaluate", f"handed to {cfg.eval.deployment}")
@@ -161,8 +161,12 @@ def evaluate_stage(rec: Recorder, cfg: RunConfig, results, exported: dict, tune:
 
 
 def eval_settings(cfg: RunConfig) -> dict:
+    from ckptflow.benchmarks import is_path
+
+    # Task paths absolute: the evaluate deployment's worker may start elsewhere.
+    tasks = [storage.normalize(t) if is_path(t) else t for t in cfg.eval.tasks]
     return {"prompts": cfg.eval.prompts, "max_new_tokens": cfg.eval.max_new_tokens, "batch_size": cfg.train.batch_size,
-            "seq_len": cfg.train.seq_len, "max_batches": cfg.data.eval_batches}
+            "seq_len": cfg.train.seq_len, "max_batches": cfg.data.eval_batches, "tasks": tasks, "limit": cfg.eval.limit}
 
 
 def finish(rec: Recorder) -> dict:

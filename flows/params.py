@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
-from ckptflow import storage
+from ckptflow import credentials, storage
 
 ExportFormat = Literal["original", "hf", "meta", "peft", "tune"]
 Dtype = Literal["keep", "bfloat16", "float16", "float32"]
@@ -15,6 +15,11 @@ Dtype = Literal["keep", "bfloat16", "float16", "float32"]
 
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @field_serializer("storage_options", check_fields=False)
+    def _no_credentials_in_json(self, value: dict, info) -> dict:
+        # What Prefect stores as the flow's parameters: references, never a literal credential.
+        return credentials.redacted(value) if info.mode_is_json() else value
 
 
 class ExportParams(_Params):
@@ -37,7 +42,9 @@ class ExportParams(_Params):
                                         "for a run or one of its steps, <source>-exports/... for anything else.")
     storage_options: dict = Field(default_factory=dict, title="Storage options",
                                   description="fsspec options for the source and destination (e.g. an S3 "
-                                              "endpoint_url)")
+                                              "endpoint_url). Credentials as references only: "
+                                              '{"key": {"env": "AWS_ACCESS_KEY_ID"}} or '
+                                              '{"key": {"secret": "<Secret block>"}}')
 
     def destination(self, step: int | None, run: str | None) -> str:
         """`dst`, or a name from what is exported: the step that `source` resolved to, the run
@@ -52,14 +59,17 @@ class ExportParams(_Params):
 
 class EvalRequest(_Params):
     source: str = Field(description="The model to evaluate: an export, a merged model or any checkpoint (fsspec URI)")
-    data: str = Field(description="Held-out data: JSONL (`text`, or `prompt`/`response`) or plain text")
+    data: str | None = Field(None, description="Held-out data: JSONL (`text`, or `prompt`/`response`) or plain "
+                                                "text. Empty: benchmark scores only (settings.tasks)")
     base: str | None = Field(None, description="The base model before fine-tuning, for before/after numbers")
     out: str | None = Field(None, description="Where results.json and request.json go. Empty: {run}/eval "
                                               "for {run}/export, else <source>-eval")
     run: str | None = Field(None, description="The run directory whose run.json and summary get the results")
     settings: dict = Field(default_factory=dict, description="ckptflow.stages.evaluate options: prompts, "
-                                                             "max_new_tokens, batch_size, seq_len, max_batches")
-    storage_options: dict = Field(default_factory=dict, description="fsspec options for these URIs")
+                                                             "max_new_tokens, batch_size, seq_len, max_batches, "
+                                                             "tasks (lm-eval), limit")
+    storage_options: dict = Field(default_factory=dict, description="fsspec options for these URIs; credentials as "
+                                                                    '{"env": VAR} or {"secret": BLOCK} references')
 
     def destination(self) -> str:
         if self.out:
@@ -75,7 +85,8 @@ class ConvertParams(_Params):
     dst: str = Field(description="Where the converted checkpoint goes")
     to: Literal["tune", "hf", "meta", "dcp"] = Field("tune", description="the output format")
     dtype: Dtype = Field("keep", description="keep, or cast to bfloat16 / float16 / float32")
-    storage_options: dict = Field(default_factory=dict, description="fsspec options for these URIs")
+    storage_options: dict = Field(default_factory=dict, description="fsspec options for these URIs; credentials as "
+                                                                    '{"env": VAR} or {"secret": BLOCK} references')
 
 
 def dtype_or_none(dtype: str | None) -> str | None:

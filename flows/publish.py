@@ -111,9 +111,14 @@ def publish_metrics(run_uri: str, record: dict, metrics: list[dict]) -> None:
 
 
 def eval_results(eval_uri: str) -> dict:
-    """{"before": {...}, "after": {...}} from {eval}/results.json, for the summary."""
+    """{"before": {...}, "after": {...}, "lm_eval": {"before": ..., "after": ...}} from
+    {eval}/results.json, for the summary."""
     res = storage.read_json(storage.join(eval_uri, "results.json"))
-    return {"before": (res.get("base") or {}).get("metrics") or {}, "after": res.get("metrics") or {}}
+    base = res.get("base") or {}
+    out = {"before": base.get("metrics") or {}, "after": res.get("metrics") or {}}
+    if res.get("lm_eval"):
+        out["lm_eval"] = {"before": base.get("lm_eval") or {}, "after": res["lm_eval"]}
+    return out
 
 
 def after_training(run_uri: str, record: dict) -> None:

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Set up ckptflow on a fresh machine: a virtualenv in .venv with everything the project needs.
-#   bash scripts/setup.sh          # the library, the CLI and the Prefect layer
+#   bash scripts/setup.sh          # the library, the CLI, the Prefect layer and lm-eval (the `eval` extra)
 #   bash scripts/setup.sh --test   # plus the test dependencies and the headless browser
+# The `eval` extra (lm-evaluation-harness with transformers) is in both: the demo shows benchmark
+# scores. It adds about 0.75 GB and a few minutes to a plain install; `pip install -e .` alone
+# skips it (then run the demo with eval.tasks=[]).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -28,6 +31,7 @@ if [ "${1:-}" = "--test" ]; then
   # every Python test dependency above is required: a failed install stops here.
   bash .ci/browser-deps.sh || echo "setup: could not install chromium (needs root and apt); the tests marked browser will skip" >&2
 else
-  pip_install -e .
+  pip_install -e '.[eval]'
 fi
 .venv/bin/python -c "import ckptflow, torch, prefect; print('ckptflow', ckptflow.__version__, '| torch', torch.__version__, '| prefect', prefect.__version__)"
+.venv/bin/python -c "from importlib.metadata import version; print('lm_eval', version('lm_eval'))"

@@ -19,7 +19,9 @@ import json
 import logging
 import pathlib
 
-from ckptflow import __version__, manifest, storage
+from prefect.filesystems import RemoteFileSystem
+
+from ckptflow import __version__, credentials, manifest, storage
 from ckptflow.errors import CkptError
 
 log = logging.getLogger(__name__)
@@ -124,17 +126,54 @@ def results_uri(storage_uri: str) -> str:
     return storage.join(storage.normalize(storage_uri), RESULTS_DIR)
 
 
+def use_options(uris, storage_options: dict | None) -> None:
+    """Register `storage_options` for the store (bucket) of each URI in this process, credential
+    references ({"env": ...}, {"secret": ...}) resolved here: the values never go back to
+    Prefect. The whole bucket: a step names its base model elsewhere in it."""
+    if not storage_options:
+        return
+    resolved = credentials.resolve(storage_options)
+    for uri in uris:
+        if uri and not storage.is_local(storage.normalize(uri)):
+            scheme, _, rest = storage.normalize(uri).partition("://")
+            storage.set_options(f"{scheme}://{rest.split('/', 1)[0]}", resolved)
+
+
 def result_storage(storage_uri: str, storage_options: dict | None = None):
     """Prefect result storage beside the runs: a Path locally (a str would be read as a block
-    slug), a saved RemoteFileSystem block for object stores (an unsaved one is refused)."""
+    slug), a saved ResultsStorage block for object stores (an unsaved one is refused). The block
+    holds the base path only; the options (credentials resolved) stay in this process."""
     uri = results_uri(storage_uri)
     if storage.is_local(uri):
         return pathlib.Path(storage.local_path(uri))
-    from prefect.filesystems import RemoteFileSystem
-
-    block = RemoteFileSystem(basepath=uri, settings=dict(storage_options or {}))
+    use_options([uri], storage_options)
+    block = ResultsStorage(basepath=uri)
     block.save("ckptflow-results-" + hashlib.sha256(uri.encode()).hexdigest()[:12], overwrite=True)
     return block
+
+
+class ResultsStorage(RemoteFileSystem):
+    """A RemoteFileSystem whose saved document holds the base path only: its filesystem comes
+    from ckptflow.storage, with the options this process registered or the environment (AWS_*)."""
+
+    _block_type_name = "ckptflow results"
+    _block_type_slug = "ckptflow-results"
+    _description = "Task results of ckptflow runs; credentials stay in the process that runs the task."
+
+    @property
+    def filesystem(self):
+        if self.settings:
+            raise ValueError("a ckptflow-results block takes no settings (credentials stay out of blocks)")
+        if not self._filesystem:
+            self._filesystem = storage.fs_and_path(self.basepath)[0]
+        return self._filesystem
+
+
+def load_secret(name: str) -> str:
+    """{"secret": NAME} in storage_options: the value of the Prefect Secret block NAME."""
+    from prefect.blocks.system import Secret
+
+    return Secret.load(name).get()
 
 
 def bind(task, results) -> object:

@@ -1,9 +1,10 @@
 """Training in several processes: torchrun in its own process session, killed as a group.
 
 Prefect does not kill what a task started: a cancelled or crashed flow run, or a task timeout,
-leaves the children running (shared/reference/prefect.md, section 6). So torchrun starts with
-start_new_session=True (its workers share its process group), a `finally` kills the group
-whatever ended the wait, and the finetune flow's on_cancellation / on_crashed hooks
+leaves the children running (shared/reference/prefect.md, section 6). So torchrun starts under
+ckptflow.guard in a new session (its workers share the guard's process group, and the guard
+stops the group if this process dies, even by SIGKILL), a `finally` kills the group whatever
+ended the wait, and the finetune flow's on_cancellation / on_crashed hooks
 (`kill_hook`) kill every group still registered here, as a backstop for a flow process that is
 being torn down.
 """
@@ -15,6 +16,8 @@ import signal
 import subprocess
 import sys
 import time
+
+from ckptflow import guard
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +34,8 @@ def torchrun_command(nproc: int, config_json: str, base_uri: str, stop_after: in
 def run(cmd: list[str], *, poll, poll_seconds: float = 2.0, env: dict | None = None) -> int:
     """Run `cmd` in its own session; call poll() every poll_seconds while it runs (progress);
     kill its whole process group on any way out. Returns the exit code."""
-    proc = subprocess.Popen(cmd, start_new_session=True, env=env, stdin=subprocess.DEVNULL)
+    # Under a guard in its own session: a SIGKILL of this process still stops the group.
+    proc = guard.popen(cmd, env=env, stdin=subprocess.DEVNULL)
     _PROCS[proc.pid] = proc
     try:
         while proc.poll() is None:

@@ -139,7 +139,7 @@ def distributed(cfg: RunConfig, base_uri: str, watch: Watch):
 
     fd, path = tempfile.mkstemp(prefix="ckptflow-run-", suffix=".json")   # 0600: may hold storage_options
     with os.fdopen(fd, "w") as f:
-        json.dump(config_mod.to_dict(cfg), f)
+        json.dump(config_mod.to_dict(cfg, credentials=True), f)
     try:
         code = launch.run(launch.torchrun_command(cfg.train.nproc_per_node, path, base_uri), poll=poll)
     finally:

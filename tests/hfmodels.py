@@ -7,6 +7,23 @@ import os
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=256, max_position_embeddings=128)
+IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+GEMMA3_ROPE = {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+               "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}}
+# The newer dense families at tiny sizes, every feature on and strong enough to move the logits: a head_dim
+# that is not hidden/heads, a sliding window (5) shorter than the test inputs, small soft-caps, an
+# attention scale that is not head_dim's, per-layer-type RoPE with linear scaling, a layer without RoPE.
+DENSE = {
+    "qwen3": ("qwen3", dict(head_dim=32, **IDS)),
+    "gemma": ("gemma", dict(head_dim=32, **IDS)),
+    "gemma2": ("gemma2", dict(head_dim=16, sliding_window=5, query_pre_attn_scalar=24, attn_logit_softcapping=0.1,
+                              final_logit_softcapping=1.0, **IDS)),
+    "gemma3_text": ("gemma3_text", dict(head_dim=16, sliding_window=5, query_pre_attn_scalar=24,
+                                        final_logit_softcapping=1.0, rope_parameters=GEMMA3_ROPE,
+                                        layer_types=["sliding_attention", "full_attention"], **IDS)),
+    "smollm3": ("smollm3", dict(no_rope_layer_interval=2, **IDS)),
+    "olmo2": ("olmo2", dict(**IDS)),
+}
 
 
 # Per family, what makes every feature move the logits at tiny sizes: a sliding window shorter
@@ -26,6 +43,9 @@ FAMILY_KW = {
 def config(family: str, **over):
     import transformers
 
+    if family in DENSE:
+        model_type, kw = DENSE[family]
+        return transformers.AutoConfig.for_model(model_type, **{**TINY, **kw, **over})
     kw = dict(TINY)
     if family == "qwen2":
         kw["tie_word_embeddings"] = True

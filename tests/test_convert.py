@@ -26,9 +26,15 @@ def same_dir(a, b, skip=()):
             assert fa.read() == fb.read(), f
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "phi3", "mixtral", "qwen3_moe"])
-@pytest.mark.parametrize("shard", [None, "40KB"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+# Every shard x dtype for the first families; the newer ones (same code path, their own key tables and
+# config.json fields) sharded in bfloat16 and whole in float32.
+ROUND_TRIPS = [(f, s, d) for f in ("llama", "mistral", "qwen2") for s in (None, "40KB")
+               for d in (torch.float32, torch.bfloat16, torch.float16)]
+ROUND_TRIPS += [(f, s, d) for f in (*hfmodels.DENSE, *hfmodels.FAMILY_KW)
+                for s, d in ((None, torch.float32), ("40KB", torch.bfloat16))]
+
+
+@pytest.mark.parametrize("family, shard, dtype", ROUND_TRIPS)
 def test_round_trip_is_byte_exact(tmp_path, family, shard, dtype):
     src = hfmodels.save(family, str(tmp_path / "src"), shard=shard, dtype=dtype)
     convert.run(src, str(tmp_path / "tune"))
@@ -111,7 +117,7 @@ def test_rerun_with_same_inputs_does_no_work(tmp_path):
     assert manifest.fingerprint(first) == manifest.fingerprint(again)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3", "mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", *hfmodels.DENSE, *hfmodels.FAMILY_KW])
 def test_load_gives_transformers_logits(tmp_path, family):
     import ckptflow
 
@@ -134,3 +140,21 @@ def test_convert_path_imports_neither_torch_nor_prefect(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, src, str(tmp_path / "tune")], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("to", ["tune", "meta", "dcp"])
+def test_writing_a_cast_copy_leaves_the_views_tensors_as_they_were(tmp_path, to):
+    """Writers cast copies of the view's items: the same view loaded afterwards still has its own
+    dtype (an Item is shared by every view built on it; a writer used to set out_dtype on it)."""
+    from ckptflow.commit import Output
+    from ckptflow.formats import WRITERS, open_view
+
+    src = hfmodels.save("llama", str(tmp_path / "src"), dtype=torch.float32)
+    view = open_view(src)
+    before = view.state_dict()
+    plans = view.plans(out_dtype="BF16")
+    assert {it.final_dtype for p in plans for it in p.items} == {"BF16"}
+    WRITERS[to](view, Output(str(tmp_path / to)), out_dtype="BF16", max_shard=None, progress=None)
+    after = view.state_dict()
+    assert {it.out_dtype for it in view.items.values()} == {None}
+    assert all(after[k].dtype == torch.float32 and torch.equal(after[k], before[k]) for k in before)

@@ -1,9 +1,15 @@
 """deployments/prefect.yaml: what it declares, and the deployments working on a real Prefect
-server (`prefect server start` on loopback, `prefect deploy`, a process worker): a demo run
-hands its evaluation to the `evaluate` deployment through the export event, and an export-only
-run of the `export` deployment completes. Every process is stopped by its PID."""
+server behind authentication (`prefect server start` with PREFECT_SERVER_API_AUTH_STRING on
+loopback, clients and the worker with PREFECT_API_AUTH_STRING; a client without it is refused):
+`prefect deploy`, a process worker, a demo run that hands its evaluation to the `evaluate`
+deployment through the export event, and an export-only run of the `export` deployment. Every
+process is stopped by its PID."""
+import base64
 import json
 import os
+import secrets
+import urllib.error
+import urllib.request
 import subprocess
 import sys
 import time
@@ -55,13 +61,48 @@ def test_a_deployment_with_an_unknown_key_is_refused(tmp_path):
         deploy.load(str(bad))
 
 
+def test_a_deployment_with_a_literal_credential_is_refused(tmp_path):
+    from ckptflow.errors import CkptError
+    from flows import deploy
+
+    bad = tmp_path / "prefect.yaml"
+    bad.write_text("deployments:\n  - name: x\n    entrypoint: flows/export.py:export\n    parameters:\n"
+                   "      params: {source: s3://b/r, storage_options: {key: AKIA1, secret: {env: S}}}\n")
+    with pytest.raises(CkptError, match=r"deployment 'x': parameters\.params\.storage_options\.key is a literal"):
+        deploy.load(str(bad))
+    bad.write_text(bad.read_text().replace("key: AKIA1", "key: {secret: s3-key}"))
+    assert deploy.load(str(bad))[0]["name"] == "x"
+
+
 # ---- on a real server ------------------------------------------------------------------------
 
-def prefect_cli(server, *args, timeout=180):
-    proc = subprocess.run([sys.executable, "-m", "prefect", *args], env=server.client_env(), cwd=REPO,
+AUTH = "ckptflow-admin:" + secrets.token_hex(16)     # user:password, as the dashboard asks for it
+
+
+def client_env(server, **extra):
+    """A client of the authenticated server: PREFECT_API_AUTH_STRING as well as the URL."""
+    return server.client_env(PREFECT_API_AUTH_STRING=AUTH, **extra)
+
+
+def prefect_cli(server, *args, timeout=180, env=None):
+    proc = subprocess.run([sys.executable, "-m", "prefect", *args], env=env or client_env(server), cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"prefect {' '.join(args)}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
+
+
+def request(server, path: str, body: dict | None = None, auth: str | None = AUTH):
+    """GET (POST with a body) {api}{path} with Basic `auth` (what PREFECT_API_AUTH_STRING sends)."""
+    headers = {"Content-Type": "application/json"}
+    if auth is not None:
+        headers["Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+    req = urllib.request.Request(server.api_url + path, data=None if body is None else json.dumps(body).encode(),
+                                 headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()[:1000]
 
 
 def wait_for_run(server, flow_run_filter: dict, timeout: float = 240) -> dict:
@@ -78,15 +119,15 @@ def wait_for_run(server, flow_run_filter: dict, timeout: float = 240) -> dict:
 
 
 def api(server, path: str, body: dict | None = None, attempts: int = 5):
-    """harness.api, again after a 503: SQLite under a loaded 2-core box answers "Service
-    Unavailable" when a write waits too long for the database lock."""
+    """An authenticated API call, again after a 503: SQLite under a loaded 2-core box answers
+    "Service Unavailable" when a write waits too long for the database lock."""
     for attempt in range(attempts):
-        try:
-            return harness.api(server, path, body)
-        except RuntimeError as e:
-            if ": 503 " not in str(e) or attempt + 1 == attempts:
-                raise
-            time.sleep(2 ** attempt)
+        code, out = request(server, path, body)
+        if code == 200 or code == 201:
+            return out
+        if code != 503 or attempt + 1 == attempts:
+            raise RuntimeError(f"{path}: {code} {out!r}")
+        time.sleep(2 ** attempt)
 
 
 def deployment_id(server, flow: str, name: str) -> str:
@@ -96,11 +137,11 @@ def deployment_id(server, flow: str, name: str) -> str:
 def served(server, tmp_path) -> dict:
     """Start `ckptflow serve`, wait until it has registered every deployment, stop it by PID."""
     log = open(tmp_path / "serve.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "ckptflow.cli", "serve"], env=server.client_env(), cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "ckptflow.cli", "serve"], env=client_env(server), cwd=REPO,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while len(found := harness.api(server, "/deployments/filter", {"limit": 20})) < 4:
+        while len(found := api(server, "/deployments/filter", {"limit": 20})) < 4:
             assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
             assert time.monotonic() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
             time.sleep(0.5)
@@ -110,20 +151,31 @@ def served(server, tmp_path) -> dict:
     return {d["name"]: d for d in found}
 
 
+def refused_without_the_auth_string(server) -> None:
+    assert request(server, "/health", auth=None)[0] == 200           # probes stay open
+    assert request(server, "/flow_runs/filter", {"limit": 1}, auth=None)[0] == 401
+    assert request(server, "/flow_runs/filter", {"limit": 1}, auth="ckptflow-admin:wrong")[0] == 401
+    assert request(server, "/flow_runs/filter", {"limit": 1})[0] == 200
+    bare = subprocess.run([sys.executable, "-m", "prefect", "work-pool", "ls"], env=server.client_env(), cwd=REPO,
+                          capture_output=True, text=True, timeout=180)
+    assert bare.returncode != 0 and "401" in bare.stdout + bare.stderr, bare.stdout[-2000:] + bare.stderr[-2000:]
+
+
 def test_deployed_flows_run_on_a_process_worker(tmp_path):
     runs = tmp_path / "runs"
-    with harness.prefect_server(tmp_path) as server:
+    with harness.prefect_server(tmp_path, extra_env={"PREFECT_SERVER_API_AUTH_STRING": AUTH}) as server:
+        refused_without_the_auth_string(server)
         by_serve = served(server, tmp_path)
         assert set(by_serve) == {"finetune-nightly", "export", "evaluate", "convert"}
         assert by_serve["finetune-nightly"]["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
 
         prefect_cli(server, "work-pool", "create", "ckptflow-local", "--type", "process")
         prefect_cli(server, "--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_YAML))
-        nightly = harness.api(server, "/deployments/name/finetune/finetune-nightly")
+        nightly = api(server, "/deployments/name/finetune/finetune-nightly")
         assert nightly["work_pool_name"] == "ckptflow-local" and nightly["schedules"][0]["active"]
         log = open(tmp_path / "worker.log", "wb")
         worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "ckptflow-local"],
-                                  env=server.client_env(PREFECT_WORKER_QUERY_SECONDS="1"), cwd=REPO,
+                                  env=client_env(server, PREFECT_WORKER_QUERY_SECONDS="1"), cwd=REPO,
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             # A finished demo run, handing its evaluation to the evaluate deployment.
@@ -131,7 +183,7 @@ def test_deployed_flows_run_on_a_process_worker(tmp_path):
                 [sys.executable, "-m", "ckptflow.cli", "run", "deployments/configs/demo.yaml", f"storage={runs}",
                  "train.steps=4", "checkpoint.every_steps=2", "train.batch_size=4", "train.seq_len=32",
                  "data.eval_batches=2", "eval.max_new_tokens=4", "eval.deployment=evaluate/evaluate", "--json"],
-                env=server.client_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+                env=client_env(server), cwd=REPO, capture_output=True, text=True, timeout=300)
             assert demo.returncode == 0, demo.stderr[-3000:]
             out = json.loads(demo.stdout.strip().splitlines()[-1])
             run_uri = out["run"]

@@ -15,6 +15,7 @@ import transformers
 from ckptflow import families
 from ckptflow.errors import CkptError
 from ckptflow.families import UnknownKeyError
+from tests.hfmodels import DENSE
 
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -28,12 +29,13 @@ HF_CONFIGS = {
     "mistral": ("mistral", {}),
     "qwen2": ("qwen2", {}),
     "qwen2_tied": ("qwen2", {"tie_word_embeddings": True}),
+    **DENSE,
 }
 
 
 def hf_config(name: str) -> dict:
     model_type, kw = HF_CONFIGS[name]
-    return transformers.AutoConfig.for_model(model_type, **TINY, **kw)
+    return transformers.AutoConfig.for_model(model_type, **{**TINY, **kw})
 
 
 def saved_json(name: str, tmp_path) -> dict:
@@ -50,6 +52,9 @@ def to_v4(cfg: dict) -> dict:
         return {k: v for k, v in cfg.items() if k != "dtype"} | {"torch_dtype": cfg.get("torch_dtype") or cfg["dtype"]}
     out = {k: v for k, v in cfg.items() if k not in ("rope_parameters", "dtype")}
     rope = dict(cfg["rope_parameters"])
+    if "full_attention" in rope:  # gemma3: per layer type; 4.x named the sliding layers' theta apart
+        out["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+        rope = dict(rope["full_attention"])
     out["rope_theta"] = rope.pop("rope_theta")
     out["rope_scaling"] = None if rope["rope_type"] == "default" else rope
     return out | {"torch_dtype": cfg["dtype"]}
@@ -99,7 +104,65 @@ LLAMA2_OLD = {  # before head_dim, rope_theta and rope_type existed; linear scal
     "num_attention_heads": 32, "num_hidden_layers": 32, "rms_norm_eps": 1e-05,
     "rope_scaling": {"type": "linear", "factor": 2.0}, "torch_dtype": "float16", "vocab_size": 32000,
 }
-V4_CONFIGS = {"llama3.1": LLAMA31_V4, "qwen2.5": QWEN25_V4, "mistral-v0.1": MISTRAL_V01_V4, "llama2": LLAMA2_OLD}
+# The newer families' released config.json files as transformers 4.x wrote them (sizes as released).
+QWEN3_06B_V4 = {
+    "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 1024, "initializer_range": 0.02,
+    "intermediate_size": 3072, "max_position_embeddings": 40960, "max_window_layers": 28, "model_type": "qwen3",
+    "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+    "rope_scaling": None, "rope_theta": 1000000, "sliding_window": None, "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16", "transformers_version": "4.51.0", "use_cache": True, "use_sliding_window": False,
+    "vocab_size": 151936,
+}
+GEMMA_2B_V4 = {
+    "architectures": ["GemmaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 2,
+    "eos_token_id": 1, "head_dim": 256, "hidden_act": "gelu", "hidden_size": 2048, "initializer_range": 0.02,
+    "intermediate_size": 16384, "max_position_embeddings": 8192, "model_type": "gemma", "num_attention_heads": 8,
+    "num_hidden_layers": 18, "num_key_value_heads": 1, "pad_token_id": 0, "rms_norm_eps": 1e-06,
+    "rope_scaling": None, "rope_theta": 10000.0, "torch_dtype": "bfloat16", "transformers_version": "4.38.0.dev0",
+    "use_cache": True, "vocab_size": 256000,
+}
+GEMMA2_2B_V4 = {
+    "architectures": ["Gemma2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "attn_logit_softcapping": 50.0, "bos_token_id": 2, "cache_implementation": "hybrid", "eos_token_id": 1,
+    "final_logit_softcapping": 30.0, "head_dim": 256, "hidden_act": "gelu_pytorch_tanh",
+    "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 2304, "initializer_range": 0.02,
+    "intermediate_size": 9216, "max_position_embeddings": 8192, "model_type": "gemma2", "num_attention_heads": 8,
+    "num_hidden_layers": 26, "num_key_value_heads": 4, "pad_token_id": 0, "query_pre_attn_scalar": 256,
+    "rms_norm_eps": 1e-06, "rope_theta": 10000.0, "sliding_window": 4096, "torch_dtype": "float32",
+    "transformers_version": "4.42.4", "use_cache": True, "vocab_size": 256000,
+}
+GEMMA3_1B_V4 = {
+    "architectures": ["Gemma3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "attn_logit_softcapping": None, "bos_token_id": 2, "cache_implementation": "hybrid", "eos_token_id": [1, 106],
+    "final_logit_softcapping": None, "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 1152,
+    "initializer_range": 0.02, "intermediate_size": 6912, "max_position_embeddings": 32768,
+    "model_type": "gemma3_text", "num_attention_heads": 4, "num_hidden_layers": 26, "num_key_value_heads": 1,
+    "pad_token_id": 0, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06, "rope_local_base_freq": 10000,
+    "rope_scaling": None, "rope_theta": 1000000, "sliding_window": 512, "sliding_window_pattern": 6,
+    "torch_dtype": "bfloat16", "transformers_version": "4.50.0.dev0", "use_cache": True, "vocab_size": 262144,
+}
+OLMO2_1B_V4 = {
+    "architectures": ["Olmo2ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": None,
+    "eos_token_id": 100257, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+    "intermediate_size": 8192, "max_position_embeddings": 4096, "model_type": "olmo2", "num_attention_heads": 16,
+    "num_hidden_layers": 16, "num_key_value_heads": 16, "pad_token_id": 100277, "rms_norm_eps": 1e-06,
+    "rope_scaling": None, "rope_theta": 500000, "tie_word_embeddings": False, "torch_dtype": "float32",
+    "transformers_version": "4.48.0", "use_cache": True, "vocab_size": 100352,
+}
+SMOLLM3_3B_V4 = {
+    "architectures": ["SmolLM3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": None,
+    "eos_token_id": 128012, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+    "intermediate_size": 11008, "max_position_embeddings": 65536, "max_window_layers": 28, "mlp_bias": False,
+    "model_type": "smollm3", "no_rope_layer_interval": 4, "no_rope_layers": [int((i + 1) % 4 != 0) for i in range(36)],
+    "num_attention_heads": 16, "num_hidden_layers": 36, "num_key_value_heads": 4, "pad_token_id": 128004,
+    "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 5000000.0, "sliding_window": None,
+    "torch_dtype": "bfloat16", "transformers_version": "4.54.0.dev0", "use_cache": False, "use_sliding_window": False,
+    "vocab_size": 128256,
+}
+V4_CONFIGS = {"llama3.1": LLAMA31_V4, "qwen2.5": QWEN25_V4, "mistral-v0.1": MISTRAL_V01_V4, "llama2": LLAMA2_OLD,
+              "qwen3-0.6b": QWEN3_06B_V4, "gemma-2b": GEMMA_2B_V4, "gemma-2-2b": GEMMA2_2B_V4,
+              "gemma-3-1b": GEMMA3_1B_V4, "olmo-2-1b": OLMO2_1B_V4, "smollm3-3b": SMOLLM3_3B_V4}
 
 
 # --- config.json <-> ModelArgs -------------------------------------------------------------------
@@ -122,6 +185,34 @@ def test_family_specific_args():
     old = families.get("llama").args_from_hf(LLAMA2_OLD)
     assert old.rope_theta == 10000.0 and old.rope_scaling == {"rope_type": "linear", "factor": 2.0}
     assert old.n_kv_heads is None and old.kv_heads == 32
+
+
+def test_released_configs_of_the_newer_families_read_as_released():
+    qwen3 = families.for_hf_config(QWEN3_06B_V4).args_from_hf(QWEN3_06B_V4)
+    assert (qwen3.hd, qwen3.dim // qwen3.n_heads, qwen3.qk_norm, qwen3.tie_embeddings) == (128, 64, "head", True)
+    gemma = families.for_hf_config(GEMMA_2B_V4).args_from_hf(GEMMA_2B_V4)
+    assert (gemma.mlp_act, gemma.norm_offset, gemma.embed_scale, gemma.tie_embeddings) == ("gelu_tanh", True, True, True)
+    g2 = families.for_hf_config(GEMMA2_2B_V4).args_from_hf(GEMMA2_2B_V4)
+    assert (g2.attn_softcap, g2.final_softcap, g2.attn_scalar, g2.extra["sliding_window"]) == (50.0, 30.0, 256.0, 4096)
+    assert g2.layer_types[:3] == ["sliding_attention", "full_attention", "sliding_attention"] and g2.post_norms
+    g3 = families.for_hf_config(GEMMA3_1B_V4).args_from_hf(GEMMA3_1B_V4)
+    assert g3.layer_types[:6] == ["sliding_attention"] * 5 + ["full_attention"] and len(g3.layer_types) == 26
+    assert (g3.rope_theta, g3.rope_local_theta, g3.extra["sliding_window"], g3.final_softcap) == (1e6, 1e4, 512, None)
+    olmo = families.for_hf_config(OLMO2_1B_V4).args_from_hf(OLMO2_1B_V4)
+    assert (olmo.qk_norm, olmo.pre_norms, olmo.post_norms, olmo.head_dim) == ("proj", False, True, None)
+    smol = families.for_hf_config(SMOLLM3_3B_V4).args_from_hf(SMOLLM3_3B_V4)
+    assert smol.no_rope_layers == list(range(3, 36, 4)) and smol.tie_embeddings
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"layer_types": ["sliding_attention"] * 3}, r"layer_types has 3 entries, num_hidden_layers is 26"),
+    ({"layer_types": ["chunked_attention"] * 26}, r"layer_types entry 'chunked_attention'"),
+    ({"hidden_activation": "relu"}, r"hidden_activation 'relu' is not supported"),
+    ({"use_bidirectional_attention": True}, r"use_bidirectional_attention"),
+])
+def test_bad_gemma3_configs_name_the_key(change, match):
+    with pytest.raises(CkptError, match=match):
+        families.get("gemma3_text").args_from_hf({**GEMMA3_1B_V4, **change})
 
 
 @pytest.mark.parametrize("name", list(HF_CONFIGS))

@@ -315,11 +315,11 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.s3
-def test_a_run_on_s3_keeps_its_cache_beside_it_in_a_saved_block(prefect_api, s3_server, s3_bucket, tmp_path):
+def test_a_run_on_s3_keeps_its_cache_beside_it_in_a_block_without_credentials(prefect_api, s3_server, s3_bucket, tmp_path):
     import fsspec
-    from prefect.filesystems import RemoteFileSystem
 
     from flows.finetune import finetune
+    from tasks.common import ResultsStorage
 
     storage_uri = f"{s3_bucket}/runs"
     config = tiny(tmp_path / "runs", "on-s3")
@@ -333,8 +333,8 @@ def test_a_run_on_s3_keeps_its_cache_beside_it_in_a_saved_block(prefect_api, s3_
     fs = fsspec.filesystem("s3", **s3_server.storage_options)
     results = f"{storage_uri}/.cache/prefect-results".removeprefix("s3://")
     assert any(name.rsplit("/", 1)[-1].startswith("train-") for name in fs.ls(results))
-    block = RemoteFileSystem.load("ckptflow-results-" + hashlib.sha256(f"s3://{results}".encode()).hexdigest()[:12])
-    assert block.basepath == f"s3://{results}"
+    block = ResultsStorage.load("ckptflow-results-" + hashlib.sha256(f"s3://{results}".encode()).hexdigest()[:12])
+    assert block.basepath == f"s3://{results}" and block.settings == {}     # no credentials in a block
     assert fs.exists(f"{storage_uri}/on-s3/export/ckptflow.json".removeprefix("s3://"))
 
 

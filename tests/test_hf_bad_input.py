@@ -79,6 +79,36 @@ def test_bad_hf_input(tmp_path, case):
     assert not (dst / "ckptflow.json").exists()
 
 
+def edit_config(src, **change):
+    p = os.path.join(src, "config.json")
+    json.dump({**json.load(open(p)), **change}, open(p, "w"))
+
+
+NEWER_FAMILY_CASES = {
+    # config field against the tensors: the line names the field and a tensor
+    "qwen3 hidden_size": ("qwen3", {"hidden_size": 96}, ["hidden_size = 96", "tensor '"]),
+    "olmo2 intermediate_size": ("olmo2", {"intermediate_size": 96}, ["intermediate_size = 96", "mlp.w"]),
+    "gemma head_dim": ("gemma", {"head_dim": 8}, ["head_dim = 16", "attn."]),
+    "gemma3 layer_types": ("gemma3_text", {"layer_types": ["full_attention"]}, ["layer_types", "config.json"]),
+    "smollm3 no_rope_layers": ("smollm3", {"no_rope_layers": [1]}, ["no_rope_layers", "config.json"]),
+    "qwen3_5": ("qwen3", {"model_type": "qwen3_5"}, ["'qwen3_5' is not supported", "'gemma3_text'", "'olmo2'"]),
+    "gemma4_text": ("gemma2", {"model_type": "gemma4_text"}, ["'gemma4_text' is not supported", "'qwen3'"]),
+}
+
+
+@pytest.mark.parametrize("case", NEWER_FAMILY_CASES)
+def test_bad_config_of_a_newer_family_is_one_line(tmp_path, case):
+    family, change, needles = NEWER_FAMILY_CASES[case]
+    src = hfmodels.save(family, str(tmp_path / "src"))
+    edit_config(src, **change)
+    r = cli("convert", src, str(tmp_path / "dst"))
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ckptflow: error:"), r.stderr
+    assert all(n in lines[0] for n in needles), lines[0]
+    assert not (tmp_path / "dst" / "ckptflow.json").exists()
+
+
 def test_pickle_with_a_non_tensor_is_refused(tmp_path):
     src = tmp_path / "src"
     hfmodels.save("llama", str(src))

@@ -3,7 +3,6 @@ import os
 
 import pytest
 import torch
-import transformers
 
 from ckptflow import api, cli, families, manifest
 from ckptflow.errors import CkptError
@@ -27,15 +26,18 @@ def raw(uri):
     return out
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_peft_made_adapter_merges_like_peft(tmp_path, variant):
-    base = hfmodels.save("llama", str(tmp_path / "base"))
+MERGES = [("llama", v) for v in sorted(VARIANTS)] + [(f, "patterns") for f in hfmodels.DENSE]
+
+
+@pytest.mark.parametrize("family, variant", MERGES)
+def test_peft_made_adapter_merges_like_peft(tmp_path, family, variant):
+    base = hfmodels.save(family, str(tmp_path / "base"))
     pm = peft_adapter(base, str(tmp_path / "ad"), **VARIANTS[variant])
     want = pm.merge_and_unload().state_dict()
     m = merge.run(str(tmp_path / "ad"), base, str(tmp_path / "merged"))
     assert (m.kind, m.format, m.extra["merged"]["format"]) == ("model", "tune", "peft")
     got = tune_sd(str(tmp_path / "merged"))
-    fam = families.get("llama")
+    fam = families.get(family)
     ref = families.hf_state_dict_to_tune(want, fam, api.load_state_dict(base)[1].args)
     assert got.keys() == ref.keys()
     for k in ref:

@@ -10,6 +10,7 @@ from torch import nn
 from ckptflow import families
 from ckptflow.errors import CkptError
 from ckptflow.model import Transformer, generate
+from tests.hfmodels import DENSE
 from tests.test_families import to_v4, to_v5
 
 
@@ -27,13 +28,16 @@ CONFIGS = {
     "mistral_window": ("mistral", {"sliding_window": 5}),
     "qwen2": ("qwen2", {}),
     "qwen2_tied": ("qwen2", {"tie_word_embeddings": True}),
+    **DENSE,
+    "qwen3_tied_bias": ("qwen3", {**DENSE["qwen3"][1], "tie_word_embeddings": True, "attention_bias": True}),
+    "gemma_untied": ("gemma", {**DENSE["gemma"][1], "tie_word_embeddings": False}),
 }
 ATOL = 1e-5
 
 
 def hf_model(name: str):
     model_type, kw = CONFIGS[name]
-    config = transformers.AutoConfig.for_model(model_type, **TINY, **kw)
+    config = transformers.AutoConfig.for_model(model_type, **{**TINY, **kw})
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():  # HF inits norms to 1 and biases to 0; perturb so their mapping matters
@@ -62,7 +66,7 @@ def test_logits_match_transformers(name):
         torch.testing.assert_close(ours(x), hf(x).logits, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["llama3_rope", "llama_linear_rope", "qwen2_tied"])
+@pytest.mark.parametrize("name", ["llama3_rope", "llama_linear_rope", "qwen2_tied", *DENSE])
 def test_logits_match_from_v4_and_v5_config_json(name, tmp_path):
     hf = hf_model(name)
     hf.config.torch_dtype = torch.float32
@@ -108,12 +112,55 @@ def greedy_without_cache(model, prompt, n):
     return ids[len(prompt):]
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral_window", "qwen2_tied"])
+@pytest.mark.parametrize("name", ["llama", "mistral_window", "qwen2_tied", *DENSE])
 def test_generate_with_cache_matches_no_cache_loop(name):
     hf = hf_model(name)
     model = tune_model(hf.config.to_dict(), hf.state_dict())
     prompt = [5, 17, 42, 99]
     assert generate(model, prompt, 10) == greedy_without_cache(model, prompt, 10)
+
+
+@pytest.mark.parametrize("name", [*DENSE])
+def test_generate_with_cache_equals_transformers_greedy(name):
+    """Past the sliding window (5), so the cached sliding mask is exercised too."""
+    hf = hf_model(name)
+    model = tune_model(hf.config.to_dict(), hf.state_dict())
+    prompt = [5, 17, 42, 99]
+    with torch.no_grad():
+        want = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)[0, len(prompt):].tolist()
+    assert generate(model, prompt, 10) == want
+
+
+# Each feature switched off in ModelArgs must move the logits of the parity configs above, so that
+# their parity with transformers proves the feature (a dropped soft-cap keeps greedy tokens alike).
+FEATURES = [
+    ("qwen3", {"qk_norm": None}), ("gemma", {"norm_offset": False}), ("gemma", {"embed_scale": False}),
+    ("gemma", {"mlp_act": "silu"}), ("gemma2", {"attn_softcap": None}), ("gemma2", {"final_softcap": None}),
+    ("gemma2", {"attn_scalar": None}), ("gemma2", {"layer_types": None, "extra": {}}),
+    ("gemma2", {"post_norms": False}), ("gemma3_text", {"rope_local_theta": None}),
+    ("gemma3_text", {"rope_scaling": None}), ("gemma3_text", {"qk_norm": None}),
+    ("gemma3_text", {"layer_types": ["full_attention"] * 2}), ("smollm3", {"no_rope_layers": None}),
+    ("olmo2", {"norm_scale_f32": False, "qk_norm": None}),
+]
+
+
+@pytest.mark.parametrize("name, change", FEATURES, ids=[f"{n}-{'-'.join(c)}" for n, c in FEATURES])
+def test_each_feature_moves_the_logits(name, change):
+    hf = hf_model(name)
+    config = hf.config.to_dict()
+    family = families.for_hf_config(config)
+    args = family.args_from_hf(config)
+    sd = families.hf_state_dict_to_tune(hf.state_dict(), family, args)
+    off = dataclasses.replace(args, **change)
+    if "qk_norm" in change:
+        sd = {k: v for k, v in sd.items() if ".q_norm." not in k and ".k_norm." not in k}
+    if change.get("post_norms") is False:
+        sd = {k: v for k, v in sd.items() if "_scale.scale" not in k}
+    x = tokens()
+    with torch.no_grad():
+        diff = (tune_model(config, hf.state_dict())(x) - Transformer.from_state_dict(off, sd)(x)).abs().max()
+    assert diff > 1e-3
 
 
 def test_generate_stops_at_eos_and_samples_reproducibly():

@@ -7,13 +7,13 @@ import peft as peft_lib
 import torch
 import transformers
 
-from ckptflow import families, lora, manifest
+from ckptflow import families, formats, lora, manifest
 from ckptflow.commit import Output
 from ckptflow.errors import CkptError
-from ckptflow.formats import detect
+from ckptflow.formats import adapter, detect
 from ckptflow.manifest import Manifest
 from ckptflow.model_args import ModelArgs
-from ckptflow.stages import convert, export, merge
+from ckptflow.stages import convert, export
 from tests import hfmodels
 
 
@@ -94,7 +94,7 @@ def llama_dir(tmp_path_factory):
 
 
 def _adapter_for(adapter_dir: str, base_dir: str):
-    ad, _ = merge.open_adapter(adapter_dir, base_dir)
+    ad, _ = formats.open_adapter(adapter_dir, base_dir)
     return ad
 
 
@@ -122,9 +122,9 @@ def test_qk_lora_b_rows_follow_the_base_layout(tmp_path, llama_dir):
     handles = {}
     for path, heads in (("layers.0.attn.q_proj", 4), ("layers.1.attn.k_proj", 2)):
         hf_b = sd[f"base_model.model.model.{path.replace('attn', 'self_attn')}.lora_B.default.weight"]
-        assert torch.equal(merge.tensor(ad.modules[path].b, handles), families.permute_hf_to_tune(hf_b, heads))
+        assert torch.equal(adapter.tensor(ad.modules[path].b, handles), families.permute_hf_to_tune(hf_b, heads))
     hf_b = sd["base_model.model.model.layers.0.self_attn.v_proj.lora_B.default.weight"]
-    assert torch.equal(merge.tensor(ad.modules["layers.0.attn.v_proj"].b, handles), hf_b)
+    assert torch.equal(adapter.tensor(ad.modules["layers.0.attn.v_proj"].b, handles), hf_b)
 
 
 def test_qwen2_lora_b_is_never_permuted(tmp_path):
@@ -133,7 +133,7 @@ def test_qwen2_lora_b_is_never_permuted(tmp_path):
     ad = _adapter_for(str(tmp_path / "ad"), base)
     hf_b = pm.state_dict()["base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"]
     assert ad.modules["layers.0.attn.q_proj"].b.permute is None
-    assert torch.equal(merge.tensor(ad.modules["layers.0.attn.q_proj"].b, {}), hf_b)
+    assert torch.equal(adapter.tensor(ad.modules["layers.0.attn.q_proj"].b, {}), hf_b)
 
 
 def _edit_config(adapter_dir: str, **changes) -> None:
@@ -193,16 +193,16 @@ def test_no_base_is_an_error_naming_it(tmp_path, llama_dir):
     peft_adapter(llama_dir, str(tmp_path / "ad"), **VARIANTS["plain"])
     _edit_config(str(tmp_path / "ad"), base_model_name_or_path="org/not-here")
     with pytest.raises(CkptError, match="org/not-here"):
-        merge.open_adapter(str(tmp_path / "ad"))
+        formats.open_adapter(str(tmp_path / "ad"))
 
 
 # --- writing ----------------------------------------------------------------------------------
 
 # The tune modules a LoRA run adapts per family, and how many PEFT modules that makes per layer
-# (phi3: q/k/v are one fused qkv_proj, w1/w3 one gate_up_proj; mixtral: no LoRA on experts).
+# (phi3: q/k/v are one fused qkv_proj, w1/w3 one gate_up_proj; MoE families: attention only).
+FIVE = (["q_proj", "k_proj", "v_proj", "output_proj", "w2"], 5)
 RUN_TARGETS = {
-    "llama": (["q_proj", "k_proj", "v_proj", "output_proj", "w2"], 5),
-    "qwen2": (["q_proj", "k_proj", "v_proj", "output_proj", "w2"], 5),
+    "llama": FIVE, "qwen2": FIVE, **{f: FIVE for f in hfmodels.DENSE},
     "phi3": (["q_proj", "v_proj", "output_proj", "w1", "w3", "w2"], 4),
     "mixtral": (["q_proj", "k_proj", "v_proj", "o_proj"], 4),
     "qwen3_moe": (["all-linear"], 4),    # a mixture-of-experts model: attention only, dense layer 1 too

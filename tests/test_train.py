@@ -153,6 +153,24 @@ def test_killed_and_resumed_run_is_bit_identical(reference, base, tmp_path, meth
     assert final_hashes(resumed) == final_hashes(ref), f"{method}: killed at {mode} {at} then resumed"
 
 
+@pytest.mark.parametrize("family", ["gemma3_text"] + [pytest.param(f, marks=pytest.mark.slow) for f in
+                                                     ("qwen3", "gemma", "gemma2", "smollm3", "olmo2")])
+def test_newer_family_full_finetune_killed_and_resumed_is_bit_identical(tmp_path, family):
+    """A light version of the test above for the newer families' features (q/k norms, offset and post
+    norms, embedding scale, GeGLU, per-layer RoPE): full fine-tuning, killed after step 3 of 6."""
+    seed = f"seed://{family}?dim=64&n_layers=2"
+    download.run(seed, str(tmp_path / "source"))
+    fam_base = convert.run(str(tmp_path / "source"), str(tmp_path / "base")).uri
+    over = ("train.method=full", "train.steps=6", "checkpoint.every_steps=2", f"model.source={seed}")
+    ref = stage.run(make_cfg(tmp_path / "ref", "ref", *over), fam_base)
+    cfg = make_cfg(tmp_path / "crash", "crashy", *over)
+    child = subprocess.run([sys.executable, "-c", CHILD, json.dumps(config.to_dict(cfg)), fam_base, "step", "3"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert child.returncode == -9, child.stderr[-2000:]
+    resumed = stage.run(cfg, fam_base)
+    assert resumed.step == 6 and final_hashes(resumed) == final_hashes(ref)
+
+
 # ---- what resume accepts and refuses ----------------------------------------------------
 
 def test_resume_refuses_changes_that_break_it_and_allows_the_others(base, tmp_path):

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import functools
 
+import ckptflow.families._base as _base
 from ckptflow.errors import CkptError
-from ckptflow.families import _base
 
 
 def _template(key: str) -> tuple[str, list[str]]:

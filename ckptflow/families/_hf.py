@@ -55,12 +55,13 @@ def rope_from_config(config: dict, where: str) -> tuple[float, dict | None]:
 
 
 def args_from_config(config: dict, where: str, *, extra_keys: tuple = TOKEN_KEYS, **fixed) -> ModelArgs:
-    """ModelArgs from the fields every Llama-like config shares; `fixed` sets the family's constants."""
+    """ModelArgs from the fields every Llama-like config shares; `fixed` sets the family's constants.
+    A family that reads its activation itself passes `mlp_act`; otherwise hidden_act must be silu."""
     missing = [k for k in REQUIRED if config.get(k) is None]
     if missing:
         raise CkptError(f"{where}: missing {missing}")
     act = config.get("hidden_act", "silu")
-    if act != "silu":
+    if "mlp_act" not in fixed and act != "silu":
         raise CkptError(f"{where}: hidden_act {act!r} is not supported (silu)")
     theta, scaling = rope_from_config(config, where)
     kw = {field: config[key] for field, key in FIELDS.items() if config.get(key) is not None}
@@ -95,9 +96,11 @@ def write_dtype(cfg: dict, dtype: str | None, like: dict | None) -> None:
 
 
 def new_config(args: ModelArgs, *, model_type: str, architecture: str, dtype: str | None,
-               fields: dict, extra_keys: tuple = TOKEN_KEYS, head_dim: bool = True) -> dict:
-    """A v4-style config.json; `fields` are the family's own (bias flags and the like)."""
-    cfg = {"architectures": [architecture], "model_type": model_type, "hidden_act": "silu"}
+               fields: dict, extra_keys: tuple = TOKEN_KEYS, head_dim: bool = True,
+               act: dict | None = None) -> dict:
+    """A v4-style config.json; `fields` are the family's own (bias flags and the like); `act` the
+    activation's key and value where it is not {"hidden_act": "silu"}."""
+    cfg = {"architectures": [architecture], "model_type": model_type, **(act or {"hidden_act": "silu"})}
     for field, key in FIELDS.items():
         if field != "head_dim" or head_dim or args.head_dim is not None:
             cfg[key] = _field_value(args, field)
@@ -109,8 +112,10 @@ def new_config(args: ModelArgs, *, model_type: str, architecture: str, dtype: st
 
 
 def update_config(like: dict, old: ModelArgs, args: ModelArgs, *, dtype: str | None,
-                  fields: dict, extra_keys: tuple = TOKEN_KEYS) -> dict:
-    """`like` with only what differs between `old` (read from it) and `args` rewritten, in its schema."""
+                  fields: dict, extra_keys: tuple = TOKEN_KEYS, old_fields: dict | None = None) -> dict:
+    """`like` with only what differs between `old` (read from it) and `args` rewritten, in its schema.
+    With `old_fields` (the family's `fields` computed from `old`), a family field is rewritten only
+    where it changed, so a key `like` leaves to its default stays absent."""
     cfg = copy.deepcopy(like)
     for field, key in FIELDS.items():
         if getattr(old, field) != getattr(args, field):
@@ -118,7 +123,7 @@ def update_config(like: dict, old: ModelArgs, args: ModelArgs, *, dtype: str | N
     if (old.rope_theta, old.rope_scaling) != (args.rope_theta, args.rope_scaling):
         write_rope(cfg, args, v5="rope_parameters" in like)
     for key, value in fields.items():
-        if cfg.get(key, False) != value:
+        if (cfg.get(key, False) if old_fields is None else old_fields.get(key)) != value:
             cfg[key] = value
     for key in extra_keys:
         if old.extra.get(key) != args.extra.get(key):

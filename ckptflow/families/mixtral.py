@@ -9,8 +9,8 @@ Tune layout keeps HF's rotate-half rows. LoRA reaches attention and the head, no
 """
 from __future__ import annotations
 
+import ckptflow.families._hf as _hf
 from ckptflow.errors import CkptError
-from ckptflow.families import _hf
 from ckptflow.model_args import ModelArgs
 
 NAME = "mixtral"

@@ -11,8 +11,8 @@ transformers prefers to the one inside the rope parameters.
 """
 from __future__ import annotations
 
+import ckptflow.families._hf as _hf
 from ckptflow.errors import CkptError
-from ckptflow.families import _hf
 from ckptflow.model_args import ModelArgs
 
 NAME = "phi3"

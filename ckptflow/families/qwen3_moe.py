@@ -12,8 +12,8 @@ rotate-half rows. LoRA: attention and the head (see PEFT_TARGETS).
 """
 from __future__ import annotations
 
+import ckptflow.families._hf as _hf
 from ckptflow.errors import CkptError
-from ckptflow.families import _hf
 from ckptflow.model_args import ModelArgs
 
 NAME = "qwen3_moe"

@@ -5,59 +5,9 @@ READERS and WRITERS are plain dicts; a format module registers itself with one e
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from ckptflow import manifest, storage
 from ckptflow.errors import CkptError
-from ckptflow.formats.plan import FilePlan, Item, repartition
-from ckptflow.manifest import Manifest
-
-
-@dataclass
-class View:
-    uri: str
-    format: str
-    family: object                      # the family module
-    args: object                        # ModelArgs
-    items: dict[str, Item]              # tune key -> lazy tensor, in checkpoint order
-    original: dict | None = None        # how the source laid itself out (for export)
-    assets: dict[str, str] = field(default_factory=dict)   # non-weight files: name -> URI
-    manifest: Manifest | None = None    # when the source is a committed ckptflow directory
-    partition: list[list[str]] | None = None   # tune keys grouped as the source grouped them
-    notes: list[str] = field(default_factory=list)  # what was left out (training state, ...)
-    adapter: object | None = None       # formats.peft.Adapter when the view is base + LoRA, merged lazily
-
-    def state_dict(self, dtype=None) -> dict:
-        """Every tensor materialised in tune names (a lazily merged LoRA weight included), one
-        source file handle open at a time; for loading a model; conversion never does this."""
-        import torch
-
-        from ckptflow.formats import st
-        from ckptflow.formats.plan import _transformed_bytes
-
-        handles: dict = {}
-        sd = {}
-        try:
-            for key, it in self.items.items():
-                t = st.to_torch(_transformed_bytes(it, handles), it.final_dtype, it.shape)
-                sd[key] = t.to(dtype) if dtype is not None and torch.is_floating_point(t) else t
-        finally:
-            for h in handles.values():
-                h.close()
-        return sd
-
-    def plans(self, max_shard: int | None = None, out_dtype: str | None = None) -> list[FilePlan]:
-        """The tune shards: the source's own grouping, or shards of at most max_shard bytes."""
-        for it in self.items.values():
-            it.out_dtype = out_dtype
-        if max_shard or not self.partition:
-            return repartition(list(self.items.values()), max_shard or 5 * 10**9)
-        groups = [[self.items[k] for k in keys if k in self.items] for keys in self.partition]
-        groups = [g for g in groups if g]
-        if len(groups) == 1:
-            return [FilePlan("model.safetensors", groups[0])]
-        n = len(groups)
-        return [FilePlan(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
+from ckptflow.formats.view import View
 
 
 def _read_hf(uri: str, **_) -> View:
@@ -91,10 +41,32 @@ def _read_tune(uri: str, base: str | None = None, **_) -> View:
 
 
 def _read_peft(uri: str, base: str | None = None, **_) -> View:
-    from ckptflow.stages import merge
+    from ckptflow.formats.adapter import merged_view
 
-    adapter, base_view = merge.open_adapter(uri, base)
-    return merge.merged_view(base_view, adapter)
+    ad, base_view = open_adapter(uri, base)
+    return merged_view(base_view, ad)
+
+
+def open_adapter(uri: str, base: str | View | None = None):
+    """(the adapter at `uri`, its base model's View). `base` overrides the base the adapter names."""
+    from ckptflow.formats import adapter, peft, torchtune
+
+    uri = storage.normalize(uri)
+    m = manifest.read(uri)
+    if m is not None and m.kind == "train_state":
+        bv = adapter.base_view(base, [m.extra.get("base"), (m.inputs.get("base") or {}).get("uri")], uri, open_view)
+        return adapter.from_step(uri, m, bv), bv
+    names = storage.listdir(uri)
+    if m is None and torchtune.is_adapter(uri):
+        # torchtune's own adapter file (tune names) wins over the PEFT copy it writes beside it,
+        # whose q/k rows torchtune permutes even for Qwen2 (formats.md 4.6).
+        return torchtune.read_adapter(uri, base, open_view)
+    if (m is not None and m.format == "peft") or peft.is_peft(names):
+        named = [m.extra.get("base") if m else None, peft.read_config(uri).get("base_model_name_or_path")]
+        bv = adapter.base_view(base, named, uri, open_view)
+        return peft.open_adapter(uri, bv.family, bv.args, base=bv.uri), bv
+    raise CkptError(f"{uri}: not a LoRA adapter (a LoRA step checkpoint, a PEFT adapter directory "
+                    f"or a torchtune adapter); found {', '.join(names[:8]) or 'nothing'}")
 
 
 def _read_meta(uri: str, **opts) -> View:
@@ -112,7 +84,7 @@ def _read_dcp(uri: str, **opts) -> View:
 def _read_torchtune(uri: str, **opts) -> View:
     from ckptflow.formats import torchtune
 
-    return torchtune.open_view(uri, **opts)
+    return torchtune.open_view(uri, opener=open_view, **opts)
 
 
 def _read_litgpt(uri: str, **opts) -> View:

@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from ckptflow import families, manifest, storage
 from ckptflow.errors import CkptError
 from ckptflow.formats import st
-from ckptflow.formats.plan import FilePlan, Item
+from ckptflow.formats.view import FilePlan, Item, cast, tensor
 from ckptflow.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ def classify(family, args, tensors: dict, others: list[str], where: str) -> tupl
 
 
 def open_view(uri: str, *, model_config: str | None = None, rope_scaling_factor: float | None = None, **_):
-    from ckptflow.formats import View
+    from ckptflow.formats.view import View
     from ckptflow.formats.tune import check_items
     from ckptflow.model_args import ModelArgs
 
@@ -389,9 +389,7 @@ def write_view(view, out, *, out_dtype: str | None = None, max_shard: int | None
     """Write `view` as a DCP directory of tune-named tensors (plus assets/) into Output `out`."""
     from ckptflow.formats.tune import check_items, dominant_dtype
 
-    items = list(view.items.values())
-    for it in items:
-        it.out_dtype = out_dtype
+    items = [cast(it, out_dtype) for it in view.items.values()]
     check_items([FilePlan("", items)], view.args, view.uri)
     sd = _materialize(items, progress)
     out.files.update(save_state(sd, out.uri))
@@ -406,16 +404,13 @@ def write_view(view, out, *, out_dtype: str | None = None, max_shard: int | None
 
 def _materialize(items: list[Item], progress) -> dict:
     """{tune key: tensor}; safetensors sources without a transform are memory-mapped, not copied."""
-    from ckptflow.formats.plan import _transformed_bytes
-
     sd, handles, mapped = {}, {}, {}
     try:
         for it in items:
-            plain = it.info is not None and it.permute is None and it.out_dtype in (None, it.dtype)
-            if plain and storage.is_local(it.info.file):
+            if it.is_raw_copy and storage.is_local(it.info.file):
                 sd[it.name] = _mapped(it, mapped)
             else:
-                sd[it.name] = st.to_torch(_transformed_bytes(it, handles), it.final_dtype, it.shape)
+                sd[it.name] = tensor(it, handles)
             if progress is not None:
                 progress(it.out_nbytes)
     finally:

@@ -16,7 +16,7 @@ from ckptflow import families, storage
 from ckptflow.errors import CkptError
 from ckptflow.formats import st
 from ckptflow.families import _fused
-from ckptflow.formats.plan import FilePlan, Item, repartition, split_rows
+from ckptflow.formats.view import FilePlan, Item, repartition, split_rows
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def open_source(uri: str) -> Source:
         raise CkptError(f"{storage.join(uri, CONFIG)}: missing (not a Hugging Face checkpoint)")
     config = storage.read_json(storage.join(uri, CONFIG))
     family = families.for_hf_config(config, where=storage.join(uri, CONFIG))
-    args = family.args_from_hf(config)
+    args = family.args_from_hf(config, storage.join(uri, CONFIG))
     weights, index, files = _weight_files(uri, names)
     read = {f: _file_items(uri, f, weights) for f in files}
     tensors = {f: items for f, (_, items) in read.items()}
@@ -94,7 +94,7 @@ def _file_items(uri: str, name: str, weights: str) -> tuple[dict, list[Item]]:
         return meta, [Item(t.name, t.dtype, t.shape, info=t) for t in infos]
     sd = load_pickle_weights(path)
     return {"format": "pt"}, [Item(k, st.ST_NAME[str(v.dtype).removeprefix("torch.")], list(v.shape),
-                 load=_bin_loader(path, k)) for k, v in sd.items()]
+                 load=bin_loader(path, k)) for k, v in sd.items()]
 
 
 def _check_index(uri: str, index: str, tensors: dict[str, list[Item]]) -> None:
@@ -123,7 +123,7 @@ def load_pickle_weights(uri: str) -> dict:
 
     if uri in _BIN_CACHE:
         return _BIN_CACHE[uri]
-    path = _local_copy(uri)
+    path = local_copy(uri)
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
@@ -139,11 +139,11 @@ def load_pickle_weights(uri: str) -> dict:
     return sd
 
 
-def _bin_loader(uri: str, key: str):
+def bin_loader(uri: str, key: str):
     return lambda: load_pickle_weights(uri)[key]
 
 
-def _local_copy(uri: str) -> str:
+def local_copy(uri: str) -> str:
     if storage.is_local(uri):
         return storage.local_path(uri)
     fd, tmp = tempfile.mkstemp(suffix=os.path.splitext(uri)[1])

@@ -18,7 +18,7 @@ import logging
 from ckptflow import families, manifest, storage
 from ckptflow.errors import CkptError
 from ckptflow.formats import st
-from ckptflow.formats.plan import FilePlan, Item
+from ckptflow.formats.view import FilePlan, Item
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def load_weights(uri: str) -> tuple[dict, list[str]]:
     from ckptflow.formats import hf
 
     try:
-        data = torch.load(hf._local_copy(uri), map_location="cpu", weights_only=True, mmap=True)
+        data = torch.load(hf.local_copy(uri), map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CkptError(f"{uri}: not a tensors-only torch file ({first})") from e
@@ -72,7 +72,8 @@ def load_weights(uri: str) -> tuple[dict, list[str]]:
 
 
 def open_view(uri: str, *, model_config: str | None = None, **_):
-    from ckptflow.formats import View, arch
+    from ckptflow.formats import arch
+    from ckptflow.formats.view import View
     from ckptflow.formats.tune import check_items
 
     uri = storage.normalize(uri)

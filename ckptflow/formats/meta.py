@@ -27,7 +27,7 @@ import re
 from ckptflow import families, manifest, storage
 from ckptflow.errors import CkptError
 from ckptflow.formats import st
-from ckptflow.formats.plan import FilePlan, Item
+from ckptflow.formats.view import FilePlan, Item, cast
 from ckptflow.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class Shards:
 
 def open_view(uri: str, *, rope_scaling_factor: float | None = None, **_):
     """A View of a Meta directory: tune-named lazy tensors joined across model-parallel files."""
-    from ckptflow.formats import View
+    from ckptflow.formats.view import View
 
     uri = storage.normalize(uri)
     names = storage.listdir(uri)
@@ -255,11 +255,9 @@ def write_view(view, out, *, out_dtype: str | None = None, max_shard: int | None
     if emb_dim is None:
         emb_dim = 1 if params.get("vocab_size", -1) <= 0 else 0
     keys = _meta_keys(fam, view, original)
-    plan = [(mkey, view.items[src], _rule(fam, mkey, emb_dim)) for mkey, src in keys]
+    plan = [(mkey, cast(view.items[src], out_dtype), _rule(fam, mkey, emb_dim)) for mkey, src in keys]
     for mkey, it, rule in plan:
         _check_split(mkey, it.shape, rule, mp, args.kv_heads)
-    for it in view.items.values():
-        it.out_dtype = out_dtype
     for rank in range(mp):
         _write_rank(out, f"consolidated.{rank:02d}.pth", plan, rank, mp, args.kv_heads, progress)
     out.put(PARAMS, params_bytes)
@@ -320,13 +318,13 @@ def _check_split(key: str, shape: list, rule, mp: int, n_kv: int) -> None:
 def _write_rank(out, name: str, plan: list, rank: int, mp: int, n_kv: int, progress) -> None:
     import torch
 
-    from ckptflow.formats.plan import _transformed_bytes
+    from ckptflow.formats.view import tensor
 
     handles: dict = {}
     sd = {}
     try:
         for mkey, it, rule in plan:
-            full = st.to_torch(_transformed_bytes(it, handles), it.final_dtype, it.shape)
+            full = tensor(it, handles)
             sd[mkey] = _shard(full, rule, rank, mp, n_kv)
             if progress is not None:
                 progress(it.out_nbytes // mp)

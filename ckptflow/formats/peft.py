@@ -1,6 +1,6 @@
 """PEFT LoRA adapters: adapter_config.json + adapter_model.safetensors (or legacy adapter_model.bin).
 
-Reading gives ckptflow's LoRA representation, `Adapter`: per tune module ("layers.0.attn.q_proj")
+Reading gives ckptflow's LoRA representation, `formats.adapter.Adapter`: per tune module ("layers.0.attn.q_proj")
 its lora_a [r, in] and lora_b [out, r] as lazy Items in tune layout, and that module's own rank,
 alpha and scale, resolved as PEFT resolves them (rank_pattern, alpha_pattern, use_rslora).
 The q/k lora_b rows follow the base weight's rows, so they are permuted HF -> Meta for families
@@ -11,18 +11,18 @@ keys `base_model.model.<HF module>.lora_A.weight`, {"format": "pt"} metadata (fo
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import re
-from dataclasses import dataclass, field
 
 from ckptflow import families, manifest, storage
 from ckptflow.errors import CkptError
 from ckptflow.formats import st
 from ckptflow.families import _fused
-from ckptflow.formats.plan import FilePlan, Item, split_rows, write_file
+from ckptflow.formats.adapter import Adapter, LoraModule, base_shape, scale
+from ckptflow.formats.plan import write_file
+from ckptflow.formats.view import FilePlan, Item, split_rows
 from ckptflow.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -34,76 +34,6 @@ PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _UNSUPPORTED = (("lora_embedding_", "LoRA on embeddings"), ("lora_magnitude_vector", "DoRA"),
                 ("lora_B.bias", "lora_bias"), (".base_layer.", "base weights saved beside the adapter (save_embedding_layers)"))
-
-
-@dataclass
-class LoraModule:
-    a: Item          # lora_a [rank, in]
-    b: Item          # lora_b [out, rank], rows in tune layout
-    rank: int
-    alpha: float
-    scale: float
-    fused: str | None = None     # the fused HF module (Phi-3 qkv_proj) whose lora_A this part shares
-
-
-@dataclass
-class Adapter:
-    uri: str
-    format: str                          # "peft" | "tune" (a LoRA step) | "torchtune"
-    family: object
-    args: object                         # the base model's ModelArgs
-    modules: dict[str, LoraModule]       # tune module path -> its tensors and scale, in file order
-    rank: int
-    alpha: float
-    use_rslora: bool = False
-    dropout: float = 0.0
-    base: str | None = None              # the base model as the adapter names it
-    step: int | None = None
-    config: dict = field(default_factory=dict)   # adapter_config.json as read (PEFT sources)
-    manifest: Manifest | None = None
-
-    @property
-    def targets(self) -> list[str]:
-        """Tune module names (q_proj, ..., output) that carry LoRA, in first-seen order."""
-        return list(dict.fromkeys(m.rsplit(".", 1)[-1] for m in self.modules))
-
-    def lora_config(self) -> dict:
-        return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout, "targets": self.targets,
-                "use_rslora": self.use_rslora}
-
-    def items(self) -> dict[str, Item]:
-        """The adapter as tune-named tensors (what a LoRA step checkpoint holds)."""
-        out = {}
-        for m in self.modules.values():
-            out[m.a.name], out[m.b.name] = m.a, m.b
-        return out
-
-    def content_fingerprint(self) -> str:
-        """Identity of the adapter's numbers, whatever container holds them (a step, a PEFT dir,
-        a torchtune file): scales and the A/B bytes in tune layout. Merge records it and refuses
-        to merge the same adapter twice."""
-        from ckptflow.formats.plan import _transformed_bytes
-
-        h, handles = hashlib.sha256(), {}
-        try:
-            for path, m in sorted(self.modules.items()):
-                h.update(f"{path}\0{m.scale!r}\0{m.a.dtype}{m.a.shape}{m.b.dtype}{m.b.shape}\n".encode())
-                for it in (m.a, m.b):
-                    h.update(_transformed_bytes(_plain(it), handles))
-        finally:
-            for f in handles.values():
-                f.close()
-        return "lora:" + h.hexdigest()
-
-
-def _plain(it: Item) -> Item:
-    """The item in its source dtype (a writer may have set out_dtype on a shared Item)."""
-    return Item(it.name, it.dtype, it.shape, info=it.info, load=it.load, permute=it.permute)
-
-
-def scale(rank: int, alpha: float, use_rslora: bool) -> float:
-    """PEFT's scaling (tuners/lora/layer.py update_layer): alpha/r, or alpha/sqrt(r) with rsLoRA."""
-    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
 
 
 def is_peft(names: list[str]) -> bool:
@@ -292,18 +222,6 @@ def _fused_modules(family, args, hf_module: str, ab: dict, cfg: dict, path: str)
                            rank, alpha, sc, fused=hf_module) for tp, bpart in zip(paths, bs)}
 
 
-def base_shape(args, tune_weight_key: str) -> list[int]:
-    """[out, in] of the base weight a LoRA module adapts (the tied output head included)."""
-    from ckptflow.formats.tune import expected_shapes
-
-    if tune_weight_key == "output.weight":
-        return [args.vocab_size, args.dim]
-    shape = expected_shapes(args).get(tune_weight_key)
-    if shape is None or len(shape) != 2:
-        raise CkptError(f"LoRA target {tune_weight_key!r} is not a linear weight of this model")
-    return shape
-
-
 # --- writing ------------------------------------------------------------------------------
 
 def write(adapter: Adapter, out, *, out_dtype: str | None = None, base_name: str | None = None,
@@ -367,7 +285,7 @@ def _block_diagonal(parts: dict[int, LoraModule], rows: list[int], fused_scale: 
     """B of the stacked adapter: part i's B (times its scale / the fused scale) in its rows and rank columns."""
     import torch
 
-    from ckptflow.stages.merge import tensor
+    from ckptflow.formats.adapter import tensor
 
     rank = sum(m.rank for m in parts.values())
     out = torch.zeros(sum(rows), rank, dtype=torch.float32)
@@ -388,7 +306,7 @@ def _block_diagonal(parts: dict[int, LoraModule], rows: list[int], fused_scale: 
 
 
 def write_view(view, out, *, out_dtype: str | None = None, max_shard: int | None = None, progress=None) -> Manifest:
-    """WRITERS["peft"]: the unmerged adapter of a base + LoRA view (see stages.merge.merged_view)."""
+    """WRITERS["peft"]: the unmerged adapter of a base + LoRA view (see formats.adapter.merged_view)."""
     if view.adapter is None:
         raise CkptError(f"{view.uri}: the peft format needs a LoRA adapter (a LoRA step checkpoint, "
                         "a PEFT or torchtune adapter); this is a full model")

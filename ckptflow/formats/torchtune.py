@@ -25,7 +25,7 @@ import re
 from ckptflow import families, manifest, storage
 from ckptflow.errors import CkptError
 from ckptflow.formats import st
-from ckptflow.formats.plan import FilePlan, Item
+from ckptflow.formats.view import FilePlan, Item
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,8 @@ def _step_dirs(uri: str, names: list[str]) -> dict[int, str]:
     return dirs
 
 
-def open_view(uri: str, *, epoch: int | None = None, model_config: str | None = None, base=None, **opts):
+def open_view(uri: str, *, epoch: int | None = None, model_config: str | None = None, base=None, opener=None,
+              **opts):
     uri = storage.normalize(uri)
     names = storage.listdir(uri)
     dirs = _step_dirs(uri, names)
@@ -96,13 +97,13 @@ def open_view(uri: str, *, epoch: int | None = None, model_config: str | None = 
         if ".metadata" in storage.listdir(sub):
             raise CkptError(f"{sub}: a DCP checkpoint (its .metadata is a pickle): ckptflow reads it only when you "
                             f"name that directory yourself, e.g. ckptflow convert {sub} DST")
-        view = _dir_view(sub, storage.listdir(sub), None, model_config, base, uri_config=_config_of(uri, names))
+        view = _dir_view(sub, storage.listdir(sub), None, model_config, base, opener, uri_config=_config_of(uri, names))
         others = sorted(v for k, v in dirs.items() if k != n)
         if others:
             view.notes.append(f"read {name}; also here: {', '.join(others)}")
         view.notes += _recipe_notes(uri, names)
         return view
-    return _dir_view(uri, names, epoch, model_config, base)
+    return _dir_view(uri, names, epoch, model_config, base, opener)
 
 
 def _flat_models(names: list[str]) -> bool:
@@ -120,8 +121,10 @@ def _groups(names: list[str]) -> dict[int, tuple[str, list[str]]]:
     return {e: next(iter(kinds.items())) for e, kinds in found.items()}
 
 
-def _dir_view(uri: str, names: list[str], epoch: int | None, model_config, base, uri_config: str | None = None):
-    from ckptflow.formats import View, hf
+def _dir_view(uri: str, names: list[str], epoch: int | None, model_config, base, opener,
+              uri_config: str | None = None):
+    from ckptflow.formats import hf
+    from ckptflow.formats.view import View
 
     notes = _recipe_notes(uri, names) + _adapter_notes(names)
     groups = _groups(names)
@@ -138,7 +141,7 @@ def _dir_view(uri: str, names: list[str], epoch: int | None, model_config, base,
     else:
         files = sorted(n for n in names if BIN_SHARD.match(n))
     if not files:
-        return _adapter_only(uri, names, epoch, base, notes)
+        return _adapter_only(uri, names, epoch, base, opener, notes)
     arch = _arch(uri, names, model_config, uri_config)
     return _weights_view(uri, files, arch, notes)
 
@@ -187,7 +190,7 @@ def _raw_items(path: str) -> list[Item]:
     if path.endswith(".safetensors"):
         return [Item(t.name, t.dtype, list(t.shape), info=t) for t in st.read_header(path)[1]]
     sd = hf.load_pickle_weights(path)
-    return [Item(k, _code(v, path, k), list(v.shape), load=hf._bin_loader(path, k)) for k, v in sd.items()]
+    return [Item(k, _code(v, path, k), list(v.shape), load=hf.bin_loader(path, k)) for k, v in sd.items()]
 
 
 def _code(t, path: str, key: str) -> str:
@@ -223,7 +226,7 @@ def _maps(family, table: str, key: str) -> bool:
 
 
 def _weights_view(uri: str, files: list[str], arch, notes: list[str]):
-    from ckptflow.formats import View
+    from ckptflow.formats.view import View
 
     per_file = {f: _raw_items(storage.join(uri, f)) for f in files}
     keys = [it.name for items in per_file.values() for it in items]
@@ -313,11 +316,10 @@ def adapter_tensors(uri: str, epoch: int | None = None) -> tuple[dict[str, Item]
     return items, {"rank": ranks.pop(), "alpha": alpha}
 
 
-def read_adapter(uri: str, base=None, *, lora_alpha: float | None = None, epoch: int | None = None):
-    """(peft.Adapter, base View) of a torchtune adapter, for merge and export. The base is `base`
-    (a URI or View) or the one adapter_config.json names."""
-    from ckptflow.formats import peft
-    from ckptflow.stages import merge
+def read_adapter(uri: str, base=None, opener=None, *, lora_alpha: float | None = None, epoch: int | None = None):
+    """(Adapter, base View) of a torchtune adapter, for merge and export. The base is `base`
+    (a View, or a URI opened with `opener`) or the one adapter_config.json names."""
+    from ckptflow.formats import adapter
 
     uri = storage.normalize(uri)
     items, info = adapter_tensors(uri, epoch)
@@ -326,28 +328,28 @@ def read_adapter(uri: str, base=None, *, lora_alpha: float | None = None, epoch:
         raise CkptError(f"{uri}: torchtune's adapter file does not store lora_alpha and no adapter_config.json "
                         "is beside it; the merge scale (alpha / rank) is unknown")
     cfg = storage.read_json(storage.join(uri, ADAPTER_CONFIG)) if ADAPTER_CONFIG in storage.listdir(uri) else {}
-    bv = merge.base_view(base, [cfg.get("base_model_name_or_path")], uri)
+    bv = adapter.base_view(base, [cfg.get("base_model_name_or_path")], uri, opener)
     groups: dict[str, dict] = {}
     for k, it in items.items():
         part = "a" if k.endswith(".lora_a.weight") else "b"
-        groups.setdefault(k[: -len(merge.SUFFIXES[part])], {})[part] = it
+        groups.setdefault(k[: -len(adapter.SUFFIXES[part])], {})[part] = it
     rank = info["rank"]
-    modules = {m: merge.tune_module(bv.args, m, ab, rank, float(alpha), False, uri) for m, ab in groups.items()}
-    ad = peft.Adapter(uri, "torchtune", bv.family, bv.args, modules, rank, float(alpha), base=bv.uri, config=cfg)
+    modules = {m: adapter.tune_module(bv.args, m, ab, rank, float(alpha), False, uri) for m, ab in groups.items()}
+    ad = adapter.Adapter(uri, "torchtune", bv.family, bv.args, modules, rank, float(alpha), base=bv.uri, config=cfg)
     return ad, bv
 
 
-def _adapter_only(uri: str, names: list[str], epoch, base, notes: list[str]):
+def _adapter_only(uri: str, names: list[str], epoch, base, opener, notes: list[str]):
     if not (ADAPTER_MODEL_PT in names or any(ADAPTER_PT.match(n) for n in names)):
         raise CkptError(f"{uri}: torchtune output without model weights or an adapter (found "
                         f"{', '.join(names[:10])})")
     if base is None:
         raise CkptError(f"{uri}: holds only a torchtune LoRA adapter; give its base model "
                         "(ckptflow merge ADAPTER BASE DST, or --base)")
-    from ckptflow.stages import merge
+    from ckptflow.formats.adapter import merged_view
 
-    ad, bv = read_adapter(uri, base, epoch=epoch)
-    view = merge.merged_view(bv, ad)
+    ad, bv = read_adapter(uri, base, opener, epoch=epoch)
+    view = merged_view(bv, ad)
     view.notes += [n for n in notes if not n.startswith("LoRA adapter")]
     return view
 

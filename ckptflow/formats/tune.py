@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from ckptflow import manifest, storage
 from ckptflow.errors import CkptError
 from ckptflow.formats import st
-from ckptflow.formats.plan import FilePlan, Item, write_file
+from ckptflow.formats.plan import write_file
+from ckptflow.formats.view import FilePlan, Item
 from ckptflow.manifest import Manifest
 from ckptflow.model_args import ModelArgs
 
@@ -31,13 +32,17 @@ def expected_shapes(a: ModelArgs) -> dict[str, list[int]]:
         shapes["output.weight"] = [a.vocab_size, a.dim]
     for i in range(a.n_layers):
         p = f"layers.{i}."
+        if a.pre_norms:
+            shapes.update({p + "sa_norm.scale": [a.dim], p + "mlp_norm.scale": [a.dim]})
+        if a.post_norms:
+            shapes.update({p + "sa_scale.scale": [a.dim], p + "mlp_scale.scale": [a.dim]})
+        if a.qk_norm is not None:
+            q, k = ([hd], [hd]) if a.qk_norm == "head" else ([a.n_heads * hd], [kv * hd])
+            shapes.update({p + "attn.q_norm.scale": q, p + "attn.k_norm.scale": k})
         shapes.update({
-            p + "sa_norm.scale": [a.dim], p + "mlp_norm.scale": [a.dim],
             p + "attn.q_proj.weight": [a.n_heads * hd, a.dim], p + "attn.k_proj.weight": [kv * hd, a.dim],
             p + "attn.v_proj.weight": [kv * hd, a.dim], p + "attn.output_proj.weight": [a.dim, a.n_heads * hd],
         })
-        if a.qk_norm is not None:
-            shapes.update({p + "attn.q_norm.scale": [hd], p + "attn.k_norm.scale": [hd]})
         shapes.update(_mlp_shapes(a, i) if a.is_moe_layer(i) else {
             p + "mlp.w1.weight": [a.hidden_dim, a.dim], p + "mlp.w3.weight": [a.hidden_dim, a.dim],
             p + "mlp.w2.weight": [a.dim, a.hidden_dim],
@@ -61,6 +66,17 @@ def _mlp_shapes(a: ModelArgs, i: int) -> dict[str, list[int]]:
         shapes.update({f"{p}experts.{e}.w1.weight": [h, a.dim], f"{p}experts.{e}.w2.weight": [a.dim, h],
                        f"{p}experts.{e}.w3.weight": [h, a.dim]})
     return shapes
+def _blame(a: ModelArgs, want: list[int], got: list[int]) -> str:
+    """The config fields (config.json names) that set the dimensions where `got` differs from `want`."""
+    sizes = {"hidden_size": a.dim, "intermediate_size": a.hidden_dim, "vocab_size": a.vocab_size,
+             "head_dim": a.hd, "num_attention_heads * head_dim": a.n_heads * a.hd,
+             "num_key_value_heads * head_dim": a.kv_heads * a.hd}
+    if a.n_experts:
+        sizes.update({"moe_intermediate_size": a.expert_dim, "num_experts": a.n_experts})
+    named = []
+    for w, g in zip(want, got):
+        named += [f"{name} = {value}" for name, value in sizes.items() if w != g and value == w]
+    return f" (from the config's {' or '.join(dict.fromkeys(named))})" if named else ""
 
 
 def check_items(plans: list[FilePlan], args: ModelArgs, where: str) -> None:
@@ -73,7 +89,7 @@ def check_items(plans: list[FilePlan], args: ModelArgs, where: str) -> None:
                 raise CkptError(f"{where}: tensor {it.name!r} has no place in a model with this config")
             if list(it.shape) != want[it.name]:
                 raise CkptError(f"{where}: tensor {it.name!r} has shape {list(it.shape)} but the config "
-                                f"implies {want[it.name]}")
+                                f"implies {want[it.name]}{_blame(args, want[it.name], list(it.shape))}")
             if it.name in seen:
                 raise CkptError(f"{where}: tensor {it.name!r} appears twice")
             seen.add(it.name)

@@ -12,7 +12,8 @@ import logging
 from ckptflow import manifest, progress, storage
 from ckptflow.commit import Output
 from ckptflow.errors import CkptError
-from ckptflow.formats import WRITERS, View, open_view, st
+from ckptflow.formats import WRITERS, open_view, st
+from ckptflow.formats.view import View
 from ckptflow.formats.plan import parse_size
 from ckptflow.lineage import dtype_code, source_ref, with_stage
 from ckptflow.manifest import Manifest

@@ -1,23 +1,34 @@
-"""Evaluate a model and write the hand-off request for lm-evaluation-harness.
+"""Evaluate a model: held-out perplexity, benchmark scores from lm-evaluation-harness, samples,
+and the hand-off request for other evaluators.
 
-    ckptflow evaluate SRC --data URI [--base BASE] [--out DIR] [--step N] [--prompt TEXT ...]
+    ckptflow evaluate SRC [--data URI] [--tasks TASKS [--limit N]] [--base BASE] [--out DIR] [--step N]
 
 SRC is anything `ckptflow generate` loads: a run (its newest step), a step, an adapter, a tune,
-HF or exported directory. The stage computes the held-out token loss and perplexity on --data
+HF or exported directory. With --data the stage computes the held-out token loss and perplexity
 (JSONL `text` or `prompt`/`response`, or plain text; ckptflow.data) and greedy samples for a few
-prompts (ckptflow.generate, the code `ckptflow generate` runs). With --base it evaluates BASE
-the same way and reports the change. Everything goes to `{out}/results.json`.
+prompts (ckptflow.generate, the code `ckptflow generate` runs). With --tasks it runs
+lm-evaluation-harness in process (ckptflow.benchmarks: lm-eval task names, or local task YAML
+files or folders) on the model as transformers loads it: SRC itself when it is a local HF
+directory, the run's HF export of the same step, else an HF export written to a temporary folder
+and removed afterwards. With --base it evaluates BASE the same way and reports the change.
 
-`{out}/request.json` is what another evaluator needs: the model as a directory that
-transformers loads (SRC itself when it is an HF directory, `{run}/export` when that is HF and of
-the same step, else an HF export written to `{out}/hf`), its format, dtype, tokenizer, step and
-lineage, and the lm-evaluation-harness command line that evaluates it.
+Written to DIR (committed with a manifest, kind "eval"; the same model, data, tasks and
+settings evaluated again return it without work):
+- `results.json`: `metrics` (loss, perplexity), `samples`, `lm_eval` ({task: {metric: value}}),
+  `lm_eval_details` (task versions, sample counts, shots), `versions` (lm_eval, transformers,
+  torch), and `base` / `change` with --base.
+- `request.json`, what another evaluator needs: the model as a directory that transformers loads
+  (SRC itself when it is an HF directory, `{run}/export` when that is HF and of the same step, else
+  an HF export written to `{out}/hf`), its format, dtype, tokenizer, step and lineage, and the
+  lm-evaluation-harness command line that evaluates it (local tasks: their resolved YAMLs are
+  written to `{out}/tasks/`, which the command includes).
 
-DIR defaults to `{run}/eval` when SRC belongs to a run. The output is committed with a manifest
-(kind "eval"); the same model, data and settings evaluated again return it without work.
+DIR defaults to `{run}/eval` when SRC belongs to a run. A model outside a run without DIR is
+evaluated all the same and nothing is written (`measure`; the CLI prints the numbers).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import shlex
@@ -29,56 +40,171 @@ from ckptflow.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
-RESULTS, REQUEST, HF_DIR = "results.json", "request.json", "hf"
+RESULTS, REQUEST, HF_DIR, TASKS_DIR = "results.json", "request.json", "hf", "tasks"
 PROMPTS = ("The capital of France is", "A checkpoint is")
-TASKS = ("hellaswag", "arc_easy", "lambada_openai")
+TASKS = ("hellaswag", "arc_easy", "lambada_openai")   # request.json's suggestion when no --tasks ran
 
 
-def run(src: str, *, data: str, base: str | None = None, out: str | None = None, step: int | None = None,
+def run(src: str, *, data: str | None = None, tasks: list[str] | tuple[str, ...] = (), limit: int | None = None,
+        base: str | None = None, out: str | None = None, step: int | None = None,
         prompts: list[str] | tuple[str, ...] = PROMPTS, max_new_tokens: int = 32, batch_size: int = 8,
-        seq_len: int = 256, max_batches: int | None = None, tasks: list[str] | tuple[str, ...] = TASKS,
-        lm_eval_batch_size: str = "auto", device: str = "auto", overwrite: bool = False) -> Manifest:
-    from ckptflow import generate
-
-    src, data = storage.normalize(src), storage.normalize(data)
-    source = generate.resolve(src, step=step)
-    base_source = generate.resolve(base) if base else None
-    out = storage.normalize(out) if out else default_out(source)
-    settings = {"data": data, "prompts": list(prompts), "max_new_tokens": max_new_tokens, "batch_size": batch_size,
-                "seq_len": seq_len, "max_batches": max_batches, "tasks": list(tasks), "step": source.step,
-                "lm_eval_batch_size": lm_eval_batch_size}
-    inputs = {"model": model_ref(source), "data": data_ref(data)}
-    if base_source is not None:
-        inputs["base"] = model_ref(base_source)
+        seq_len: int = 256, max_batches: int | None = None, lm_eval_batch_size: str = "auto",
+        device: str = "auto", overwrite: bool = False) -> Manifest:
+    """Evaluate SRC (and BASE) and commit results.json and request.json to OUT (default {run}/eval)."""
+    job = plan(src, data=data, tasks=tasks, limit=limit, base=base, step=step, prompts=prompts,
+               max_new_tokens=max_new_tokens, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches,
+               lm_eval_batch_size=lm_eval_batch_size, device=device)
+    out = storage.normalize(out) if out else default_out(job.source)
     existing = manifest.read(out)
-    if manifest.matches(existing, inputs, settings) and not overwrite:
-        log.info("%s: already evaluated %s on %s; nothing to do", out, src, data)
+    if manifest.matches(existing, job.inputs, job.settings) and not overwrite:
+        log.info("%s: already evaluated %s; nothing to do", out, src)
         return existing
     # Everything is computed before DIR is touched: bad data or a failed load leave it as it was.
-    # One model in memory at a time.
-    shape = {"batch_size": batch_size, "seq_len": seq_len, "max_batches": max_batches}
-    loaded = generate.load_source(source, device=device)
-    results = {"model": describe(loaded), "data": data, "metrics": evaluate(loaded, data, **shape),
-               "samples": samples(loaded, prompts, max_new_tokens)}
-    tokenizer_uri = loaded.tokenizer.uri
-    del loaded
-    if base_source is not None:
-        bl = generate.load_source(base_source, device=device)
-        results["base"] = {**describe(bl), "metrics": evaluate(bl, data, **shape),
-                           "samples": samples(bl, prompts, max_new_tokens)}
-        del bl
-        results["change"] = change(results["base"]["metrics"], results["metrics"])
-    results["settings"] = settings
+    results = compute(job)
     output = Output(out, overwrite=overwrite or existing is not None)
-    request = hand_off(source, tokenizer_uri, out, tasks=tasks, batch_size=lm_eval_batch_size)
+    request = hand_off(job.source, results["model"]["tokenizer"], out, tasks=job.tasks,
+                       batch_size=lm_eval_batch_size)
+    for rel, text in (job.tasks.texts() if job.tasks is not None else {}).items():
+        output.put(f"{TASKS_DIR}/{rel}", text.encode())
     output.put(RESULTS, _json(results))
     output.put(REQUEST, _json(request))
-    m = Manifest(kind="eval", format="eval", family=source.view.family.NAME, model_args=source.view.args.to_dict(),
-                 dtype=request["dtype"], step=source.step, inputs=inputs, params=settings,
-                 lineage=request["lineage"],
-                 extra={"perplexity": results["metrics"]["perplexity"], "model": request["model"],
-                        **({"change": results["change"]} if "change" in results else {})})
+    m = Manifest(kind="eval", format="eval", family=job.source.view.family.NAME,
+                 model_args=job.source.view.args.to_dict(), dtype=request["dtype"], step=job.source.step,
+                 inputs=job.inputs, params=job.settings, lineage=request["lineage"],
+                 extra={**headline(results), "model": request["model"]})
     return output.commit(m)
+
+
+def measure(src: str, **kw) -> dict:
+    """The numbers of `run`, computed the same way, with nothing written anywhere."""
+    return compute(plan(src, **kw))
+
+
+def destination(src: str, out: str | None = None, step: int | None = None) -> str | None:
+    """Where `run` writes: OUT, or {run}/eval for a model of a run, or None (outside a run)."""
+    from ckptflow import generate
+
+    if out:
+        return storage.normalize(out)
+    return run_default(generate.resolve(storage.normalize(src), step=step))
+
+
+def headline(results: dict) -> dict:
+    """The numbers a reader wants first: perplexity, loss, benchmark scores and the change."""
+    metrics = results.get("metrics") or {}
+    keys = ("change", "lm_eval")
+    return {"perplexity": metrics.get("perplexity"), "loss": metrics.get("loss"),
+            **{k: results[k] for k in keys if k in results}}
+
+
+# --- the plan: every input checked before any weight is read ---------------------------------
+
+class Job:
+    """What `plan` checked: the resolved model(s), data, tasks, settings (the manifest's params)."""
+
+    def __init__(self, source, base_source, data, tasks, settings: dict, inputs: dict, device: str):
+        self.source, self.base_source, self.data, self.tasks = source, base_source, data, tasks
+        self.settings, self.inputs, self.device = settings, inputs, device
+
+
+def plan(src: str, *, data: str | None = None, tasks=(), limit: int | None = None, base: str | None = None,
+         step: int | None = None, prompts=PROMPTS, max_new_tokens: int = 32, batch_size: int = 8,
+         seq_len: int = 256, max_batches: int | None = None, lm_eval_batch_size: str = "auto",
+         device: str = "auto") -> Job:
+    from ckptflow import benchmarks, generate
+
+    if not data and not tasks:
+        raise CkptError(f"{src}: nothing to evaluate; give --data (perplexity) and/or --tasks (lm-eval)")
+    if limit is not None and limit < 1:
+        raise CkptError(f"--limit {limit}: must be at least 1")
+    src = storage.normalize(src)
+    data = storage.normalize(data) if data else None
+    bench = None
+    if tasks:
+        benchmarks.require()
+        bench = benchmarks.resolve_tasks(list(tasks))
+    source = generate.resolve(src, step=step)
+    base_source = generate.resolve(base) if base else None
+    settings = {"data": data, "prompts": list(prompts), "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+                "seq_len": seq_len, "max_batches": max_batches, "tasks": list(tasks), "limit": limit,
+                "step": source.step, "lm_eval_batch_size": lm_eval_batch_size}
+    inputs = {"model": model_ref(source)}
+    if data:
+        inputs["data"] = data_ref(data)
+    if bench is not None and bench.files:
+        inputs["tasks"] = tasks_ref(bench)
+    if base_source is not None:
+        inputs["base"] = model_ref(base_source)
+    return Job(source, base_source, data, bench, settings, inputs, device)
+
+
+def compute(job: Job) -> dict:
+    """results.json's content. One model in memory at a time."""
+    results = {**one(job, job.source), "data": job.data}
+    if job.base_source is not None:
+        results["base"] = one(job, job.base_source)
+        results["change"] = change(results["base"], results)
+    if job.tasks is not None:
+        from ckptflow import benchmarks
+
+        results["versions"] = benchmarks.versions()
+    results["settings"] = job.settings
+    return results
+
+
+def one(job: Job, source) -> dict:
+    """describe, metrics and samples (with data), lm_eval scores (with tasks) of one model."""
+    from ckptflow import generate
+
+    s = job.settings
+    out = {"model": describe(source, None)}
+    if job.data:
+        loaded = generate.load_source(source, device=job.device)
+        out["model"] = describe(source, loaded.tokenizer)
+        out["metrics"] = evaluate(loaded, job.data, batch_size=s["batch_size"], seq_len=s["seq_len"],
+                                  max_batches=s["max_batches"])
+        out["samples"] = samples(loaded, s["prompts"], s["max_new_tokens"])
+        del loaded
+    if job.tasks is not None:
+        out["lm_eval"], out["lm_eval_details"] = benchmark(job, source)
+    return out
+
+
+def benchmark(job: Job, source) -> tuple[dict, dict]:
+    """lm-eval's scores and details for SOURCE, on an HF directory (a temporary export if need be)."""
+    import tempfile
+
+    from ckptflow import benchmarks, generate
+
+    s = job.settings
+    device = str(generate.pick_device(job.device))
+    with tempfile.TemporaryDirectory(prefix="ckptflow-lm-eval-") as scratch:
+        hf_dir = lm_eval_dir(source, storage.join(scratch, HF_DIR))
+        raw = benchmarks.run(hf_dir, job.tasks, scratch, limit=s["limit"], device=device,
+                             batch_size=_batch(s["lm_eval_batch_size"], device))
+    details = benchmarks.details(raw, job.tasks, s["limit"])
+    details["model"] = hf_dir if not hf_dir.startswith(scratch) else "a temporary HF export of " + source.uri
+    return benchmarks.scores(raw), details
+
+
+def lm_eval_dir(source, scratch_hf: str) -> str:
+    """A local HF directory with exactly SOURCE's weights: its own, the run's export, or a new one."""
+    uri, _ = hf_model(source, scratch_hf)
+    if not storage.is_local(uri):     # transformers reads local directories only
+        from ckptflow.stages import export
+
+        uri = export.run(uri, scratch_hf, format="hf").uri
+    return storage.local_path(uri)
+
+
+def _batch(value, device: str):
+    """lm-eval's batch size: a number as given; "auto" probes memory, which only pays off on a GPU."""
+    from ckptflow import benchmarks
+
+    text = str(value)
+    if text.isdigit():
+        return int(text)
+    return text if device.startswith("cuda") else benchmarks.DEFAULT_BATCH_SIZE
 
 
 # --- where things go ------------------------------------------------------------------------
@@ -96,10 +222,15 @@ def run_of(source) -> str | None:
 
 
 def default_out(source) -> str:
-    run = run_of(source)
-    if run is None:
+    out = run_default(source)
+    if out is None:
         raise CkptError(f"{source.uri}: not part of a run; say where the results go with --out DIR")
-    return storage.join(run, "eval")
+    return out
+
+
+def run_default(source) -> str | None:
+    run = run_of(source)
+    return storage.join(run, "eval") if run is not None else None
 
 
 def model_ref(source) -> dict:
@@ -112,10 +243,19 @@ def data_ref(uri: str) -> dict:
     return {"uri": uri, "fingerprint": "sha256:" + hashlib.sha256(storage.read_bytes(uri)).hexdigest()}
 
 
-def describe(loaded) -> dict:
-    s = loaded.source
+def tasks_ref(tasks) -> dict:
+    """The local task files and the data they read: a changed YAML or data file evaluates again."""
+    h = hashlib.sha256()
+    for rel, text in sorted(tasks.texts().items()):
+        h.update(rel.encode() + b"\0" + text.encode() + b"\0")
+    for path in sorted(tasks.data):
+        h.update(path.encode() + b"\0" + storage.read_bytes(path) + b"\0")
+    return {"uri": ",".join(sorted(set(tasks.sources.values()))), "fingerprint": "sha256:" + h.hexdigest()}
+
+
+def describe(s, tokenizer) -> dict:
     return {"uri": s.uri, "format": s.view.format, "family": s.view.family.NAME, "step": s.step, "run": s.run,
-            "base": s.base.uri if s.base is not None else None, "tokenizer": loaded.tokenizer.uri,
+            "base": s.base.uri if s.base is not None else None, "tokenizer": tokenizer.uri if tokenizer else None,
             "num_params": s.view.args.num_params()}
 
 
@@ -137,27 +277,43 @@ def samples(loaded, prompts, max_new_tokens: int) -> list[dict]:
 
 
 def change(before: dict, after: dict) -> dict:
-    return {"loss": {"before": before["loss"], "after": after["loss"], "delta": after["loss"] - before["loss"]},
-            "perplexity": {"before": before["perplexity"], "after": after["perplexity"],
-                           "delta": after["perplexity"] - before["perplexity"],
-                           "ratio": after["perplexity"] / before["perplexity"]}}
+    """after - before for loss and perplexity (with data) and every lm-eval score (with tasks)."""
+    out = {}
+    b, a = before.get("metrics"), after.get("metrics")
+    if b and a:
+        out["loss"] = {"before": b["loss"], "after": a["loss"], "delta": a["loss"] - b["loss"]}
+        out["perplexity"] = {"before": b["perplexity"], "after": a["perplexity"],
+                             "delta": a["perplexity"] - b["perplexity"], "ratio": a["perplexity"] / b["perplexity"]}
+    if "lm_eval" in after:
+        out["lm_eval"] = {task: {k: {"before": (before.get("lm_eval") or {}).get(task, {}).get(k), "after": v,
+                                     "delta": _delta((before.get("lm_eval") or {}).get(task, {}).get(k), v)}
+                                 for k, v in scores.items() if not k.endswith("_stderr") and "_stderr," not in k}
+                          for task, scores in after["lm_eval"].items()}
+    return out
+
+
+def _delta(before, after):
+    return after - before if isinstance(before, (int, float)) and isinstance(after, (int, float)) else None
 
 
 # --- the hand-off ---------------------------------------------------------------------------
 
-def hand_off(source, tokenizer_uri: str, out: str, *, tasks, batch_size: str) -> dict:
-    """request.json: an HF directory of the evaluated weights and the lm_eval command for it."""
-    model_uri, export_m = hf_model(source, out)
+def hand_off(source, tokenizer_uri: str | None, out: str, *, tasks, batch_size: str) -> dict:
+    """request.json: an HF directory of the evaluated weights and the lm_eval command for it
+    (the tasks that ran, their resolved YAMLs in {out}/tasks; else TASKS)."""
+    model_uri, export_m = hf_model(source, storage.join(out, HF_DIR))
     dtype = export_m.dtype if export_m is not None and export_m.dtype else _view_dtype(source.view)
     lineage = dict((export_m.lineage if export_m is not None else None) or _lineage(source))
-    argv = lm_eval_argv(model_uri, dtype, tasks, batch_size, storage.join(out, "lm_eval"))
+    include = storage.join(out, TASKS_DIR) if tasks is not None and tasks.files else None
+    names = list(tasks.names) if tasks is not None else list(TASKS)
+    argv = lm_eval_argv(model_uri, dtype, names, batch_size, storage.join(out, "lm_eval"), include)
     return {"model": model_uri, "format": "hf", "dtype": dtype, "tokenizer": model_uri,
             "evaluated_tokenizer": tokenizer_uri, "step": source.step, "run": source.run,
-            "family": source.view.family.NAME, "lineage": lineage, "tasks": list(tasks), "argv": argv,
-            "command": shlex.join(argv)}
+            "family": source.view.family.NAME, "lineage": lineage, "tasks": names, "include_path": include,
+            "argv": argv, "command": shlex.join(argv)}
 
 
-def hf_model(s, out: str):
+def hf_model(s, dst: str):
     """(URI of an HF directory holding exactly the evaluated weights, its manifest or None)."""
     from ckptflow.stages import export
 
@@ -167,14 +323,15 @@ def hf_model(s, out: str):
         exported = manifest.read(storage.join(s.run, "export"))
         if exported is not None and exported.format == "hf" and exported.step == s.step and s.step is not None:
             return exported.uri, exported
-    m = export.run(s.uri, storage.join(out, HF_DIR), format="hf", step=None,
-                   base=s.base.uri if s.base is not None else None)
+    m = export.run(s.uri, dst, format="hf", step=None, base=s.base.uri if s.base is not None else None)
     return m.uri, m
 
 
-def lm_eval_argv(model_uri: str, dtype: str | None, tasks, batch_size: str, output_path: str) -> list[str]:
+def lm_eval_argv(model_uri: str, dtype: str | None, tasks, batch_size: str, output_path: str,
+                 include: str | None = None) -> list[str]:
     model_args = f"pretrained={model_uri}" + (f",dtype={dtype}" if dtype else "")
     return ["lm_eval", "--model", "hf", "--model_args", model_args, "--tasks", ",".join(tasks),
+            *(["--include_path", include] if include else []),
             "--batch_size", str(batch_size), "--output_path", output_path]
 
 

@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from ckptflow import manifest, progress, storage
 from ckptflow.commit import Output
 from ckptflow.errors import CkptError
-from ckptflow.formats import WRITERS, View, open_view, st
-from ckptflow.formats.plan import Item
+from ckptflow.formats import WRITERS, open_adapter, open_view, st
+from ckptflow.formats.adapter import adapter_lineage, base_view, merged_view, run_of_step
+from ckptflow.formats.view import Item, View
 from ckptflow.lineage import dtype_code, source_ref
 from ckptflow.manifest import Manifest
-from ckptflow.stages import merge
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +90,10 @@ def resolve(src: str, *, step: int | None = None, base: str | None = None, adapt
         raise CkptError(f"{src}: --step {step} needs a run directory; this is "
                         + (f"step {m.step}" if m is not None and m.step is not None else "not a step checkpoint"))
     if m is not None and m.kind == "train_state":
-        return from_step(src, m, base, run=m.extra.get("run") or merge.run_of(src))
+        return from_step(src, m, base, run=m.extra.get("run") or run_of_step(src))
     if (m is not None and m.format == "peft") or _is_adapter_dir(src, adapter):
-        ad, bv = merge.open_adapter(src, base)
-        return Source(src, merge.merged_view(bv, ad), m, base=bv, step=ad.step)
+        ad, bv = open_adapter(src, base)
+        return Source(src, merged_view(bv, ad), m, base=bv, step=ad.step)
     view = open_view(src, **({"base": base} if base else {}))
     lin = (m.lineage if m is not None else None) or {}
     return Source(src, view, m, run=lin.get("run"), step=m.step if m is not None else None)
@@ -110,18 +110,19 @@ def _is_adapter_dir(uri: str, prefer_adapter: bool) -> bool:
     fmt = detect.sniff(uri)
     if fmt == "peft":
         return True
-    torchtune = merge._torchtune()
+    from ckptflow.formats import torchtune
+
     # torchtune output: its reader reads the (merged) model beside an adapter, or merges an
     # adapter-only directory onto --base; a PEFT export takes the adapter itself.
-    return fmt == "torchtune" and prefer_adapter and torchtune is not None and torchtune.is_adapter(uri)
+    return fmt == "torchtune" and prefer_adapter and torchtune.is_adapter(uri)
 
 
 def from_step(uri: str, m: Manifest, base: str | None, run: str | None) -> Source:
     if m.extra.get("lora"):
-        ad, bv = merge.open_adapter(uri, base)
-        return Source(uri, merge.merged_view(bv, ad), m, base=bv, run=run, step=m.step)
-    bv = merge.base_view(base, [m.extra.get("base"), (m.inputs.get("base") or {}).get("uri"),
-                                storage.join(run, "base") if run else None], uri)
+        ad, bv = open_adapter(uri, base)
+        return Source(uri, merged_view(bv, ad), m, base=bv, run=run, step=m.step)
+    bv = base_view(base, [m.extra.get("base"), (m.inputs.get("base") or {}).get("uri"),
+                          storage.join(run, "base") if run else None], uri, open_view)
     return Source(uri, full_step_view(uri, m, bv), m, base=bv, run=run, step=m.step)
 
 
@@ -169,7 +170,7 @@ def lineage(source: Source, fmt: str, dst: str, dtype: str | None) -> dict:
     """Source model and revision, run, step, every stage (download, convert, train, merge), dtype."""
     ad = source.view.adapter
     if ad is not None and fmt == "peft":      # written unmerged: no merge stage
-        lin = merge.adapter_lineage(source.base, ad)
+        lin = adapter_lineage(source.base, ad)
     else:                                     # a merged view's manifest already records the merge
         m = source.view.manifest
         lin = dict((m.lineage if m is not None else None) or {})

@@ -56,6 +56,8 @@ def train_here(cfg: config.RunConfig, base_uri: str, *, stop_after: int | None =
     if point is not None:
         train.check_resume(point, cfg, base)
     until = min(stop_after or cfg.train.steps, cfg.train.steps)
+    if point is None:
+        log.info("%s: no committed step checkpoint; training from step 0 to %d", train_uri, until)
     if point is not None and point.step >= until:
         log.info("%s: already at step %d (asked for %d); nothing to train", point.uri, point.step, until)
         return point

@@ -5,6 +5,12 @@
 Each answer repeats words of its question in a fixed template ("The capital of Peru is Lima."),
 so even a 64-dim seed model learns the pattern and its held-out loss drops clearly. The held-out
 file holds other examples of the same templates (a shuffled split, 60 examples).
+
+demo-bench.jsonl turns the held-out examples whose answer ends in a word of a known set (a color, a
+home, a city, a country, a number) into a small benchmark for lm-evaluation-harness
+(deployments/tasks/): `query` with four `choices` (the answer and three with another word of
+the same set; `gold` is the answer's index) for multiple choice, and `context`/`continuation`
+(the answer's last word cut off) for a cloze. The yes/no examples have no such word and stay out.
 """
 import json
 import os
@@ -39,6 +45,28 @@ def examples(rng: random.Random):
     return out
 
 
+def pools():
+    return [COLORS, sorted(set(ANIMALS.values())), list(CAPITALS.values()), list(CAPITALS), NUMBERS]
+
+
+def bench_row(prompt: str, response: str, rng: random.Random) -> dict | None:
+    """A multiple-choice and cloze item from one held-out example, or None (no known last word)."""
+    head, _, last = response.rstrip(".").rpartition(" ")
+    pool = next((p for p in pools() if last in p), None)
+    if pool is None:
+        return None
+    wrong = rng.sample([w for w in pool if w != last], 3)
+    choices = [f"{head} {w}." for w in [last, *wrong]]
+    rng.shuffle(choices)
+    return {"query": prompt, "choices": [c.lstrip() for c in choices], "gold": choices.index(f"{head} {last}."),
+            "context": prompt + head, "continuation": f" {last}"}
+
+
+def bench(held_out, rng: random.Random) -> list[dict]:
+    rows = (bench_row(f"Q: {q}\nA:", f" {a}", rng) for q, a in held_out)
+    return [r for r in rows if r is not None]
+
+
 def main():
     rng = random.Random(0)
     rows = examples(rng)
@@ -49,6 +77,10 @@ def main():
         with open(os.path.join(here, name), "w") as f:
             for q, a in part:
                 f.write(json.dumps({"prompt": f"Q: {q}\nA:", "response": f" {a}"}) + "\n")
+    # Its own generator: the split above stays byte for byte what it was.
+    with open(os.path.join(here, "demo-bench.jsonl"), "w") as f:
+        for row in bench(rows[:n_eval], random.Random(1)):
+            f.write(json.dumps(row) + "\n")
 
 
 if __name__ == "__main__":

