@@ -6,7 +6,8 @@
 from __future__ import annotations
 
 from ckptflow import storage
-from ckptflow.formats import WRITERS, open_view
+from ckptflow.formats import registry
+from ckptflow.formats.registry import open_view
 from ckptflow.formats.view import Item, View
 from ckptflow.manifest import Manifest
 
@@ -58,16 +59,16 @@ def save(model, uri: str, *, format: str = "tune", like: View | Manifest | None 
                     original=view.original if view else (like.extra.get("original") if like else None),
                     assets=dict(view.assets) if view else {},
                     partition=view.partition if view else None)
-    out = Output(uri, overwrite=overwrite)
-    m = WRITERS[format](out_view, out, out_dtype=dtype_code(dtype), max_shard=None, progress=None)
-    provenance(m, view, like if isinstance(like, Manifest) else None, format, out.uri)
-    return out.commit(m)
+    with Output(uri, overwrite=overwrite) as out:
+        m = registry.write(format, out_view, out, out_dtype=dtype_code(dtype))
+        provenance(m, view, like if isinstance(like, Manifest) else None, format, out.uri)
+        return out.commit(m)
 
 
 def provenance(m: Manifest, view: View | None, like: Manifest | None, fmt: str, uri: str) -> None:
     """What the saved weights came from: `like`'s step, the adapter merged into it (a step loaded
     with ckptflow.load), its lineage, and this save as the last stage."""
-    from ckptflow.stages.convert import source_ref
+    from ckptflow.lineage import source_ref
 
     src = view.manifest if view is not None else like
     lin = dict((src.lineage if src is not None else None) or {})

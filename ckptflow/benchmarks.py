@@ -1,8 +1,9 @@
 """Benchmark scores from lm-evaluation-harness (`lm-eval`), run in process on an HF directory.
 
-    specs = resolve_tasks(["deployments/tasks", "hellaswag"])   # checks them before any model is read
-    results = run(hf_dir, specs, scratch, limit=20)
-    scores(results)                            # {"ckptflow_demo_qa": {"acc": 0.9, ...}, ...}
+    tasks = resolve_tasks(["deployments/tasks", "hellaswag"])   # reads and checks the local YAMLs
+    harness = Harness(tasks, scratch)        # writes them resolved, checks every name
+    results = harness.run(hf_dir, limit=20)  # as many models as needed
+    scores(results)                          # {"ckptflow_demo_qa": {"acc": 0.9, ...}, ...}
 
 A task is an lm-eval task name or a local task YAML file or folder. lm-eval reads a task's
 `dataset_kwargs.data_files` as given, so a local YAML is copied into `scratch` with its relative
@@ -12,13 +13,15 @@ copy's folder becomes the TaskManager's include_path. The model is loaded by lm-
 set for the call (a variable already set in the environment is kept), and put back after it.
 
 lm-eval is an optional dependency (the `eval` extra); without it `require()` raises one line
-that says how to install it.
+that says how to install it. Only the function bodies import lm_eval, datasets and
+huggingface_hub: importing this module stays light.
 """
 from __future__ import annotations
 
 import contextlib
 import difflib
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -61,10 +64,6 @@ class Tasks:
             with open(os.path.join(root, rel), "w") as f:
                 f.write(text)
         return root
-
-    def argv(self, include: str | None) -> list[str]:
-        """The lm_eval command-line arguments that select these tasks."""
-        return ["--tasks", ",".join(self.names), *(["--include_path", include] if include and self.files else [])]
 
 
 def require() -> None:
@@ -241,33 +240,38 @@ def offline():
             setattr(mod, name, value)
 
 
-def task_manager(tasks: Tasks, include: str | None):
-    from lm_eval.tasks import TaskManager
+class Harness:
+    """lm-eval set up once for a set of tasks: the local task files written under scratch (with
+    their datasets cache), the TaskManager built (indexing lm-eval's own tasks takes a while, so
+    once) and every name checked, before any model is loaded."""
 
-    tm = TaskManager(include_path=include, include_defaults=tasks.builtin)
-    known = set(tm.all_tasks)
-    for name in tasks.names:
-        if name not in known:
-            close = difflib.get_close_matches(name, sorted(known), n=1)
-            raise CkptError(f"--tasks: unknown lm-eval task {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    return tm
+    def __init__(self, tasks: Tasks, scratch: str):
+        require()
+        self.tasks = tasks
+        self.include = tasks.write(os.path.join(scratch, "tasks"), cache=os.path.join(scratch, "datasets"))
+        with offline():
+            from lm_eval.tasks import TaskManager
 
+            self.manager = TaskManager(include_path=self.include, include_defaults=tasks.builtin)
+        known = set(self.manager.all_tasks)
+        for name in tasks.names:
+            if name not in known:
+                close = difflib.get_close_matches(name, sorted(known), n=1)
+                raise CkptError(f"--tasks: unknown lm-eval task {name!r}"
+                                + (f" (did you mean {close[0]!r}?)" if close else ""))
 
-def run(hf_dir: str, tasks: Tasks, scratch: str, *, limit: int | None = None,
-        batch_size: int | str = DEFAULT_BATCH_SIZE, device: str = "cpu", dtype: str | None = None) -> dict:
-    """lm_eval.simple_evaluate with the HF backend on hf_dir: the raw results dict. The local
-    task files and their datasets cache go under scratch (a local folder the caller removes)."""
-    require()
-    include = tasks.write(os.path.join(scratch, "tasks"), cache=os.path.join(scratch, "datasets"))
-    # lm-eval prints progress ("bootstrapping for stddev") on stdout, where `--json` puts its one object.
-    with offline(), contextlib.redirect_stdout(sys.stderr):
-        import lm_eval
-
-        tm = task_manager(tasks, include)
+    def run(self, hf_dir: str, *, limit: int | None = None, batch_size: int | str = DEFAULT_BATCH_SIZE,
+            device: str = "cpu", dtype: str | None = None) -> dict:
+        """lm_eval.simple_evaluate with the HF backend on hf_dir: lm-eval's results dict."""
         model_args = {"pretrained": hf_dir, "trust_remote_code": False, **({"dtype": dtype} if dtype else {})}
-        log.info("lm-eval: %s on %s (limit %s)", ",".join(tasks.names), hf_dir, limit)
-        return lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=list(tasks.names), limit=limit,
-                                       batch_size=batch_size, device=device, task_manager=tm, log_samples=False)
+        log.info("lm-eval: %s on %s (limit %s)", ",".join(self.tasks.names), hf_dir, limit)
+        # lm-eval prints progress ("bootstrapping for stddev") on stdout, where `--json` puts its one object.
+        with offline(), contextlib.redirect_stdout(sys.stderr):
+            import lm_eval
+
+            return lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=list(self.tasks.names),
+                                           limit=limit, batch_size=batch_size, device=device,
+                                           task_manager=self.manager, log_samples=False)
 
 
 def scores(results: dict) -> dict:
@@ -276,7 +280,7 @@ def scores(results: dict) -> dict:
     out = {}
     for task, row in (results.get("results") or {}).items():
         out[task] = {_metric(k): float(v) for k, v in row.items()
-                     if "," in k and isinstance(v, (int, float)) and not isinstance(v, bool)}
+                     if "," in k and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
     return out
 
 

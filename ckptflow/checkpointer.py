@@ -217,12 +217,12 @@ class Checkpointer:
         if self._pool is not None:
             _lower_priority()
         clear_our_leftovers(uri, set(snap) | set(bodies))
-        out = Output(uri, overwrite=True)   # a same-numbered step of an abandoned branch is replaced
-        for name, sd in snap.items():
-            write_tensors(out, name, sd)
-        for name, body in bodies.items():
-            out.put(name, body)
-        committed = out.commit(m)
+        with Output(uri, overwrite=True) as out:   # a same-numbered step of an abandoned branch is replaced
+            for name, sd in snap.items():
+                write_tensors(out, name, sd)
+            for name, body in bodies.items():
+                out.put(name, body)
+            committed = out.commit(m)
         self.last = committed
         rec["write_s"] = time.perf_counter() - t0
         log.info("%s: committed step %d in %.2fs", uri, step, rec["write_s"])

@@ -18,6 +18,11 @@ from ckptflow.errors import CkptError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Checkpoint stages of an LLM fine-tuning run: download, detect, convert, train, merge, export, evaluate.")
 JSON = typer.Option(False, "--json", help="print one JSON object on stdout")
+WAIT = typer.Option(False, "--wait", help="when another process is writing DST, wait for it instead of failing")
+
+
+def wait_s(wait: bool) -> float:
+    return float("inf") if wait else 0.0
 
 
 def emit(obj: dict, as_json: bool, text: str) -> None:
@@ -38,7 +43,7 @@ def manifest_summary(m) -> dict:
 @app.command()
 def detect(uri: str, as_json: bool = JSON):
     """Format, family, dtype, parameter count and files of a checkpoint."""
-    from ckptflow.formats import detect as det
+    from ckptflow.formats import registry as det
 
     d = det.detect(uri).to_dict()
     emit(d, as_json, f"format: {d['format']}\nfamily: {d['family']}\ndtype: {d['dtype']}\n"
@@ -57,13 +62,13 @@ def convert(src: str, dst: str, to: str = typer.Option("tune", "--to", help="tun
                 None, "--model-config", help="architecture for sources without one (DCP, torchtitan, torchtune .pt): "
                                              "a config.json, params.json, model_config.yaml or model directory"),
             epoch: Optional[int] = typer.Option(None, "--epoch", help="torchtune output dir: this epoch/step (default: the last)"),
-            as_json: bool = JSON):
+            wait: bool = WAIT, as_json: bool = JSON):
     """Convert SRC to DST, streaming one tensor at a time."""
     from ckptflow.stages import convert as stage
 
     opts = {"rope_scaling_factor": rope_scaling_factor, "model_config": model_config, "epoch": epoch}
     m = stage.run(src, dst, to=to, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
-                  reader_opts={k: v for k, v in opts.items() if v is not None} or None)
+                  reader_opts={k: v for k, v in opts.items() if v is not None} or None, wait=wait_s(wait))
     s = manifest_summary(m)
     emit(s, as_json, f"{m.uri}: {m.format} {m.family} {m.dtype}, {s['num_files']} files, {s['size_bytes']} bytes")
 
@@ -110,7 +115,8 @@ def gc(uri: str, dry_run: bool = typer.Option(False, "--dry-run", help="only lis
 
     r = collector.run(uri, dry_run=dry_run)
     verb = "would delete" if dry_run else "deleted"
-    emit(r, as_json, "\n".join(f"{verb} {u}" for u in r["deleted"]) or f"{r['uri']}: nothing to delete")
+    lines = [f"{verb} {u}" for u in r["deleted"]] + [f"left alone (being written) {u}" for u in r["live"]]
+    emit(r, as_json, "\n".join(lines) or f"{r['uri']}: nothing to delete")
 
 
 @app.command()
@@ -127,11 +133,12 @@ def download(source: str, dst: str,
              format: str = typer.Option("hf", "--format", help="hf (safetensors over .bin) | meta (original/) | all"),
              endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)"),
              in_place: bool = typer.Option(False, "--in-place", help="storage URIs: record the source where it is, copy nothing"),
-             overwrite: bool = typer.Option(False, "--overwrite"), as_json: bool = JSON):
+             overwrite: bool = typer.Option(False, "--overwrite"), wait: bool = WAIT, as_json: bool = JSON):
     """Download SOURCE (seed://..., hf://ORG/NAME[@REV], any fsspec URI) into DST. Token: HF_TOKEN."""
     from ckptflow.stages import download as stage
 
-    m = stage.run(source, dst, format=format, endpoint=endpoint, in_place=in_place, overwrite=overwrite)
+    m = stage.run(source, dst, format=format, endpoint=endpoint, in_place=in_place, overwrite=overwrite,
+                  wait=wait_s(wait))
     s = manifest_summary(m)
     rev = m.lineage.get("revision")
     emit(s, as_json, f"{m.uri}: {m.format} from {source}" + (f" at {rev}" if rev and rev != "seed" else "")
@@ -172,7 +179,7 @@ def evaluate(src: str, data: Optional[str] = typer.Option(None, "--data", help="
              lm_eval_batch_size: str = typer.Option("auto", "--lm-eval-batch-size",
                                                     help="a number, or auto (probes memory on a GPU; 16 on CPU)"),
              device: str = typer.Option("auto", "--device"),
-             overwrite: bool = typer.Option(False, "--overwrite"), as_json: bool = JSON):
+             overwrite: bool = typer.Option(False, "--overwrite"), wait: bool = WAIT, as_json: bool = JSON):
     """Perplexity, lm-eval scores and samples of SRC; {out}/results.json and request.json for other evaluators."""
     from ckptflow.stages import evaluate as stage
 
@@ -185,7 +192,7 @@ def evaluate(src: str, data: Optional[str] = typer.Option(None, "--data", help="
         res = stage.measure(src, **kw)
         emit({"uri": None, **stage.headline(res), "results": res}, as_json, _eval_text(None, stage.headline(res)))
         return
-    m = stage.run(src, out=dst, overwrite=overwrite, **kw)
+    m = stage.run(src, out=dst, overwrite=overwrite, wait=wait_s(wait), **kw)
     head = {k: m.extra.get(k) for k in ("perplexity", "loss", "lm_eval", "change") if k in m.extra}
     emit({**manifest_summary(m), **head}, as_json,
          _eval_text(m.uri, head) + f"\nmodel for lm_eval: {m.extra['model']}")
@@ -212,13 +219,15 @@ def _eval_text(uri: str | None, head: dict) -> str:
 def train(config: str = typer.Argument(..., help="run config YAML (any fsspec URI)"),
           overrides: Optional[list[str]] = typer.Argument(None, help="dotted KEY=VALUE overrides, e.g. train.steps=100"),
           stop_after: Optional[int] = typer.Option(None, "--stop-after", help="stop (with a checkpoint) at this step"),
+          wait: bool = typer.Option(False, "--wait", help="when another process is writing the run, wait for it"),
           as_json: bool = JSON):
     """Train (full or LoRA) with step checkpoints; resumes from the newest committed step."""
     from ckptflow import config as cfg_mod
     from ckptflow.stages import train as stage
 
     cfg = cfg_mod.load_config(config, overrides or [])
-    m = stage.run(cfg, stop_after=stop_after, on_metrics=_train_progress(cfg.train.steps))
+    m = stage.run(cfg, stop_after=stop_after, on_metrics=_train_progress(cfg.train.steps),
+                  wait=wait_s(wait))
     s = manifest_summary(m)
     emit(s, as_json, f"{m.uri}: step {m.step} ({cfg.train.method}), {s['num_files']} files, {s['size_bytes']} bytes")
 
@@ -237,11 +246,12 @@ def _train_progress(total: int):
 
 
 @app.command()
-def merge(adapter: str, base: str, dst: str, overwrite: bool = typer.Option(False, "--overwrite"), as_json: bool = JSON):
+def merge(adapter: str, base: str, dst: str, overwrite: bool = typer.Option(False, "--overwrite"), wait: bool = WAIT,
+          as_json: bool = JSON):
     """Merge ADAPTER (LoRA step, PEFT or torchtune adapter) into BASE ("-": the base it names) as a tune dir."""
     from ckptflow.stages import merge as stage
 
-    m = stage.run(adapter, base, dst, overwrite=overwrite)
+    m = stage.run(adapter, base, dst, overwrite=overwrite, wait=wait_s(wait))
     s = manifest_summary(m)
     emit(s, as_json, f"{m.uri}: {m.format} {m.family} {m.dtype}, merged {m.extra.get('merged', {}).get('adapter')}")
 
@@ -253,11 +263,11 @@ def export(src: str, dst: str,
            dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16 | float16 | float32 (default: keep)"),
            base: Optional[str] = typer.Option(None, "--base", help="the base model of an adapter (default: the one it names)"),
            overwrite: bool = typer.Option(False, "--overwrite", help="replace a committed destination"),
-           as_json: bool = JSON):
+           wait: bool = WAIT, as_json: bool = JSON):
     """Export SRC (a run, a step, a model or an adapter) to DST in a format other tools load as is."""
     from ckptflow.stages import export as stage
 
-    m = stage.run(src, dst, format=format, step=step, dtype=dtype, base=base, overwrite=overwrite)
+    m = stage.run(src, dst, format=format, step=step, dtype=dtype, base=base, overwrite=overwrite, wait=wait_s(wait))
     s = manifest_summary(m)
     emit(s, as_json, f"{m.uri}: {m.format} {m.family} {m.dtype} step={m.step}, {s['num_files']} files")
 
@@ -316,6 +326,10 @@ def _setup_logging() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     _setup_logging()
+    from ckptflow import lease
+
+    args = sys.argv[1:] if argv is None else argv
+    lease.OWNER = f"ckptflow {args[0]}" if args and not args[0].startswith("-") else "ckptflow"
     try:
         # standalone_mode=False: click returns the code of a typer.Exit instead of raising it
         rc = app(args=argv, standalone_mode=False)

@@ -9,7 +9,10 @@ URI is a run, a storage root holding runs (dirs with run.json), or any directory
   - inside a committed directory: a stale `.ckptflow-writing` (a crash between the commit and
     its removal) and put_atomic temp files (`NAME.tmp-XXXXXXXX`) that the manifest does not list.
 Never deleted: committed directories and their files, run.json, the lease, any other file or
-directory, and a directory that holds a committed one. A run whose writer lease is held by a live process is
+directory, a directory that holds a committed one, and a live write: a directory whose
+`.ckptflow-writing` names a writer that is not provably gone (it is listed under "live"; gc
+claims each directory before deleting it, so a writer starting meanwhile is never deleted from
+under). A run whose writer lease is held by a live process is
 refused, naming the holder (gc would delete the directory being written); so is a deletion
 under a directory that another lease covers (flows lease {run}/exports and the shared base).
 """
@@ -32,18 +35,43 @@ ANCESTOR_LEASES = 3   # also respect a writer lease held this many levels above 
 
 
 def run(uri: str, *, dry_run: bool = False) -> dict:
-    """{"uri", "dry_run", "deleted": [URIs], "committed": [URIs]}."""
+    """{"uri", "dry_run", "deleted": [URIs], "committed": [URIs], "live": [URIs being written]}."""
     root = storage.normalize(uri)
     if not storage.isdir(root):
         raise CkptError(f"{root}: no such directory")
     tree = _tree(root)
     runs = [""] + sorted(d for d, files in tree.items() if RUN_FILE in files and d)
     victims = _victims(root, tree, runs)
+    live = [v for v in victims if _live(root, v, tree)]
+    victims = [v for v in victims if v not in live]
     committed = sorted(storage.join(root, d) if d else root for d, f in tree.items() if manifest.NAME in f)
     if not dry_run and victims:
-        _delete(root, runs, victims, tree)
+        live += _delete(root, runs, victims, tree)
+        victims = [v for v in victims if v not in live]
     deleted = [storage.join(root, rel) if rel else root for rel in victims]
-    return {"uri": root, "dry_run": dry_run, "deleted": deleted, "committed": committed}
+    for rel in live:
+        log.warning("gc: %s is being written (%s); left alone", _abs(root, rel), _writer_of(root, rel, tree))
+    return {"uri": root, "dry_run": dry_run, "deleted": deleted, "committed": committed,
+            "live": [_abs(root, rel) for rel in live]}
+
+
+def _abs(root: str, rel: str) -> str:
+    return storage.join(root, rel) if rel else root
+
+
+def _writer_of(root: str, rel: str, tree: dict[str, set[str]]) -> str:
+    """A description of the live writer of victim `rel` (a directory, or a file in one), or ''."""
+    d = rel if rel in tree else rel.rsplit("/", 1)[0] if "/" in rel else ""
+    for sub in sorted((x for x in tree if _inside(x, d)), key=len):
+        if commit.MARKER in tree[sub]:
+            rec = commit.writer(_abs(root, sub))
+            if rec is not None:
+                return lease.describe(rec)
+    return ""
+
+
+def _live(root: str, rel: str, tree: dict[str, set[str]]) -> bool:
+    return _writer_of(root, rel, tree) != ""
 
 
 def _tree(root: str) -> dict[str, set[str]]:
@@ -116,8 +144,11 @@ def _join(d: str, name: str) -> str:
     return f"{d}/{name}" if d else name
 
 
-def _delete(root: str, runs: list[str], victims: list[str], tree: dict[str, set[str]]) -> None:
+def _delete(root: str, runs: list[str], victims: list[str], tree: dict[str, set[str]]) -> list[str]:
+    """Delete the victims, each directory claimed first; those a writer claimed meanwhile are
+    returned (left alone)."""
     _check_ancestors(root)
+    skipped: list[str] = []
     for r in sorted(runs, key=len, reverse=True):
         mine = [v for v in victims if _inside(v, r) and not any(_inside(v, o) for o in runs if len(o) > len(r))]
         if not mine:
@@ -128,7 +159,15 @@ def _delete(root: str, runs: list[str], victims: list[str], tree: dict[str, set[
             for rel in mine:
                 target = storage.join(root, rel) if rel else root
                 log.info("gc: deleting %s", target)
-                commit.discard(target)      # the marker last: a crash halfway leaves it marked
+                try:
+                    if rel in tree:
+                        commit.discard(target, owner="ckptflow gc")   # claimed, then deleted, marker last
+                    else:
+                        storage.remove(target)
+                except CkptError as e:
+                    log.info("gc: %s", e)
+                    skipped.append(rel)
+    return skipped
 
 
 def _check_inner_leases(root: str, run: str, victims: list[str], tree: dict[str, set[str]]) -> None:

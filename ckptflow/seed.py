@@ -116,7 +116,7 @@ FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenize
 
 def describe(uri: str):
     """What `ckptflow download URI DST` would write, without writing it: `ckptflow detect seed://...`."""
-    from ckptflow.formats.detect import Detection
+    from ckptflow.formats.view import Detection
 
     family_name, o = parse(uri)
     _, vocab = tokenizer_files(o["vocab_size"])

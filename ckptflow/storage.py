@@ -15,6 +15,7 @@ Object stores (s3://, gs://, ...):
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -344,17 +345,51 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
+# fsync of a directory that the file system does not support: nothing to make durable there.
+_FSYNC_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF}
+
+
 def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
+    """Make the entries of directory `path` durable (a new or renamed file's name). A real error
+    (EIO, ENOSPC, ...) is raised: the data may not be on disk; only "not supported" is ignored."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as e:
+        if e.errno not in _FSYNC_UNSUPPORTED:
+            raise
     finally:
         os.close(fd)
+
+
+def fsync_tree(uri: str, names) -> None:
+    """Local `uri`: fsync every file in `names` (relative), then every directory that holds one,
+    deepest first, then `uri` and its parent (so the directory itself is durably there).
+    Object stores have nothing to sync."""
+    if not is_local(uri):
+        return
+    for name in names:
+        fd = os.open(os.path.join(local_path(uri), name), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fsync_dirs(uri, names)
+
+
+def fsync_dirs(uri: str, names) -> None:
+    """Local `uri`: fsync the directories that hold `names` (files already fsynced), `uri` and its parent."""
+    if not is_local(uri):
+        return
+    root = local_path(uri)
+    dirs = {root, os.path.dirname(root)}
+    for name in names:
+        d = os.path.dirname(os.path.join(root, name))
+        while d.startswith(root) and d not in dirs:
+            dirs.add(d)
+            d = os.path.dirname(d)
+    for d in sorted(dirs, key=len, reverse=True):
+        _fsync_dir(d)
 
 
 _POOL = None
@@ -395,9 +430,14 @@ class Hasher:
         self._q.put(data)
 
     def hexdigest(self) -> str:
-        self._q.put(None)
-        self._t.join()
+        self.stop()
         return self._h.hexdigest()
+
+    def stop(self) -> None:
+        """End the thread (idempotent); after this the digest is final."""
+        if self._t.is_alive():
+            self._q.put(None)
+            self._t.join()
 
 
 class HashingWriter:
@@ -459,6 +499,7 @@ class HashingWriter:
             self._f.close()
         except Exception:  # noqa: BLE001 - the write already failed; keep the first error
             pass
+        self._hasher.stop()
 
     def __enter__(self):
         return self

@@ -78,5 +78,29 @@ def serve(prefect_file: str, limit: int | None = None) -> None:
     from prefect import serve as prefect_serve
 
     deployments = [runner_deployment(spec, prefect_file) for spec in load(prefect_file)]
+    take_over(deployments)
     # Keep the schedules on when this process stops: a restart must not silently pause nightly runs.
     prefect_serve(*deployments, limit=limit, pause_on_shutdown=False)
+
+
+def take_over(deployments: list) -> None:
+    """Make deployments that `prefect deploy` registered first run here. Serving updates only
+    the fields it sets: the work pool stayed, the pull step went and the code path stayed empty,
+    so every run crashed ("Downloading flow code from storage at None"). So: no work pool (this
+    process runs them, as Prefect's own flow.serve does), and the code where this process runs."""
+    import os
+
+    from prefect import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        for d in deployments:
+            d.work_pool_name = None     # assigned, so the update sends them
+            d.work_queue_name = None
+            try:
+                existing = client.read_deployment_by_name(f"{d.flow_name}/{d.name}")
+            except ObjectNotFound:
+                continue                # serving creates it with the right path
+            if existing.path != os.getcwd():
+                client.update_deployment(existing.id, DeploymentUpdate(path=os.getcwd()))

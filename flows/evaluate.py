@@ -29,7 +29,8 @@ def evaluate(request: EvalRequest) -> dict:
     out = request.destination()
     home = storage.parent(storage.normalize(request.run)) if request.run else storage.parent(out)
     task = common.bind(evaluate_task, common.result_storage(home, request.storage_options))
-    args = (storage.normalize(request.source), request.data, request.base, out, request.settings)
+    # {run}/eval (no `out` given) is the flow's own: a new export replaces its results.
+    args = (storage.normalize(request.source), request.data, request.base, out, request.settings, not request.out)
     if not request.run:
         return task(*args)
     run_uri = storage.normalize(request.run)

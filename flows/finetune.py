@@ -73,12 +73,14 @@ def pipeline(cfg: RunConfig, run_uri: str) -> dict:
     base = base_dirs(cfg)
     begin(rec, cfg, base)
     src, tune = prepare_base(rec, cfg, base, results)
-    step = rec.stage("train", common.bind(train, results), cfg, tune["uri"])
+    # Stopped or not, the summary lists the steps committed so far and loss.png shows the curve.
+    step = rec.stage("train", common.bind(train, results), cfg, tune["uri"],
+                     on_stop=lambda record: publish.after_training(run_uri, record))
     publish.after_training(run_uri, rec.record)
     model = step
     if cfg.train.method == "lora":
         model = rec.stage("merge", common.bind(merge, results), step["uri"], tune["uri"],
-                          storage.join(run_uri, "merged"))
+                          storage.join(run_uri, "merged"), overwrite=True)   # the run's own: replaced when inputs change
     exported = export_stage(rec, cfg, results, step, model)
     announce(cfg, run_uri, exported, tune)
     evaluate_stage(rec, cfg, results, exported, tune)
@@ -96,7 +98,7 @@ def prepare_base(rec: Recorder, cfg: RunConfig, base: dict, results) -> tuple[di
         src = rec.stage("download", common.bind(download, results), cfg.model.source, base["source"])
         rec.record["source"] = {"uri": cfg.model.source, "revision": src.get("revision")}
         rec.stage("detect", detect, src["uri"])
-        tune = rec.stage("convert", common.bind(convert, results), src["uri"], base["tune"], to="tune")
+        tune = rec.stage("convert", common.bind(convert, results), src["uri"], base["tune"], to="tune", overwrite=True)
     return src, tune
 
 
@@ -129,7 +131,7 @@ def export_stage(rec: Recorder, cfg: RunConfig, results, step: dict, model: dict
     # A PEFT export is the adapter itself; every other format exports the (merged) model.
     src = step["uri"] if cfg.export.format == "peft" else model["uri"]
     return rec.stage("export", common.bind(export, results), src, storage.join(rec.run_uri, "export"),
-                     format=cfg.export.format, dtype=cfg.export.dtype)
+                     format=cfg.export.format, dtype=cfg.export.dtype, overwrite=True)
 
 
 def announce(cfg: RunConfig, run_uri: str, exported: dict, tune: dict) -> None:
@@ -156,7 +158,7 @@ def evaluate_stage(rec: Recorder, cfg: RunConfig, results, exported: dict, tune:
         rec.skipped("evaluate", f"handed to {cfg.eval.deployment}")
         return
     ev = rec.stage("evaluate", common.bind(evaluate, results), exported["uri"], cfg.data.eval, tune["uri"],
-                   storage.join(rec.run_uri, "eval"), eval_settings(cfg))
+                   storage.join(rec.run_uri, "eval"), eval_settings(cfg), overwrite=True)
     rec.record["eval"] = publish.eval_results(ev["uri"])
 
 

@@ -38,8 +38,9 @@ class ExportParams(_Params):
     dtype: Dtype = Field("keep", title="Dtype",
                          description="keep the checkpoint's dtype, or cast to bfloat16 / float16 / float32")
     dst: str | None = Field(None, title="Destination",
-                            description="Where to write the export. Empty: {run}/exports/<format>-step-<N>-<dtype> "
-                                        "for a run or one of its steps, <source>-exports/... for anything else.")
+                            description="Where to write the export. Empty: {run}/exports/<format>-step-<NNNNNN>-<dtype> "
+                                        "(e.g. hf-step-000040-bfloat16; dtype 'keep' when not cast) for a run "
+                                        "or one of its steps, <source>-exports/... for anything else.")
     storage_options: dict = Field(default_factory=dict, title="Storage options",
                                   description="fsspec options for the source and destination (e.g. an S3 "
                                               "endpoint_url). Credentials as references only: "

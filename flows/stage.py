@@ -5,8 +5,8 @@
 
 Before the task: the stage is "Running" in run.json. After: its Prefect state name
 ("Completed", or "Cached" when a finished stage was skipped), its output URI and its timing,
-then the summary artifact is published again. On failure: "Failed", then the error propagates
-and fails the flow run.
+then the summary artifact is published again. On failure: "Failed" (on Ctrl-C or another
+signal: "Cancelled") with its finish time, then the error propagates and fails the flow run.
 """
 from __future__ import annotations
 
@@ -32,20 +32,32 @@ class Recorder:
             except Exception as e:  # noqa: BLE001 - the dashboard must never fail a run
                 log.warning("could not publish the run summary: %s", e)
 
-    def stage(self, name: str, task, *args, **kwargs):
+    def stage(self, name: str, task, *args, on_stop=None, **kwargs):
+        """`on_stop(record)`: what to record when the stage fails or is interrupted (Ctrl-C),
+        before the summary is published again (training: the steps it committed, the loss curve)."""
         runfile.started(self.record, name)
         self.save()
-        state = task(*args, return_state=True, **kwargs)
-        try:
+        try:   # the task call itself: a KeyboardInterrupt arrives there, not in .result()
+            state = task(*args, return_state=True, **kwargs)
             result = state.result()
-        except BaseException:
-            runfile.finished(self.record, name, "Failed")
-            self.save(summary=True)
+        except BaseException as e:
+            self.stopped(name, "Failed" if isinstance(e, Exception) else "Cancelled", on_stop)
             raise
         output = result.get("uri") if isinstance(result, dict) else None
         runfile.finished(self.record, name, state.name, output)
         self.save(summary=True)
         return result
+
+    def stopped(self, name: str, state: str, on_stop=None) -> None:
+        """Record a stage that did not finish ("Failed", or "Cancelled" for Ctrl-C and other
+        signals), with its finish time, and publish the summary; never masks the error in flight."""
+        runfile.finished(self.record, name, state)
+        try:
+            if on_stop is not None:
+                on_stop(self.record)
+            self.save(summary=True)
+        except Exception as e:  # noqa: BLE001 - the stage's own error is the one to report
+            log.warning("could not record the stopped %s stage: %s", name, e)
 
     def skipped(self, name: str, why: str) -> None:
         entry = runfile.stage(self.record, name)

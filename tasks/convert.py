@@ -6,5 +6,5 @@ from tasks import common
 
 
 @task(name="convert", cache_key_fn=common.stage_key("src"), result_serializer="json", **common.retry_options())
-def convert(src: str, dst: str, to: str = "tune", dtype: str | None = None) -> dict:
-    return common.record(stage.run(src, dst, to=to, dtype=dtype))
+def convert(src: str, dst: str, to: str = "tune", dtype: str | None = None, overwrite: bool = False) -> dict:
+    return common.record(stage.run(src, dst, to=to, dtype=dtype, overwrite=overwrite))

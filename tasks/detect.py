@@ -3,7 +3,7 @@ not cached: a resumed run simply looks again."""
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from ckptflow.formats import detect as formats_detect
+from ckptflow.formats import registry as formats_detect
 from tasks import common
 
 

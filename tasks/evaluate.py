@@ -8,7 +8,8 @@ from tasks import common
 
 @task(name="evaluate", cache_key_fn=common.stage_key("src", "base"), result_serializer="json",
       **common.retry_options())
-def evaluate(src: str, data: str | None, base: str | None, out: str, settings: dict | None = None) -> dict:
+def evaluate(src: str, data: str | None, base: str | None, out: str, settings: dict | None = None,
+             overwrite: bool = False) -> dict:
     from ckptflow.stages import evaluate as stage
 
-    return common.record(stage.run(src, data=data, base=base, out=out, **(settings or {})))
+    return common.record(stage.run(src, data=data, base=base, out=out, overwrite=overwrite, **(settings or {})))

@@ -6,7 +6,8 @@ from tasks import common
 
 
 @task(name="export", cache_key_fn=common.stage_key("src"), result_serializer="json", **common.retry_options())
-def export(src: str, dst: str, format: str = "original", step: int | None = None, dtype: str | None = None) -> dict:
+def export(src: str, dst: str, format: str = "original", step: int | None = None, dtype: str | None = None,
+           overwrite: bool = False) -> dict:
     from ckptflow.stages import export as stage
 
-    return common.record(stage.run(src, dst, format=format, step=step, dtype=dtype))
+    return common.record(stage.run(src, dst, format=format, step=step, dtype=dtype, overwrite=overwrite))

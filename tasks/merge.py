@@ -6,7 +6,7 @@ from tasks import common
 
 @task(name="merge", cache_key_fn=common.stage_key("adapter_uri", "base_uri"), result_serializer="json",
       **common.retry_options())
-def merge(adapter_uri: str, base_uri: str, dst: str) -> dict:
+def merge(adapter_uri: str, base_uri: str, dst: str, overwrite: bool = False) -> dict:
     from ckptflow.stages import merge as stage
 
-    return common.record(stage.run(adapter_uri, base_uri, dst))
+    return common.record(stage.run(adapter_uri, base_uri, dst, overwrite=overwrite))

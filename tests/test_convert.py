@@ -147,14 +147,47 @@ def test_writing_a_cast_copy_leaves_the_views_tensors_as_they_were(tmp_path, to)
     """Writers cast copies of the view's items: the same view loaded afterwards still has its own
     dtype (an Item is shared by every view built on it; a writer used to set out_dtype on it)."""
     from ckptflow.commit import Output
-    from ckptflow.formats import WRITERS, open_view
+    from ckptflow.formats import registry
 
     src = hfmodels.save("llama", str(tmp_path / "src"), dtype=torch.float32)
-    view = open_view(src)
+    view = registry.open_view(src)
     before = view.state_dict()
     plans = view.plans(out_dtype="BF16")
     assert {it.final_dtype for p in plans for it in p.items} == {"BF16"}
-    WRITERS[to](view, Output(str(tmp_path / to)), out_dtype="BF16", max_shard=None, progress=None)
+    registry.write(to, view, Output(str(tmp_path / to)), out_dtype="BF16")
     after = view.state_dict()
     assert {it.out_dtype for it in view.items.values()} == {None}
     assert all(after[k].dtype == torch.float32 and torch.equal(after[k], before[k]) for k in before)
+
+
+def test_multimodal_gemma3_reads_its_text_model(tmp_path):
+    """model_type gemma3 (Gemma3ForConditionalGeneration): the text decoder is read with transformers'
+    text-only logits; the vision tower is dropped and writing the multimodal layout back is refused."""
+    import transformers
+
+    import ckptflow
+    from ckptflow import cli
+    from ckptflow.errors import CkptError
+
+    text = dict(hfmodels.TINY, **hfmodels.DENSE["gemma3_text"][1], vocab_size=300)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                    image_token_index=299, boi_token_index=297, eoi_token_index=298)
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    hf.save_pretrained(tmp_path / "mm")
+    model, view = ckptflow.load(str(tmp_path / "mm"))
+    tokens = torch.randint(0, 290, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf(input_ids=tokens).logits, atol=1e-5, rtol=0)
+    assert view.family.NAME == "gemma3" and not any("vision" in k for k in view.items)
+    m = convert.run(str(tmp_path / "mm"), str(tmp_path / "tune"))
+    assert m.family == "gemma3" and m.model_args["layer_types"] == text["layer_types"]
+    with pytest.raises(CkptError, match="vision tower"):
+        convert.run(str(tmp_path / "tune"), str(tmp_path / "back"), to="hf")
+    assert not (tmp_path / "back" / "ckptflow.json").exists()

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from ckptflow import gc, manifest, storage
-from ckptflow.formats import open_view
+from ckptflow.formats.registry import open_view
 from tests import procs, seeded
 
 KILLS = 30

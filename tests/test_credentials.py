@@ -2,9 +2,9 @@
 
 Unit level: references resolve, literals are stashed or redacted, a missing or redacted one is
 one line naming it. End to end: a canary key and secret, which the loopback S3 server demands,
-go through a whole `ckptflow run` on S3 (literals in the YAML) and an export flow run (Secret
-block references); then Prefect's database, its homes, the console output and every object of
-the bucket are searched for them: zero hits."""
+go through a whole `ckptflow run` on S3 (literals in the YAML, its own embedded API) and an
+export flow run on the test server (Secret block references); then both Prefect databases and
+homes, the console output and every object of the bucket are searched for them: zero hits."""
 import json
 import os
 import secrets
@@ -116,7 +116,9 @@ def hits(root: Path, needles: list[bytes]) -> list[str]:
 
 
 @pytest.mark.s3
-def test_canary_credentials_reach_no_database_log_artifact_or_file(prefect_api, tmp_path):
+@pytest.mark.parametrize("embedded", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["test-server", "embedded-api"])
+def test_canary_credentials_reach_no_database_log_artifact_or_file(prefect_api, tmp_path, embedded):
     from prefect.blocks.system import Secret
     from prefect.settings import PREFECT_HOME, PREFECT_SERVER_DATABASE_CONNECTION_URL
 
@@ -134,9 +136,13 @@ def test_canary_credentials_reach_no_database_log_artifact_or_file(prefect_api, 
         inputs.mkdir()
         config = inputs / "canary.yaml"
         config.write_text(RUN.format(storage=f"{bucket}/runs", options=json.dumps(options), repo=REPO))
-        home = tmp_path / "client-home"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-        env.update(PREFECT_API_URL=prefect_api, PREFECT_HOME=str(home))
+        # Embedded: as a user runs it, no server configured, so `ckptflow run` starts its own API, whose
+        # database lands in this PREFECT_HOME (a fresh one migrates for ~25 s: slow). Else the test server.
+        home = tmp_path / "prefect-home"
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "PREFECT_API_URL"))}
+        env.update(PREFECT_HOME=str(home), PREFECT_PROFILES_PATH=str(home / "profiles.toml"))
+        if not embedded:
+            env["PREFECT_API_URL"] = prefect_api
         t0 = time.monotonic()
         run = subprocess.run([sys.executable, "-m", "ckptflow.cli", "run", str(config), "--json"], cwd=tmp_path,
                              env=env, capture_output=True, timeout=600)
@@ -145,6 +151,7 @@ def test_canary_credentials_reach_no_database_log_artifact_or_file(prefect_api, 
         out = json.loads(run.stdout.decode().strip().splitlines()[-1])
         assert out["export"] == f"{bucket}/runs/canary/export"
         ran_s = time.monotonic() - t0
+        assert (home / "prefect.db").is_file() == embedded
 
         # An export flow run whose credentials are Secret block references.
         Secret(value=key).save("canary-key", overwrite=True)
@@ -168,6 +175,7 @@ def test_canary_credentials_reach_no_database_log_artifact_or_file(prefect_api, 
         assert found == [], found
         assert sum(1 for root in searched for p in root.rglob("*") if p.is_file()) > len(copied)
         print(f"ckptflow run on S3 in {ran_s:.1f} s; searched {len(copied)} objects, {db}, {home}: 0 hits")
+        print("files searched:", sum(1 for root in searched for p in root.rglob("*") if p.is_file()))
     finally:
         server.stop()
 

@@ -29,7 +29,8 @@ SHOTS = harness.SCREENSHOT_DIR
 # 8 LoRA steps with a checkpoint every 2 (all kept): four rows in the checkpoint table, a curve
 # with five eval points (step 0 and each checkpoint), and a few seconds of training.
 OVERRIDES = ("train.steps=8", "checkpoint.every_steps=2", "checkpoint.keep_last=null", "train.batch_size=4",
-             "train.seq_len=32", "data.eval_batches=2", "eval.max_new_tokens=4")
+             "train.seq_len=32", "data.eval_batches=2", "eval.max_new_tokens=4",
+             "eval.tasks=[]")   # lm-eval's import and two runs would eat the time budget; tests/test_evaluate_lm_eval.py
 STEPS = (2, 4, 6, 8)
 BUDGET_S = 120
 # `ckptflow run ARGS`, its imports done before the server is up. The modules are the ones the

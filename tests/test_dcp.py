@@ -12,7 +12,7 @@ import torch
 import ckptflow
 from ckptflow import manifest, storage
 from ckptflow.errors import CkptError
-from ckptflow.formats import dcp, detect
+from ckptflow.formats import dcp, registry
 from ckptflow.stages import convert
 from tests import foreign, hfmodels
 
@@ -91,7 +91,7 @@ def test_convert_to_dcp_and_back_is_exact_and_hashed_while_written(tmp_path):
     src = hfmodels.save("qwen2", str(tmp_path / "hf"), shard="40KB")
     m = convert.run(src, str(tmp_path / "dcp"), to="dcp")
     assert m.format == "dcp" and ".metadata" in m.files and manifest.verify(str(tmp_path / "dcp")) == []
-    assert detect.sniff(str(tmp_path / "dcp")) == "dcp"
+    assert registry.sniff(str(tmp_path / "dcp")) == "dcp"
     convert.run(str(tmp_path / "dcp"), str(tmp_path / "tune"))
     convert.run(str(tmp_path / "tune"), str(tmp_path / "back"), to="hf")
     for name in os.listdir(src):
@@ -131,7 +131,7 @@ def test_torchtitan_step_is_detected_and_read_with_a_config(tmp_path, naming):
               for k, v in sd.items()}
         sd["lm_head.weight"] = sd.pop("output.weight")
     step = _titan(str(tmp_path / "checkpoint" / "step-10"), sd)
-    d = detect.detect(step)
+    d = registry.detect(step)
     assert d.format == "dcp" and d.num_params == sum(v.numel() for v in sd.values())
     assert d.details["training_state"] == ["dataloader", "lr_scheduler", "optimizer", "train_state"]
     with pytest.raises(CkptError, match="--model-config"):
@@ -147,7 +147,7 @@ def test_fsspec_uri_reads_and_writes(tmp_path):
     uri = "memory://ckptflow-test-dcp/out"
     try:
         convert.run(src, uri, to="dcp")
-        assert detect.sniff(uri) == "dcp"
+        assert registry.sniff(uri) == "dcp"
         sd, _ = ckptflow.load_state_dict(uri)
         want, _ = ckptflow.load_state_dict(src)
         assert all(torch.equal(sd[k], v) for k, v in want.items())

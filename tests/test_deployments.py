@@ -198,6 +198,9 @@ def test_deployed_flows_run_on_a_process_worker(tmp_path):
             wait_for_run(server, {"deployment_id": {"any_": [deployment_id(server, "evaluate", "evaluate")]}})
             rec = json.loads((Path(run_uri) / "run.json").read_text())
             assert rec["eval"]["after"]["perplexity"] < rec["eval"]["before"]["perplexity"]
+            # the demo config's lm-eval tasks (eval.tasks) ran in the evaluate deployment, on both models
+            scores = rec["eval"]["lm_eval"]
+            assert set(scores["after"]) == set(scores["before"]) == {"ckptflow_demo_qa", "ckptflow_demo_cloze"}
             assert {s["name"]: s["state"] for s in rec["stages"]}["evaluate"] == "Completed"
             assert manifest.verify(f"{run_uri}/eval") == []
 

@@ -10,7 +10,7 @@ import torch
 
 from ckptflow import cli
 from ckptflow.errors import CkptError
-from ckptflow.formats import detect
+from ckptflow.formats import registry
 from ckptflow.stages import convert
 from tests import foreign
 
@@ -79,12 +79,12 @@ def test_two_formats_in_one_directory_is_an_error_naming_both(tmp_path, hf):
     both = foreign.write_meta(model, str(tmp_path / "both"))
     foreign.write_lit(model, both)
     with pytest.raises(CkptError, match="ambiguous.*meta and litgpt"):
-        detect.sniff(both)
+        registry.sniff(both)
 
     hf_and_meta = shutil.copytree(hf_dir, str(tmp_path / "hf_and_meta"))
     foreign.write_meta(model, hf_and_meta)
     with pytest.raises(CkptError, match="hf and meta"):
-        detect.detect(hf_and_meta)
+        registry.detect(hf_and_meta)
 
 
 def test_cli_says_ambiguous_in_one_line_exit_2(tmp_path, hf, capsys):
@@ -99,12 +99,12 @@ def test_cli_says_ambiguous_in_one_line_exit_2(tmp_path, hf, capsys):
 def test_unknown_directory_lists_what_it_found(tmp_path):
     (tmp_path / "weights.gguf").write_bytes(b"GGUF")
     with pytest.raises(CkptError, match="no known checkpoint format.*weights.gguf"):
-        detect.sniff(str(tmp_path))
+        registry.sniff(str(tmp_path))
 
 
 def test_original_subfolder_of_an_hf_repo_is_meta(tmp_path, hf):
     model, hf_dir = hf
     repo = shutil.copytree(hf_dir, str(tmp_path / "repo"))
     foreign.write_meta(model, os.path.join(repo, "original"))     # how Llama 3 repos ship Meta files
-    assert detect.sniff(repo) == "hf"
-    assert detect.sniff(os.path.join(repo, "original")) == "meta"
+    assert registry.sniff(repo) == "hf"
+    assert registry.sniff(os.path.join(repo, "original")) == "meta"

@@ -51,7 +51,7 @@ def test_tasks_on_a_lora_run_give_what_lm_eval_gives_on_the_same_export(tiny_lor
     run = tiny_lora_run
     out = f"{run}/eval-lm"
     rc = cli.main(["evaluate", run, "--tasks", TASKS, "--limit", LIMIT, "--lm-eval-batch-size", "4",
-                   "--out", out, "--device", "cpu", "--json"])
+                   "--base", f"{run}/base", "--out", out, "--device", "cpu", "--json"])
     printed = capsys.readouterr()
     assert rc == 0, printed.err
     summary = json.loads(printed.out)
@@ -65,6 +65,13 @@ def test_tasks_on_a_lora_run_give_what_lm_eval_gives_on_the_same_export(tiny_lor
     assert set(results["versions"]) == {"lm_eval", "transformers", "torch"}
     assert results["lm_eval_details"]["n_samples"] == {n: int(LIMIT) for n in NAMES}
     assert results["lm_eval_details"]["model"].startswith("a temporary HF export of ")
+    # the base (a tune dir, exported on the fly too) scored the same way: before / after per metric
+    base = results["base"]["lm_eval"]
+    assert sorted(base) == NAMES and base != ours
+    acc = summary["change"]["lm_eval"]["ckptflow_demo_qa"]["acc"]
+    assert acc == {"before": base["ckptflow_demo_qa"]["acc"], "after": ours["ckptflow_demo_qa"]["acc"],
+                   "delta": pytest.approx(ours["ckptflow_demo_qa"]["acc"] - base["ckptflow_demo_qa"]["acc"])}
+    assert "acc_stderr" not in summary["change"]["lm_eval"]["ckptflow_demo_qa"]
 
     # request.json: the run's step exported to {out}/hf, and the resolved task YAMLs beside it.
     req = json.load(open(f"{out}/request.json"))

@@ -37,9 +37,17 @@ def committed(uri, files):
 
 
 def interrupted(uri, files):
+    """A write whose process died: its marker names a pid that is gone."""
     out = commit.Output(uri)
     for name in files:
         out.put(name, b"half")
+    out._claim.stop()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    marker = storage.join(uri, commit.MARKER)
+    rec = json.loads(storage.read_bytes(marker))
+    rec["holder"]["pid"] = dead.pid
+    storage.put_atomic(marker, json.dumps(rec).encode())
 
 
 def make_run(run: str) -> None:

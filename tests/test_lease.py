@@ -123,3 +123,40 @@ def test_the_heartbeat_keeps_the_lease_alive_and_holds_nest(tmp_path):
             assert inner is outer
         assert lease.read(run) is not None                    # the inner exit did not release it
     assert lease.read(run) is None
+
+
+CHILD_WRITE = """
+import sys
+from ckptflow import commit
+from ckptflow.errors import CkptError
+from ckptflow.manifest import Manifest
+try:
+    with commit.Output(sys.argv[1]) as out:
+        out.put("a.bin", b"a")
+        out.commit(Manifest(kind="model", format="tune"))
+except CkptError as e:
+    print(e, file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+def test_children_write_under_their_launchers_lease_strangers_do_not(tmp_path):
+    """torchrun's ranks: a process started by the lease holder inherits the lease (CKPTFLOW_LEASES)
+    and commits under it; a process that only copies the variable is not the holder's child."""
+    import subprocess
+    import sys
+
+    run = str(tmp_path / "run")
+    with lease.hold(run, owner="ckptflow train"):
+        assert lease.ENV in os.environ
+        child = subprocess.run([sys.executable, "-c", CHILD_WRITE, f"{run}/train/step-000001"],
+                               capture_output=True, text=True)
+        assert child.returncode == 0, child.stderr
+        env = {k: v for k, v in os.environ.items() if k != lease.ENV}
+        stranger = subprocess.run([sys.executable, "-c", CHILD_WRITE, f"{run}/train/step-000002"],
+                                  capture_output=True, text=True, env=env)
+        assert stranger.returncode == 2, stranger.stderr
+        assert f"another process is writing {run}: ckptflow train (pid {os.getpid()}" in stranger.stderr
+    assert lease.ENV not in os.environ
+    assert storage.isfile(f"{run}/train/step-000001/ckptflow.json")
+    assert not storage.exists(f"{run}/train/step-000002")

@@ -9,7 +9,7 @@ import yaml
 
 import ckptflow
 from ckptflow.errors import CkptError
-from ckptflow.formats import detect
+from ckptflow.formats import registry
 from ckptflow.stages import convert
 from tests import foreign
 
@@ -55,7 +55,7 @@ def test_lora_only_directory_is_an_error(tmp_path):
     hf = foreign.tiny("llama")
     src = foreign.write_lit(hf, str(tmp_path / "lit"))
     os.rename(os.path.join(src, "lit_model.pth"), os.path.join(src, "lit_model.pth.lora"))
-    assert detect.sniff(src) == "litgpt"
+    assert registry.sniff(src) == "litgpt"
     with pytest.raises(CkptError, match="merge_lora"):
         ckptflow.load(src)
 
@@ -101,7 +101,7 @@ def test_unknown_key_is_named(tmp_path):
 def test_detect_reports_litgpt(tmp_path):
     hf = foreign.tiny("qwen2")
     src = foreign.write_lit(hf, str(tmp_path / "lit"), legacy=True)
-    d = detect.detect(src)
+    d = registry.detect(src)
     assert (d.format, d.family, d.dtype) == ("litgpt", "qwen2", "float32")
     # litgpt stores lm_head even for tied models; HF's state_dict lists the tied head too
     assert "lm_head.weight" in hf.state_dict() and hf.config.tie_word_embeddings

@@ -13,7 +13,7 @@ import ckptflow
 from ckptflow import families
 from ckptflow.commit import Output
 from ckptflow.errors import CkptError
-from ckptflow.formats import detect, meta
+from ckptflow.formats import meta, registry
 from ckptflow.stages import convert
 from tests import foreign, hfmodels
 
@@ -79,7 +79,7 @@ def test_meta_tune_hf_loads_in_transformers_with_the_same_logits(tmp_path, hf):
 @pytest.mark.parametrize("mp", [1, 2, 4])
 def test_hf_to_meta_with_any_number_of_files(tmp_path, hf, mp):
     src = hfmodels.save("llama", str(tmp_path / "hf"))
-    view = ckptflow.formats.open_view(src)
+    view = registry.open_view(src)
     out = Output(str(tmp_path / "meta"))
     out.commit(meta.write_view(view, out, mp=mp))
     assert sorted(f for f in os.listdir(tmp_path / "meta") if f.endswith(".pth")) == \
@@ -193,7 +193,7 @@ def test_rope_freqs_buffer_is_dropped_with_a_note(tmp_path, hf):
 
 def test_detect_reports_meta(tmp_path, hf):
     src = foreign.write_meta(hf, str(tmp_path / "meta"), mp=2)
-    d = detect.detect(src)
+    d = registry.detect(src)
     assert (d.format, d.family, d.dtype) == ("meta", "llama", "float32")
     assert d.num_params == sum(v.numel() for v in foreign.tune_state_dict(hf).values())
     assert d.details["model_parallel"] == 2

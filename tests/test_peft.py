@@ -7,10 +7,10 @@ import peft as peft_lib
 import torch
 import transformers
 
-from ckptflow import families, formats, lora, manifest
+from ckptflow import families, lora, manifest
 from ckptflow.commit import Output
 from ckptflow.errors import CkptError
-from ckptflow.formats import adapter, detect
+from ckptflow.formats import adapter, registry
 from ckptflow.manifest import Manifest
 from ckptflow.model_args import ModelArgs
 from ckptflow.stages import convert, export
@@ -94,7 +94,7 @@ def llama_dir(tmp_path_factory):
 
 
 def _adapter_for(adapter_dir: str, base_dir: str):
-    ad, _ = formats.open_adapter(adapter_dir, base_dir)
+    ad, _ = registry.open_adapter(adapter_dir, base_dir)
     return ad
 
 
@@ -172,7 +172,7 @@ def test_bin_adapter_reads_like_safetensors(tmp_path, llama_dir):
 
 def test_detect_reports_the_adapter_and_its_base(tmp_path, llama_dir):
     peft_adapter(llama_dir, str(tmp_path / "ad"), **VARIANTS["rslora"])
-    d = detect.detect(str(tmp_path / "ad"))
+    d = registry.detect(str(tmp_path / "ad"))
     assert (d.format, d.family, d.dtype) == ("peft", "llama", "float32")
     assert d.details["base_model"] == llama_dir and d.details["r"] == 4 and d.details["use_rslora"] is True
     assert d.num_params == 2 * 2 * (4 * 64 + 4 * 64) + 2 * 2 * (4 * 64 + 4 * 32)
@@ -193,7 +193,7 @@ def test_no_base_is_an_error_naming_it(tmp_path, llama_dir):
     peft_adapter(llama_dir, str(tmp_path / "ad"), **VARIANTS["plain"])
     _edit_config(str(tmp_path / "ad"), base_model_name_or_path="org/not-here")
     with pytest.raises(CkptError, match="org/not-here"):
-        formats.open_adapter(str(tmp_path / "ad"))
+        registry.open_adapter(str(tmp_path / "ad"))
 
 
 # --- writing ----------------------------------------------------------------------------------

@@ -298,3 +298,18 @@ def test_train_shows_a_bar_on_a_terminal_and_log_lines_elsewhere_and_where_it_re
     assert [s for s, _, _ in steps] == ["3", "4"], r.stderr
     assert "%|" not in r.stderr                # no bar drawn into a log
     assert r.stdout.startswith(f"{tmp_path}/demo/train/step-000004: step 4 (lora)")
+
+
+# --- where an export lands ---------------------------------------------------------------------
+
+def test_the_readme_export_lands_where_the_readme_says():
+    from flows.params import ExportParams
+
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    params = json.loads(re.search(r"deployment run export/export --watch \\\n\s+--params '(.+?)'", readme).group(1))
+    run = os.path.abspath("runs/demo")
+    wanted = re.search(r"The command above writes\s+`(\S+)/`", readme).group(1)
+    assert ExportParams(**params["params"]).destination(40, run) == os.path.abspath(wanted)
+    newest = re.search(r"with the\s+default dtype, writes e\.g\.\s+`(\S+)/`", readme).group(1)
+    assert ExportParams(source=run, step=60).destination(60, run) == os.path.abspath(newest)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from ckptflow import commit, manifest, storage
-from ckptflow.formats import detect
+from ckptflow.formats import registry
 from ckptflow.stages import convert
 from tests import seeded
 
@@ -40,7 +40,7 @@ def upload(local_dir: str, uri: str) -> None:
 def test_hf_tune_hf_round_trip_is_byte_identical_on_s3(hf, s3, layout):
     src = f"{s3}/run/source"
     upload(hf[layout], src)
-    assert detect.detect(src).format == "hf"
+    assert registry.detect(src).format == "hf"
     tune = convert.run(src, f"{s3}/run/base")
     assert tune.uri == f"{s3}/run/base" and manifest.verify(tune.uri) == []
     back = convert.run(tune.uri, f"{s3}/run/export", to="hf")

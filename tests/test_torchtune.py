@@ -12,9 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 import ckptflow
-from ckptflow import formats
 from ckptflow.errors import CkptError
-from ckptflow.formats import detect, torchtune
+from ckptflow.formats import registry, torchtune
 from ckptflow.stages import convert, merge
 from tests import foreign
 
@@ -59,7 +58,7 @@ def test_v01_hf_model_pt_files_need_a_config_and_then_match(tmp_path, hf):
     torch.save(a, out / "hf_model_0001_0.pt")
     torch.save(b, out / "hf_model_0002_0.pt")
     recipe_state(out / "recipe_state.pt")
-    assert detect.sniff(str(out)) == "torchtune"
+    assert registry.sniff(str(out)) == "torchtune"
     with pytest.raises(CkptError, match="--model-config"):
         ckptflow.load(str(out))
     view = same_logits(str(out), model, model_config=hf_dir)
@@ -85,7 +84,7 @@ def test_v02_safetensors_without_index_newest_epoch_by_default(tmp_path, hf):
     torch.save({}, out / "adapter_model.bin")
     (out / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8, "peft_type": "LORA"}))
     recipe_state(out / "recipe_state.pt")
-    assert detect.sniff(str(out)) == "torchtune"       # not ambiguous with the PEFT files beside it
+    assert registry.sniff(str(out)) == "torchtune"       # not ambiguous with the PEFT files beside it
     view = same_logits(str(out), model, model_config=str(os.path.join(hf_dir, "config.json")))
     assert any("epochs [0]" in n for n in view.notes) and any("adapter" in n for n in view.notes)
     same_logits(str(out), other, model_config=hf_dir, epoch=0)
@@ -144,8 +143,8 @@ def _v05_output(tmp, model, hf_dir):
 def test_v05_output_dir_reads_the_last_epoch(tmp_path, hf):
     model, hf_dir = hf
     out = _v05_output(tmp_path, model, hf_dir)
-    assert detect.sniff(str(out)) == "torchtune"
-    assert detect.sniff(str(out / "epoch_1")) == "torchtune"   # HF + PEFT + adapter_model.pt: torchtune's
+    assert registry.sniff(str(out)) == "torchtune"
+    assert registry.sniff(str(out / "epoch_1")) == "torchtune"   # HF + PEFT + adapter_model.pt: torchtune's
     view = same_logits(str(out), model)
     text = " ".join(view.notes)
     assert "epoch_0" in text and "recipe_state/recipe_state.pt" in text and "adapter" in text
@@ -166,7 +165,7 @@ def test_v05_meta_checkpointer_bin_in_epoch_dir(tmp_path, hf):
     d = tmp_path / "out" / "epoch_0"
     foreign.write_meta(model, str(d))          # params.json and tokenizer.model copied in
     os.rename(d / "consolidated.00.pth", d / "model-00001-of-00001.bin")
-    assert detect.sniff(str(d)) == "torchtune"
+    assert registry.sniff(str(d)) == "torchtune"
     same_logits(str(tmp_path / "out"), model)
 
 
@@ -183,10 +182,10 @@ def test_adapter_tensors_and_merge(tmp_path, hf):
     items, info = torchtune.adapter_tensors(str(out))
     assert sorted(items) == sorted(lora) and info == {"rank": 4, "alpha": None}
     with pytest.raises(CkptError, match="lora_alpha"):
-        formats.open_adapter(str(out), hf_dir)
+        registry.open_adapter(str(out), hf_dir)
     (out / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 16}))
     assert torchtune.is_adapter(str(out))
-    ad, base = formats.open_adapter(str(out), hf_dir)
+    ad, base = registry.open_adapter(str(out), hf_dir)
     assert ad.format == "torchtune" and sorted(ad.modules) == ["layers.0.attn.q_proj", "layers.1.mlp.w2"]
     merged, _ = ckptflow.load_state_dict(str(out), base=hf_dir)        # adapter-only dir: merged on the base
     want, _ = ckptflow.load_state_dict(hf_dir)
@@ -221,7 +220,7 @@ def test_unknown_keys_are_named(tmp_path, hf):
 def test_detect_reports_the_model_it_would_read(tmp_path, hf):
     model, hf_dir = hf
     out = _v05_output(tmp_path, model, hf_dir)
-    d = detect.detect(str(out))
+    d = registry.detect(str(out))
     assert (d.format, d.family, d.dtype) == ("torchtune", "llama", "float32")
     assert d.num_params == sum(v.numel() for v in model.state_dict().values())
     assert d.details["recipe_state"] and d.details["adapter"]

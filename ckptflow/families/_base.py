@@ -55,7 +55,11 @@ def _lookup(table: dict, key: str, family, where: str | None):
 
 
 def hf_key_to_tune(family, key: str, where: str | None = None) -> tuple[str | None, str | None]:
-    """(tune key or None to drop, transform): transform "q"/"k" means permute_hf_to_tune the rows."""
+    """(tune key or None to drop, transform): transform "q"/"k" means permute_hf_to_tune the rows.
+
+    A family's optional HF_DROP_PREFIXES drops whole sub-models (a vision tower) on import."""
+    if key.startswith(getattr(family, "HF_DROP_PREFIXES", ())):
+        return None, None
     tune = _lookup(family.HF_TO_TUNE, key, family, where)
     if tune is None:
         return None, None

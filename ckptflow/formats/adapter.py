@@ -181,6 +181,11 @@ def base_view(base: str | View | None, named: list, where: str, opener) -> View:
                     f"{where}: names no base model; give it (ckptflow merge ADAPTER BASE DST, or --base)")
 
 
+def step_bases(m: Manifest) -> list:
+    """The base models a step checkpoint names, in the order to try them."""
+    return [m.extra.get("base"), (m.inputs.get("base") or {}).get("uri")]
+
+
 def from_step(uri: str, m: Manifest, bv: View) -> Adapter:
     """The adapter of a LoRA step checkpoint: model.safetensors in tune names, extra.lora settings."""
     lora = m.extra.get("lora")

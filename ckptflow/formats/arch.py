@@ -20,11 +20,15 @@ class Arch:
     uri: str = ""
 
 
-def load(uri: str, *, vocab_size: int | None = None, rope_scaling_factor: float | None = None) -> Arch:
+def load(uri: str | Arch, *, vocab_size: int | None = None, rope_scaling_factor: float | None = None) -> Arch:
+    """The architecture a config file names; an Arch as is (a model directory, which
+    formats.registry.open_view reads before it calls the reader)."""
+    if isinstance(uri, Arch):
+        return uri
     uri = storage.normalize(uri)
     name = storage.basename(uri)
     if storage.isdir(uri):
-        return _from_dir(uri)
+        raise CkptError(f"{uri}: a model directory as --model-config is read through formats.registry.open_view")
     if name == "params.json":
         params = storage.read_json(uri)
         fam = families.for_meta_params(params, uri)
@@ -41,13 +45,6 @@ def load(uri: str, *, vocab_size: int | None = None, rope_scaling_factor: float 
         fam = families.for_hf_config(cfg, uri)
         return Arch(fam, fam.args_from_hf(cfg, uri), {"config.json": uri}, None, uri)
     raise CkptError(f"{uri}: --model-config takes a config.json, params.json, model_config.yaml or a model directory")
-
-
-def _from_dir(uri: str) -> Arch:
-    from ckptflow.formats import open_view
-
-    view = open_view(uri)
-    return Arch(view.family, view.args, dict(view.assets), view.original, uri)
 
 
 def read_yaml(uri: str) -> dict:

@@ -240,7 +240,7 @@ def load_tensor(reader, fqn: str, shape, dtype):
 
 def describe(uri: str):
     """Detection for `ckptflow detect`: tensors that look like model weights, and training state."""
-    from ckptflow.formats.detect import Detection, summarize
+    from ckptflow.formats.view import Detection, summarize
 
     uri = storage.normalize(uri)
     md = read_metadata(uri)

@@ -12,7 +12,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 
-from ckptflow import families, storage
+from ckptflow import families, manifest, storage
 from ckptflow.errors import CkptError
 from ckptflow.formats import st
 from ckptflow.families import _fused
@@ -143,18 +143,58 @@ def bin_loader(uri: str, key: str):
     return lambda: load_pickle_weights(uri)[key]
 
 
+_COPIES: dict[str, object] = {}   # remote URI -> its local copy: an anonymous temp file, open
+
+
 def local_copy(uri: str) -> str:
+    """A local path of `uri`. A remote file is fetched once per process into an anonymous temp
+    file (no name on disk, so nothing is left behind even after SIGKILL), opened by its
+    /proc/self/fd path; drop_copies() frees them."""
     if storage.is_local(uri):
         return storage.local_path(uri)
-    fd, tmp = tempfile.mkstemp(suffix=os.path.splitext(uri)[1])
-    os.close(fd)
-    with storage.open_read(uri) as fin, open(tmp, "wb") as fout:
-        while chunk := fin.read(storage.CHUNK):
-            fout.write(chunk)
-    return tmp
+    f = _COPIES.get(uri)
+    if f is None:
+        f = tempfile.TemporaryFile(dir=storage.SPOOL_DIR)
+        with storage.open_read(uri) as fin:
+            while chunk := fin.read(storage.CHUNK):
+                f.write(chunk)
+        f.flush()
+        _COPIES[uri] = f
+    return f"/proc/self/fd/{f.fileno()}"
+
+
+def drop_copies() -> None:
+    """Close the local copies of remote pickle files (their space is freed once unmapped)."""
+    _BIN_CACHE.clear()
+    while _COPIES:
+        _COPIES.popitem()[1].close()
 
 
 # --- HF -> tune plan ----------------------------------------------------------------------
+
+def open_view(uri: str, **_):
+    """An HF directory as a View: tune names, the original partition, config and tokenizer as assets."""
+    from ckptflow.formats.view import View
+
+    src = open_source(uri)
+    plans, original = tune_plan(src)
+    items = {it.name: it for p in plans for it in p.items}
+    assets = {name: storage.join(src.uri, name) for name in src.assets}
+    if src.index:
+        assets[src.index] = storage.join(src.uri, src.index)
+    return View(src.uri, "hf", src.family, src.args, items, original, assets, manifest=manifest.read(src.uri),
+                partition=[[it.name for it in p.items] for p in plans])
+
+
+def describe(uri: str):
+    """Detection for `ckptflow detect`: family, dominant dtype and parameter count from the headers."""
+    from ckptflow.formats.view import Detection, summarize
+
+    src = open_source(uri)
+    dtype, n = summarize((it.shape, it.dtype) for items in src.tensors.values() for it in items)
+    return Detection("hf", uri, src.family.NAME, dtype, n, storage.list_files(uri),
+                     {"weights": src.weights, "shards": len(src.files), "model_type": src.config.get("model_type")})
+
 
 def tune_plan(src: Source, out_dtype: str | None = None, max_shard: int | None = None) -> tuple[list[FilePlan], dict]:
     """(tune files, the `original` record export needs to write these files back)."""
@@ -302,6 +342,9 @@ def write_view(view, out, *, out_dtype: str | None = None, max_shard: int | None
     from ckptflow.formats.plan import write_file
     from ckptflow.manifest import Manifest
 
+    refused = getattr(view.family, "HF_WRITE_REFUSED", None)   # a family ckptflow reads only part of
+    if refused:
+        raise CkptError(f"{view.uri}: {refused}")
     plans, same = hf_plan(view.items, view.family, view.args, view.original, out_dtype, max_shard)
     for p in plans:
         write_file(out, p, progress)

@@ -171,7 +171,7 @@ def regroup(fused, args):
 
 
 def describe(uri: str):
-    from ckptflow.formats.detect import Detection, summarize
+    from ckptflow.formats.view import Detection, summarize
 
     uri = storage.normalize(uri)
     details: dict = {}

@@ -365,7 +365,7 @@ class _Flushable:
 
 def describe(uri: str):
     """Detection for `ckptflow detect`: works without the RoPE factor (nothing is loaded)."""
-    from ckptflow.formats.detect import Detection, summarize
+    from ckptflow.formats.view import Detection, summarize
 
     uri = storage.normalize(uri)
     names = storage.listdir(uri)

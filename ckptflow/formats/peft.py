@@ -306,7 +306,7 @@ def _block_diagonal(parts: dict[int, LoraModule], rows: list[int], fused_scale: 
 
 
 def write_view(view, out, *, out_dtype: str | None = None, max_shard: int | None = None, progress=None) -> Manifest:
-    """WRITERS["peft"]: the unmerged adapter of a base + LoRA view (see formats.adapter.merged_view)."""
+    """The peft writer: the unmerged adapter of a base + LoRA view (see formats.adapter.merged_view)."""
     if view.adapter is None:
         raise CkptError(f"{view.uri}: the peft format needs a LoRA adapter (a LoRA step checkpoint, "
                         "a PEFT or torchtune adapter); this is a full model")
@@ -368,7 +368,7 @@ def _num(x):
 
 def describe(uri: str):
     """What `ckptflow detect` says of an adapter directory: its LoRA settings and its base model."""
-    from ckptflow.formats.detect import Detection
+    from ckptflow.formats.view import Detection
 
     uri = storage.normalize(uri)
     cfg = read_config(uri)

@@ -133,9 +133,7 @@ def _dir_view(uri: str, names: list[str], epoch: int | None, model_config, base,
         if len(groups) > 1:
             notes.append(f"read epoch {e}; also here: epochs {sorted(k for k in groups if k != e)}")
     elif hf.is_hf(names):
-        from ckptflow.formats import _read_hf
-
-        v = _read_hf(uri)
+        v = hf.open_view(uri)
         return View(v.uri, "torchtune", v.family, v.args, v.items, v.original, v.assets, v.manifest, v.partition,
                     notes)
     else:
@@ -356,7 +354,7 @@ def _adapter_only(uri: str, names: list[str], epoch, base, opener, notes: list[s
 
 def describe(uri: str):
     """Detection for `ckptflow detect`: what would be read, with its epoch, adapters and recipe state."""
-    from ckptflow.formats.detect import Detection, summarize
+    from ckptflow.formats.view import Detection, summarize
 
     uri = storage.normalize(uri)
     names = storage.listdir(uri)

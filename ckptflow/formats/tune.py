@@ -159,6 +159,19 @@ def items(d: TuneDir) -> dict[str, Item]:
     return {k: Item(k, t.dtype, t.shape, info=t) for k, t in d.tensors.items()}
 
 
+def open_view(uri: str, **_):
+    """A committed tune directory (a model, or a full fine-tune step) as a View."""
+    from ckptflow import families
+    from ckptflow.formats.view import View
+
+    d = open_dir(uri)
+    assets = {name[len(ASSETS) + 1:]: storage.join(d.uri, name)
+              for name in d.manifest.files if name.startswith(ASSETS + "/")}
+    layout = [e["keys"] for e in d.manifest.extra.get("layout", [])]
+    return View(d.uri, "tune", families.get(d.manifest.family), d.args, items(d), d.original, assets,
+                manifest=d.manifest, partition=layout)
+
+
 def write_view(view, out, *, out_dtype: str | None = None, max_shard: int | None = None, progress=None) -> Manifest:
     plans = view.plans(max_shard, out_dtype)
     check_items(plans, view.args, view.uri)

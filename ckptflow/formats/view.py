@@ -5,6 +5,10 @@ plus what export needs to write the original back. A writer turns a View into fi
 FilePlans. `tensor_bytes` / `tensor` read one Item, transformed and cast as it asks; nothing here
 holds more than one tensor at a time.
 
+Each format module provides some of: a sniff over a directory listing, an open (directory ->
+View), a write (View -> files) and a describe (for `ckptflow detect`); formats.registry lists
+them as one Format record per format.
+
 Items may be shared between views (a merged view reuses its base's items), so nothing changes
 an Item in place: `cast` returns a copy with another output dtype.
 """
@@ -194,3 +198,43 @@ class View:
             return [FilePlan("model.safetensors", groups[0])]
         n = len(groups)
         return [FilePlan(f"model-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
+
+
+@dataclass
+class Detection:
+    """What `ckptflow detect` reports of a directory."""
+    format: str
+    uri: str
+    family: str | None = None
+    dtype: str | None = None
+    num_params: int | None = None
+    files: list[str] = field(default_factory=list)
+    details: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"format": self.format, "uri": self.uri, "family": self.family, "dtype": self.dtype,
+                "num_params": self.num_params, "files": self.files, **({"details": self.details} if self.details else {})}
+
+
+def summarize(shapes_and_dtypes) -> tuple[str | None, int]:
+    """(dominant dtype name, parameter count) of (shape, safetensors dtype code) pairs."""
+    counts: dict[str, int] = {}
+    for shape, code in shapes_and_dtypes:
+        numel = 1
+        for s in shape:
+            numel *= s
+        counts[code] = counts.get(code, 0) + numel
+    dtype = st.TORCH_NAME.get(max(counts, key=counts.get)) if counts else None
+    return dtype, sum(counts.values())
+
+
+@dataclass(frozen=True)
+class Format:
+    """One on-disk format: its entry in formats.registry. A format that is only written (an export
+    target) has no sniff, open or describe; one only read has no write."""
+    name: str
+    sniff: Callable[[list[str]], bool] | None = None   # does this directory listing hold the format?
+    open: Callable[..., View] | None = None            # open(uri, *, opener, **reader options) -> View
+    write: Callable[..., Manifest] | None = None       # write(view, out, *, out_dtype, max_shard, progress)
+    describe: Callable[[str], Detection] | None = None # uri -> Detection (default: its files)
+    claims: tuple[str, ...] = ()    # formats whose files its directories hold by design (its match wins)

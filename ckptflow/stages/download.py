@@ -27,7 +27,7 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from ckptflow import hub, manifest, progress, retry, seed, storage
-from ckptflow.commit import MARKER, Output, is_interrupted
+from ckptflow.commit import MARKER, Output
 from ckptflow.errors import CkptError, TransientError
 from ckptflow.manifest import Manifest
 
@@ -48,29 +48,45 @@ WORKERS = 8
 
 
 def run(source: str, dst: str, *, format: str = "hf", endpoint: str | None = None, token: str | None = None,
-        in_place: bool = False, overwrite: bool = False, cache_dir: str | None = None) -> Manifest:
+        in_place: bool = False, overwrite: bool = False, cache_dir: str | None = None, wait: float = 0.0) -> Manifest:
     dst = storage.normalize(dst)
     if format not in FORMATS:
         raise CkptError(f"--format {format!r}: choose one of {', '.join(FORMATS)}")
     existing = manifest.read(dst)
-    replace = overwrite or (existing is not None and existing.kind == "source")
-    if source.startswith(hub.SCHEME):
+    hub_source = source.startswith(hub.SCHEME)
+    params = {"source": source} if not in_place else {"source": source, "in_place": True}
+    if existing is not None and not overwrite:
+        # The same request again may update it (a branch that moved); anything else is refused.
+        refuse_other(dst, existing, {"source": source, "format": format} if hub_source else params)
+    replace = overwrite or existing is not None
+    if hub_source:
         if in_place:
             raise CkptError(f"{source}: --in-place is for storage URIs; hf:// is always downloaded into DST")
         client = hub.Client(endpoint, token, cache_dir)
-        return from_hub(source, dst, client, format=format, existing=None if overwrite else existing, replace=replace)
-    params = {"source": source} if not in_place else {"source": source, "in_place": True}
+        return from_hub(source, dst, client, format=format, existing=None if overwrite else existing, replace=replace,
+                        wait=wait)
     if existing is not None and not overwrite and manifest.canonical(existing.params) == manifest.canonical(params):
         log.info("%s: %s already downloaded", dst, source)
         return existing
     if source.startswith("seed://"):
         if in_place:
             raise CkptError(f"{source}: --in-place is for storage URIs; a seed model is written into DST")
-        out = Output(dst, overwrite=replace)
-        return out.commit(seed.write(source, out))
+        with Output(dst, overwrite=replace, wait=wait) as out:
+            return out.commit(seed.write(source, out))
     if in_place:
-        return link(source, dst, params, overwrite=replace)
-    return copy_tree(source, dst, params, overwrite=replace)
+        return link(source, dst, params, overwrite=replace, wait=wait)
+    return copy_tree(source, dst, params, overwrite=replace, wait=wait)
+
+
+def refuse_other(dst: str, existing: Manifest, want: dict) -> None:
+    """A committed directory that came from another source (or another way) is never replaced
+    without --overwrite."""
+    diff = [f"{k}={existing.params.get(k)!r}, not {k}={v!r}" for k, v in want.items() if existing.params.get(k) != v]
+    if existing.kind == "source" and not diff:
+        return
+    how = f"downloaded with {'; '.join(diff)}" if existing.kind == "source" else "that no download wrote"
+    raise CkptError(f"{dst}: already holds a committed {existing.kind} ({existing.format}) {how}; "
+                    "pass --overwrite to replace it, or choose another destination")
 
 
 def location(uri_or_manifest) -> str:
@@ -90,9 +106,9 @@ def _source_files(source: str) -> tuple[str, list[str]]:
 
 
 def _source_manifest(source: str, src: str, params: dict) -> Manifest:
-    from ckptflow.formats import detect
+    from ckptflow.formats import registry
 
-    fmt = detect.sniff(src)
+    fmt = registry.sniff(src)
     prior = manifest.read(src)
     lineage = dict(prior.lineage) if prior else {"source": source, "revision": None, "stages": []}
     return Manifest(kind="source", format=fmt, family=prior.family if prior else None,
@@ -100,38 +116,44 @@ def _source_manifest(source: str, src: str, params: dict) -> Manifest:
                     params=params, lineage=lineage, extra=dict(prior.extra) if prior else {})
 
 
-def copy_tree(source: str, dst: str, params: dict, *, overwrite: bool) -> Manifest:
+def copy_tree(source: str, dst: str, params: dict, *, overwrite: bool, wait: float = 0.0) -> Manifest:
     src, files = _source_files(source)
     m = _source_manifest(source, src, params)
-    out = Output(dst, overwrite=overwrite)
-    for name in files:
-        out.copy(storage.join(src, name), name)
-    return out.commit(m)
+    with Output(dst, overwrite=overwrite, wait=wait) as out:
+        out.reserve(sum(storage.size(storage.join(src, name)) for name in files))
+        for name in files:
+            out.copy(storage.join(src, name), name)
+        return out.commit(m)
 
 
-def link(source: str, dst: str, params: dict, *, overwrite: bool) -> Manifest:
+def link(source: str, dst: str, params: dict, *, overwrite: bool, wait: float = 0.0) -> Manifest:
     """Commit a manifest at DST that points at the source, which stays where it is (no copy, no hashing)."""
     src, files = _source_files(source)
     m = _source_manifest(source, src, params)
     m.extra = {**m.extra, "location": src, "source_files": {f: {"size": storage.size(storage.join(src, f))}
                                                             for f in files}}
-    return Output(dst, overwrite=overwrite).commit(m)
+    with Output(dst, overwrite=overwrite, wait=wait) as out:
+        return out.commit(m)
 
 
 # -- the Hub -----------------------------------------------------------------------------------
 
 class _Resumable(Output):
-    """An Output that keeps the files of its own interrupted download instead of clearing them."""
+    """An Output that keeps the files of an interrupted download (its own, or a dead writer's)
+    instead of clearing them; a failed attempt leaves them for the next (not on a full disk)."""
 
-    def _prepare(self, overwrite: bool) -> None:
-        if not overwrite and storage.isdir(self.uri) and is_interrupted(self.uri):
-            log.info("%s: resuming an interrupted download", self.uri)
+    resumable = True
+
+    def _clear(self, overwrite: bool, expect: tuple | None) -> None:
+        if not overwrite and manifest.read(self.uri) is None:
+            if [n for n in storage.listdir(self.uri) if n != MARKER]:
+                log.info("%s: resuming an interrupted download", self.uri)
             return
-        super()._prepare(overwrite)
+        super()._clear(overwrite, expect)
 
 
 def from_hub(source: str, dst: str, client: hub.Client, *, format: str, existing: Manifest | None,
-             replace: bool) -> Manifest:
+             replace: bool, wait: float = 0.0) -> Manifest:
     repo_id, revision = hub.parse(source)
     same = existing is not None and existing.params.get("source") == source and existing.params.get("format") == format
     if same and hub.is_commit(revision):
@@ -152,19 +174,21 @@ def from_hub(source: str, dst: str, client: hub.Client, *, format: str, existing
     local = storage.is_local(dst)
     # Local: the files land in DST itself. Remote: in a local staging directory, then copied.
     staging = storage.local_path(dst) if local else _staging_dir(client, snap)
-    out = _Resumable(dst, overwrite=replace) if local else Output(dst, overwrite=replace)
-    names = fetch_snapshot(client, snap, first, index, staging)
-    if local:
-        for name, d in names.items():
-            out.files[name] = {"size": d["size"], "sha256": d["sha256"]}
-        _prune(staging, names)
-    else:
-        for name, d in names.items():
-            got = out.copy(os.path.join(staging, name), name)
-            if got["sha256"] != d["sha256"]:
-                raise TransientError(f"{dst}/{name}: changed while copied from {staging}")
-    m = _hub_manifest(source, snap, format, staging, client.endpoint)
-    committed = out.commit(m)
+    with (_Resumable if local else Output)(dst, overwrite=replace, wait=wait) as out:
+        if local:
+            out.reserve(_to_fetch(snap, first, index, staging))
+        names = fetch_snapshot(client, snap, first, index, staging)
+        if local:
+            for name, d in names.items():
+                out.adopt(name, d)
+            _prune(staging, names)
+        else:
+            for name, d in names.items():
+                got = out.copy(os.path.join(staging, name), name)
+                if got["sha256"] != d["sha256"]:
+                    raise TransientError(f"{dst}/{name}: changed while copied from {staging}")
+        m = _hub_manifest(source, snap, format, staging, client.endpoint)
+        committed = out.commit(m)
     if not local:
         shutil.rmtree(staging, ignore_errors=True)
     return committed
@@ -177,6 +201,15 @@ def fetch_snapshot(client: hub.Client, snap: hub.Snapshot, first: list[str], ind
     if index:  # the shards are the files the index names, no more (Mistral repos hold two layouts)
         got.update(_fetch_all(client, snap, _index_shards(snap, os.path.join(local_dir, index), index), local_dir))
     return dict(sorted(got.items()))
+
+
+def _to_fetch(snap: hub.Snapshot, first: list[str], index: str | None, local_dir: str) -> int:
+    """Bytes still to download: `first`, and for an index the top-level files of its weights'
+    kind (the shards it will name), less what a resumed download already holds."""
+    ext = ".safetensors" if index and "safetensors" in index else ".bin"
+    wanted = set(first) | ({p for p in snap.files if "/" not in p and p.endswith(ext)} if index else set())
+    have = {n: os.path.getsize(os.path.join(local_dir, n)) for n in _listed(local_dir)} if os.path.isdir(local_dir) else {}
+    return sum(max(0, (snap.files[p].size or 0) - have.get(p, 0)) for p in wanted)
 
 
 def select(snap: hub.Snapshot, format: str) -> tuple[list[str], str | None]:
@@ -287,10 +320,10 @@ def _listed(local_dir: str) -> list[str]:
 def _describe(local_dir: str, format: str) -> tuple[str, str | None, dict | None, str | None]:
     """(format, family, model_args, dtype) as far as ckptflow reads the download; the source stage
     keeps what came even when a later stage will refuse it."""
-    from ckptflow.formats import detect
+    from ckptflow.formats import registry
 
     try:
-        d = detect.detect(local_dir)
+        d = registry.detect(local_dir)
     except CkptError as e:
         log.info("%s: kept as downloaded (%s)", local_dir, e)
         return ("meta" if format == "meta" else "hf"), None, None, None

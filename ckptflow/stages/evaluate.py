@@ -33,7 +33,7 @@ import hashlib
 import logging
 import shlex
 
-from ckptflow import manifest, storage
+from ckptflow import commit, manifest, storage
 from ckptflow.commit import Output
 from ckptflow.errors import CkptError
 from ckptflow.manifest import Manifest
@@ -49,30 +49,32 @@ def run(src: str, *, data: str | None = None, tasks: list[str] | tuple[str, ...]
         base: str | None = None, out: str | None = None, step: int | None = None,
         prompts: list[str] | tuple[str, ...] = PROMPTS, max_new_tokens: int = 32, batch_size: int = 8,
         seq_len: int = 256, max_batches: int | None = None, lm_eval_batch_size: str = "auto",
-        device: str = "auto", overwrite: bool = False) -> Manifest:
+        device: str = "auto", overwrite: bool = False, wait: float = 0.0) -> Manifest:
     """Evaluate SRC (and BASE) and commit results.json and request.json to OUT (default {run}/eval)."""
     job = plan(src, data=data, tasks=tasks, limit=limit, base=base, step=step, prompts=prompts,
                max_new_tokens=max_new_tokens, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches,
                lm_eval_batch_size=lm_eval_batch_size, device=device)
     out = storage.normalize(out) if out else default_out(job.source)
-    existing = manifest.read(out)
-    if manifest.matches(existing, job.inputs, job.settings) and not overwrite:
+    existing = commit.reusable(out, manifest.read(out), job.inputs, job.settings, overwrite=overwrite)
+    if existing is not None:
         log.info("%s: already evaluated %s; nothing to do", out, src)
         return existing
     # Everything is computed before DIR is touched: bad data or a failed load leave it as it was.
     results = compute(job)
-    output = Output(out, overwrite=overwrite or existing is not None)
-    request = hand_off(job.source, results["model"]["tokenizer"], out, tasks=job.tasks,
-                       batch_size=lm_eval_batch_size)
-    for rel, text in (job.tasks.texts() if job.tasks is not None else {}).items():
-        output.put(f"{TASKS_DIR}/{rel}", text.encode())
-    output.put(RESULTS, _json(results))
-    output.put(REQUEST, _json(request))
-    m = Manifest(kind="eval", format="eval", family=job.source.view.family.NAME,
-                 model_args=job.source.view.args.to_dict(), dtype=request["dtype"], step=job.source.step,
-                 inputs=job.inputs, params=job.settings, lineage=request["lineage"],
-                 extra={**headline(results), "model": request["model"]})
-    return output.commit(m)
+    with Output(out, overwrite=overwrite, wait=wait, expect=(job.inputs, job.settings)) as output:
+        if output.done is not None:     # another writer committed the same while we waited
+            return output.done
+        request = hand_off(job.source, results["model"]["tokenizer"], out, tasks=job.tasks,
+                           batch_size=lm_eval_batch_size)
+        for rel, text in (job.tasks.texts() if job.tasks is not None else {}).items():
+            output.put(f"{TASKS_DIR}/{rel}", text.encode())
+        output.put(RESULTS, _json(results))
+        output.put(REQUEST, _json(request))
+        m = Manifest(kind="eval", format="eval", family=job.source.view.family.NAME,
+                     model_args=job.source.view.args.to_dict(), dtype=request["dtype"], step=job.source.step,
+                     inputs=job.inputs, params=job.settings, lineage=request["lineage"],
+                     extra={**headline(results), "model": request["model"]})
+        return output.commit(m)
 
 
 def measure(src: str, **kw) -> dict:
@@ -139,20 +141,24 @@ def plan(src: str, *, data: str | None = None, tasks=(), limit: int | None = Non
 
 
 def compute(job: Job) -> dict:
-    """results.json's content. One model in memory at a time."""
-    results = {**one(job, job.source), "data": job.data}
-    if job.base_source is not None:
-        results["base"] = one(job, job.base_source)
-        results["change"] = change(results["base"], results)
-    if job.tasks is not None:
-        from ckptflow import benchmarks
+    """results.json's content. One model in memory at a time; lm-eval set up once for both."""
+    import tempfile
 
+    from ckptflow import benchmarks
+
+    with tempfile.TemporaryDirectory(prefix="ckptflow-lm-eval-") as scratch:
+        harness = benchmarks.Harness(job.tasks, scratch) if job.tasks is not None else None
+        results = {**one(job, job.source, harness, scratch), "data": job.data}
+        if job.base_source is not None:
+            results["base"] = one(job, job.base_source, harness, scratch)
+            results["change"] = change(results["base"], results)
+    if harness is not None:
         results["versions"] = benchmarks.versions()
     results["settings"] = job.settings
     return results
 
 
-def one(job: Job, source) -> dict:
+def one(job: Job, source, harness, scratch: str) -> dict:
     """describe, metrics and samples (with data), lm_eval scores (with tasks) of one model."""
     from ckptflow import generate
 
@@ -165,25 +171,27 @@ def one(job: Job, source) -> dict:
                                   max_batches=s["max_batches"])
         out["samples"] = samples(loaded, s["prompts"], s["max_new_tokens"])
         del loaded
-    if job.tasks is not None:
-        out["lm_eval"], out["lm_eval_details"] = benchmark(job, source)
+    if harness is not None:
+        out["lm_eval"], out["lm_eval_details"] = benchmark(job, source, harness, scratch)
     return out
 
 
-def benchmark(job: Job, source) -> tuple[dict, dict]:
+def benchmark(job: Job, source, harness, scratch: str) -> tuple[dict, dict]:
     """lm-eval's scores and details for SOURCE, on an HF directory (a temporary export if need be)."""
-    import tempfile
+    import shutil
 
     from ckptflow import benchmarks, generate
 
     s = job.settings
     device = str(generate.pick_device(job.device))
-    with tempfile.TemporaryDirectory(prefix="ckptflow-lm-eval-") as scratch:
-        hf_dir = lm_eval_dir(source, storage.join(scratch, HF_DIR))
-        raw = benchmarks.run(hf_dir, job.tasks, scratch, limit=s["limit"], device=device,
-                             batch_size=_batch(s["lm_eval_batch_size"], device))
+    tmp_hf = storage.join(scratch, HF_DIR)
+    try:
+        hf_dir = lm_eval_dir(source, tmp_hf)
+        raw = harness.run(hf_dir, limit=s["limit"], device=device, batch_size=_batch(s["lm_eval_batch_size"], device))
+    finally:
+        shutil.rmtree(tmp_hf, ignore_errors=True)    # the next model's export goes there
     details = benchmarks.details(raw, job.tasks, s["limit"])
-    details["model"] = hf_dir if not hf_dir.startswith(scratch) else "a temporary HF export of " + source.uri
+    details["model"] = hf_dir if hf_dir != tmp_hf else "a temporary HF export of " + source.uri
     return benchmarks.scores(raw), details
 
 

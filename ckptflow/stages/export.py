@@ -18,10 +18,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from ckptflow import manifest, progress, storage
+from ckptflow import commit, manifest, progress, storage
 from ckptflow.commit import Output
 from ckptflow.errors import CkptError
-from ckptflow.formats import WRITERS, open_adapter, open_view, st
+from ckptflow.formats import registry, st
+from ckptflow.formats.registry import open_adapter, open_view
 from ckptflow.formats.adapter import adapter_lineage, base_view, merged_view, run_of_step
 from ckptflow.formats.view import Item, View
 from ckptflow.lineage import dtype_code, source_ref
@@ -43,10 +44,20 @@ class Source:
 
 
 def run(src: str, dst: str, *, format: str = "original", step: int | None = None, dtype: str | None = None,
-        base: str | None = None, overwrite: bool = False) -> Manifest:
+        base: str | None = None, overwrite: bool = False, wait: float = 0.0) -> Manifest:
+    from ckptflow.formats import hf
+
     src, dst = storage.normalize(src), storage.normalize(dst)
     if src == dst:
         raise CkptError(f"{dst}: source and destination are the same directory")
+    try:
+        return _run(src, dst, format, step, dtype, base, overwrite, wait)
+    finally:
+        hf.drop_copies()     # local copies of remote .bin/.pth files: fetched once, freed here
+
+
+def _run(src: str, dst: str, format: str, step: int | None, dtype: str | None, base: str | None,
+         overwrite: bool, wait: float) -> Manifest:
     source = resolve(src, step=step, base=base, adapter=format == "peft")
     fmt = target_format(format, source)
     out_dtype = dtype_code(dtype)
@@ -54,18 +65,21 @@ def run(src: str, dst: str, *, format: str = "original", step: int | None = None
     if source.base is not None:
         inputs["base"] = source_ref(source.base)
     params = {"format": fmt, "dtype": dtype, "step": source.step}
-    existing = manifest.read(dst)
-    if manifest.matches(existing, inputs, params):
+    existing = commit.reusable(dst, manifest.read(dst), inputs, params, overwrite=overwrite)
+    if existing is not None:
         log.info("%s: already exported from %s; nothing to do", dst, source.uri)
         return existing
-    out = Output(dst, overwrite=overwrite or existing is not None)
     items = source.view.adapter.items().values() if fmt == "peft" and source.view.adapter else source.view.items.values()
     total = sum(_nbytes(it, out_dtype) for it in items)
-    with progress.bar(total, f"export -> {fmt}") as bar:
-        m = WRITERS[fmt](source.view, out, out_dtype=out_dtype, max_shard=None, progress=bar)
-    m.kind, m.inputs, m.params, m.step = "export", inputs, params, source.step
-    m.lineage = lineage(source, fmt, dst, m.dtype)
-    return out.commit(m)
+    with Output(dst, overwrite=overwrite, wait=wait, expect=(inputs, params)) as out:
+        if out.done is not None:     # another writer committed the same while we waited
+            return out.done
+        out.reserve(total)
+        with progress.bar(total, f"export -> {fmt}") as bar:
+            m = registry.write(fmt, source.view, out, out_dtype=out_dtype, progress=bar)
+        m.kind, m.inputs, m.params, m.step = "export", inputs, params, source.step
+        m.lineage = lineage(source, fmt, dst, m.dtype)
+        return out.commit(m)
 
 
 def _nbytes(it: Item, out_dtype: str | None) -> int:
@@ -105,9 +119,8 @@ def is_run(uri: str) -> bool:
 
 
 def _is_adapter_dir(uri: str, prefer_adapter: bool) -> bool:
-    from ckptflow.formats import detect
 
-    fmt = detect.sniff(uri)
+    fmt = registry.sniff(uri)
     if fmt == "peft":
         return True
     from ckptflow.formats import torchtune
@@ -158,9 +171,9 @@ def target_format(fmt: str, source: Source) -> str:
             fmt = "peft"
         else:
             fmt = (source.view.original or {}).get("format") or source.view.format
-    if fmt not in WRITERS:
+    if fmt not in registry.writable():
         raise CkptError(f"{source.uri}: writing format {fmt!r} is not available "
-                        f"(available: {', '.join(sorted(WRITERS))})")
+                        f"(available: {', '.join(registry.writable())})")
     return fmt
 
 

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import logging
 
-from ckptflow import manifest, progress, storage
+from ckptflow import commit, manifest, progress, storage
 from ckptflow.commit import Output
 from ckptflow.errors import CkptError
-from ckptflow.formats import WRITERS, open_adapter
+from ckptflow.formats import registry
 from ckptflow.formats.adapter import adapter_ref, merge_lineage, merged_view
 from ckptflow.lineage import source_ref
 from ckptflow.manifest import Manifest
@@ -25,25 +25,29 @@ from ckptflow.manifest import Manifest
 log = logging.getLogger(__name__)
 
 
-def run(adapter: str, base: str | None, dst: str, *, overwrite: bool = False) -> Manifest:
+def run(adapter: str, base: str | None, dst: str, *, overwrite: bool = False, wait: float = 0.0) -> Manifest:
     dst = storage.normalize(dst)
-    ad, base_view = open_adapter(adapter, None if base in (None, "", "-") else base)
+    ad, base_view = registry.open_adapter(adapter, None if base in (None, "", "-") else base)
     if dst in (ad.uri, base_view.uri):
         raise CkptError(f"{dst}: the destination is the adapter or the base itself")
     inputs = {"adapter": adapter_ref(ad), "base": source_ref(base_view)}
     params: dict = {}
-    existing = manifest.read(dst)
-    if manifest.matches(existing, inputs, params):
+    existing = commit.reusable(dst, manifest.read(dst), inputs, params, overwrite=overwrite)
+    if existing is not None:
         log.info("%s: already merged from %s; nothing to do", dst, ad.uri)
         return existing
     fp = ad.content_fingerprint()
     view = merged_view(base_view, ad, fp)     # refuses an adapter that is merged in already
-    out = Output(dst, overwrite=overwrite or existing is not None)
-    with progress.bar(sum(it.out_nbytes for it in view.items.values()), "merge") as bar:
-        m = WRITERS["tune"](view, out, out_dtype=None, max_shard=None, progress=bar)
-    m.inputs, m.params, m.step = inputs, params, ad.step
-    m.lineage = merge_lineage(base_view, ad, fp, dst)
-    m.extra["merged"] = {"adapter": ad.uri, "format": ad.format, "fingerprint": fp, **ad.lora_config()}
-    return out.commit(m)
+    total = sum(it.out_nbytes for it in view.items.values())
+    with Output(dst, overwrite=overwrite, wait=wait, expect=(inputs, params)) as out:
+        if out.done is not None:     # another writer committed the same while we waited
+            return out.done
+        out.reserve(total)
+        with progress.bar(total, "merge") as bar:
+            m = registry.write("tune", view, out, progress=bar)
+        m.inputs, m.params, m.step = inputs, params, ad.step
+        m.lineage = merge_lineage(base_view, ad, fp, dst)
+        m.extra["merged"] = {"adapter": ad.uri, "format": ad.format, "fingerprint": fp, **ad.lora_config()}
+        return out.commit(m)
 
 

@@ -31,18 +31,23 @@ def prepare_base(cfg: config.RunConfig) -> str:
 
 
 def run(cfg: config.RunConfig, base_uri: str | None = None, *, stop_after: int | None = None,
-        on_metrics=None) -> Manifest:
+        on_metrics=None, wait: float = 0.0) -> Manifest:
     """Train to train.steps (or to step `stop_after`); returns the last step checkpoint's manifest.
 
     `on_metrics(row)` receives every metrics row: step, loss, eval_loss, lr, tokens_per_s, checkpoint.
+    The run's writer lease is held throughout (re-entrant under a flow that holds it already), so
+    `ckptflow gc` and a second trainer keep off; torchrun's ranks inherit it (lease.ENV).
     """
-    config.apply_storage_options(cfg)
-    base_uri = storage.normalize(base_uri) if base_uri else prepare_base(cfg)
-    if cfg.train.nproc_per_node > 1:
-        from ckptflow import distributed
+    from ckptflow import lease
 
-        return distributed.launch(cfg, base_uri, stop_after=stop_after, on_metrics=on_metrics)
-    return train_here(cfg, base_uri, stop_after=stop_after, on_metrics=on_metrics)
+    config.apply_storage_options(cfg)
+    with lease.hold(config.run_dir(cfg), owner=lease.default_owner(), wait=wait):
+        base_uri = storage.normalize(base_uri) if base_uri else prepare_base(cfg)
+        if cfg.train.nproc_per_node > 1:
+            from ckptflow import distributed
+
+            return distributed.launch(cfg, base_uri, stop_after=stop_after, on_metrics=on_metrics)
+        return train_here(cfg, base_uri, stop_after=stop_after, on_metrics=on_metrics)
 
 
 def train_here(cfg: config.RunConfig, base_uri: str, *, stop_after: int | None = None, on_metrics=None,
