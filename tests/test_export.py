@@ -269,3 +269,22 @@ def test_peft_export_loads_in_peft_with_the_merged_hf_export_logits(tmp_path, fa
     want = hf_logits(str(tmp_path / "hf"), x)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert (want - hf_logits(os.path.join(r, "source"), x)).abs().max() > 1e-3     # the adapter is in there
+
+
+def test_a_fused_phi3_peft_adapter_exports_as_itself(tmp_path):
+    from tests import hfmodels
+    from tests.test_peft import peft_adapter
+
+    base = hfmodels.save("phi3", str(tmp_path / "base"))
+    pm = peft_adapter(base, str(tmp_path / "ad"), r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj"],
+                      rank_pattern={"model.layers.1.self_attn.qkv_proj": 2})
+    export.run(str(tmp_path / "ad"), str(tmp_path / "same"), format="peft")
+    want, got = tensors(str(tmp_path / "ad")), tensors(str(tmp_path / "same"))
+    assert want.keys() == got.keys() and all(torch.equal(v, got[k]) for k, v in want.items())   # shared lora_A
+    cfg = json.load(open(tmp_path / "same" / "adapter_config.json"))
+    assert cfg["rank_pattern"] == {"model.layers.1.self_attn.qkv_proj": 2}
+    export.run(str(tmp_path / "ad"), str(tmp_path / "hf"), format="hf")
+    x = tokens()
+    with torch.no_grad():
+        want_logits = pm.eval()(x).logits
+    torch.testing.assert_close(hf_logits(str(tmp_path / "hf"), x), want_logits, atol=1e-5, rtol=0)
