@@ -381,14 +381,44 @@ def save_state(state_dict: dict, uri: str, *, process_group=None, thread_count: 
         digests = dcp.save_state({"model": model_sd, "optimizer": optim_sd, "step": step}, uri)
         out.files.update(digests); out.commit(manifest)     # rank 0
     """
-    import torch.distributed as dist
     import torch.distributed.checkpoint as tdcp
 
     uri = storage.normalize(uri)
     writer = storage_writer(uri, thread_count=thread_count)
     with _quiet():
         tdcp.save(state_dict, storage_writer=writer, process_group=process_group, no_dist=not _distributed())
-    digests = dict(writer.fs.digests)
+    return _gather_digests(writer.fs.digests, process_group)
+
+
+def save_state_async(state_dict: dict, uri: str, *, process_group=None, thread_count: int = 1):
+    """save_state in two halves: this returns once every tensor is copied into CPU memory (DCP's
+    staging), the files are written by a thread DCP starts; the returned `finish()` waits for
+    them and returns what save_state returns. Under torch.distributed give a gloo
+    `process_group` of its own: DCP's collectives then run in that thread beside training's.
+
+        finish = dcp.save_state_async(sd, uri, process_group=side)   # training goes on
+        out.files.update(finish()); out.commit(manifest)             # later, rank 0
+    """
+    import torch.distributed.checkpoint as tdcp
+
+    uri = storage.normalize(uri)
+    writer = storage_writer(uri, thread_count=thread_count)
+    with _quiet():
+        fut = tdcp.async_save(state_dict, storage_writer=writer, process_group=process_group,
+                              no_dist=not _distributed())
+
+    def finish() -> dict:
+        with _quiet(), _checked(uri):
+            fut.result()
+        return _gather_digests(writer.fs.digests, process_group)
+    return finish
+
+
+def _gather_digests(mine: dict, process_group) -> dict:
+    """Every rank's {file: digest} (each rank hashed the files it wrote)."""
+    import torch.distributed as dist
+
+    digests = dict(mine)
     if _distributed():
         gathered = [None] * dist.get_world_size(process_group)
         dist.all_gather_object(gathered, digests, group=process_group)
