@@ -215,3 +215,50 @@ def test_async_dcp_saves_resume_bit_exactly(tmp_path, base, method, monkeypatch)
     sa = storage.read_json(storage.join(m4.uri, "trainer_state.json"))
     sb = storage.read_json(storage.join(r4.uri, "trainer_state.json"))
     assert sa == sb
+
+
+@pytest.fixture
+def s3(s3_server, s3_bucket):
+    storage.set_options(s3_bucket, s3_server.storage_options)
+    yield s3_bucket
+    storage.set_options(s3_bucket, None)
+
+
+def test_dcp_steps_go_straight_to_s3_and_commit_last(tmp_path, base, s3, full_run, monkeypatch):
+    """Every rank's shards and .metadata are uploaded through ckptflow.storage (no local copy),
+    hashed as written, and ckptflow.json is the last object of the step; the step reads back
+    (export) and equals the same run saved locally, bit for bit."""
+    from ckptflow.distributed import DistTrainer
+
+    writes = []
+    real_writer, real_put = storage.HashingWriter.__init__, storage.put_atomic
+
+    def hashing_writer(self, uri):
+        writes.append(uri)
+        real_writer(self, uri)
+
+    def put_atomic(uri, data, **kw):
+        writes.append(uri)
+        return real_put(uri, data, **kw)
+    monkeypatch.setattr(storage.HashingWriter, "__init__", hashing_writer)
+    monkeypatch.setattr(storage, "put_atomic", put_atomic)
+
+    cfg = make_cfg(f"{s3}/runs", "full", "checkpoint.async=true")
+    with one_rank(tmp_path / "rank"):
+        m = stage.train_here(cfg, base, trainer_cls=DistTrainer)
+    step = f"{s3}/runs/full/train/step-000002"
+    assert (m.uri, m.format) == (step, "dcp")
+    assert manifest.verify(step) == []                               # sizes and sha256 of every object
+    assert {".metadata", "__0_0.distcp", "trainer_state.json"} <= set(m.files)
+    mine = [u[len(step) + 1:] for u in writes if u.startswith(step + "/")]
+    assert {"__0_0.distcp", ".metadata"} <= set(mine) and mine[-1] == "ckptflow.json"
+    assert not any(os.path.exists(os.path.join(tmp_path, n)) for n in ("runs", "full"))
+
+    local = os.path.join(full_run, "train", "step-000002")
+    model, _ = api.load(base)
+    a, b = _dcp_state(step, model.state_dict()), _dcp_state(local, model.state_dict())
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    export.run(f"{s3}/runs/full", str(tmp_path / "hf"), format="hf")
+    x = tokens()
+    torch.testing.assert_close(hf_logits(str(tmp_path / "hf"), x), own_model(base, local)(x).detach(), atol=1e-5, rtol=0)
