@@ -274,7 +274,7 @@ class Prepared:
     """Everything about the file but the tensor data: checked before anything is written."""
     dtype: str
     tensors: list[Tensor]
-    vocab: object           # gguf_vocab.Vocab
+    vocab: object           # gguf_tokens.Vocab
 
     @property
     def nbytes(self) -> int:

@@ -11,6 +11,7 @@ import struct
 
 from ckptflow import storage
 from ckptflow.errors import CkptError
+from ckptflow.formats.gguf_tokens import Vocab, looks_special
 
 # field numbers of sentencepiece_model.proto
 MODEL_PIECES, MODEL_TRAINER, MODEL_NORMALIZER = 1, 2, 3
@@ -101,8 +102,6 @@ def check(trainer: dict, norm: dict, where: str) -> bool:
 def read(uri: str, n_vocab: int, tokenizer_config: dict):
     """The Vocab of a SentencePiece tokenizer.model, padded to n_vocab, with the added tokens of
     tokenizer_config.json (as the upstream converter reads them)."""
-    from ckptflow.formats.gguf_vocab import Vocab, looks_special
-
     pieces, trainer, norm = read_model(uri)
     prefix = check(trainer, norm, uri)
     if len(pieces) > n_vocab:

@@ -13,10 +13,11 @@ generation_config.json and config.json, first found wins, as transformers reads 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 
 from ckptflow import storage
 from ckptflow.errors import CkptError
+from ckptflow.formats import gguf_spm
+from ckptflow.formats.gguf_tokens import Vocab, looks_special
 
 # The split regexes of tokenizer.json, as llama.cpp names the pre-tokenizers that implement them.
 REGEXES = {
@@ -43,44 +44,8 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 CONFIGS = ("tokenizer_config.json", "generation_config.json", "config.json")
 
 
-@dataclass
-class Vocab:
-    model: str                              # "gpt2" (byte-level BPE) | "llama" (SentencePiece)
-    pre: str | None
-    tokens: list[str]
-    types: list[int]
-    merges: list[str] = field(default_factory=list)
-    scores: list[float] | None = None
-    special: dict[str, int] = field(default_factory=dict)     # bos/eos/unk/pad -> id
-    add_bos: bool | None = None
-    add_eos: bool | None = None
-    add_space_prefix: bool | None = None
-    chat_template: str | None = None
-
-    def metadata(self) -> list[tuple[str, str, object]]:
-        kv = [("tokenizer.ggml.model", "str", self.model)]
-        if self.pre:
-            kv.append(("tokenizer.ggml.pre", "str", self.pre))
-        kv += [("tokenizer.ggml.tokens", "arr", self.tokens), ("tokenizer.ggml.token_type", "arr", self.types)]
-        if self.scores is not None:
-            kv.append(("tokenizer.ggml.scores", "arr", self.scores))
-        if self.merges:
-            kv.append(("tokenizer.ggml.merges", "arr", self.merges))
-        names = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id", "pad": "padding_token_id"}
-        kv += [(f"tokenizer.ggml.{names[k]}", "u32", v) for k, v in self.special.items()]
-        for key, value in (("add_bos_token", self.add_bos), ("add_eos_token", self.add_eos),
-                           ("add_space_prefix", self.add_space_prefix)):
-            if value is not None:
-                kv.append((f"tokenizer.ggml.{key}", "bool", value))
-        if self.chat_template:
-            kv.append(("tokenizer.chat_template", "str", self.chat_template))
-        return kv
-
-
 def read(view) -> Vocab:
     """The tokenizer of a View, from its assets."""
-    from ckptflow.formats import gguf_spm
-
     assets, n = view.assets, view.args.vocab_size
     if "tokenizer.model" in assets and ("tokenizer.json" not in assets or gguf_spm.is_spm(assets["tokenizer.model"])):
         vocab = gguf_spm.read(assets["tokenizer.model"], n, _json_asset(assets, "tokenizer_config.json"))
@@ -151,11 +116,6 @@ def pre_tokenizer(tj: dict, where: str) -> str:
         raise CkptError(f"{where}: pre_tokenizer steps {list(found)} match no llama.cpp pre-tokenizer "
                         f"(known: {[list(k) for k in PRE_TOKENIZERS]})")
     return PRE_TOKENIZERS[found]
-
-
-def looks_special(text: str) -> bool:
-    """Added tokens that upstream marks CONTROL although tokenizer.json does not say special."""
-    return (text.startswith("<|") and text.endswith("|>")) or text in ("<pad>", "<mask>")
 
 
 def token_list(tj: dict, n_vocab: int, where: str) -> tuple[list[str], list[int]]:
