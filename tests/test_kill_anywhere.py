@@ -236,7 +236,7 @@ def landed(kill: dict) -> str:
 
 PARENT = textwrap.dedent("""
     import sys, threading, time
-    from tasks import launch
+    from ckptflow import launch
 
     def train():      # like a Prefect task in a worker thread: torchrun's launcher with a rank
         # in a session of its own, as torchrun starts them (a kill of the group misses it)
