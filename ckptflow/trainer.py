@@ -136,6 +136,13 @@ def seed_everything(seed: int) -> None:
 
 # ---- model and optimizer -------------------------------------------------------------------
 
+def model_aux_loss(model):
+    """(router load-balancing loss, its coefficient) of the last forward of an MoE model, else None."""
+    from ckptflow.model import aux_loss
+
+    return aux_loss(model)
+
+
 def lora_config(cfg):
     if cfg.train.method != "lora":
         return None
@@ -273,15 +280,19 @@ class Trainer:
         # Every process divides by the targets of the whole step, so accumulation and several
         # processes add up to the loss of one big batch (FSDP averages gradients: times world).
         targets = max(self._all_sum(sum(int((lab != data.IGNORE).sum()) for _, lab in micro)), 1)
-        total = 0.0
+        total, aux_total = 0.0, None
         for tokens, labels in micro:
             tokens, labels = self._to_device(tokens), self._to_device(labels)
             with torch.autocast(device_type=self.device.type, dtype=self.amp, enabled=self.amp is not None):
                 logits = self.model(tokens)
                 teacher = self._teacher_logits(tokens)
             loss = self._loss_sum(logits, labels, teacher) / targets
-            (loss * self.world if self.world > 1 else loss).backward()
             total += float(loss.detach())
+            aux = model_aux_loss(self.model)
+            if aux is not None:     # MoE: + coef * router load-balancing loss, as transformers adds it
+                loss = loss + aux[1] * aux[0] / len(micro)
+                aux_total = (aux_total or 0.0) + float(aux[0].detach()) / len(micro)
+            (loss * self.world if self.world > 1 else loss).backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm) if tc.max_grad_norm else None
         if norm is not None and hasattr(norm, "full_tensor"):
@@ -291,8 +302,11 @@ class Trainer:
         n_tokens = int(self._all_sum(sum(t.numel() for t, _ in micro)))
         total = self._all_sum(total)
         self.step, self.tokens_seen, self.last_loss = step, self.tokens_seen + n_tokens, total
-        return {"step": step, "loss": total, "lr": lr, "grad_norm": float(norm) if norm is not None else None,
-                "tokens": n_tokens}
+        row = {"step": step, "loss": total, "lr": lr, "grad_norm": float(norm) if norm is not None else None,
+               "tokens": n_tokens}
+        if aux_total is not None:
+            row["aux_loss"] = self._all_sum(aux_total) / self.world
+        return row
 
     def _teacher_logits(self, tokens):
         if self.teacher is None:
@@ -357,7 +371,10 @@ class Trainer:
             self.write_metrics()
         every = self.cfg.checkpoint.every_steps
         nxt = min(until, (self.step // every + 1) * every) if every else until
-        return {"loss": f"{row['loss']:.4f}", "tok/s": f"{row['tokens_per_s']:.0f}", "next_ckpt": nxt}
+        shown = {"loss": f"{row['loss']:.4f}", "tok/s": f"{row['tokens_per_s']:.0f}", "next_ckpt": nxt}
+        if row.get("aux_loss") is not None:
+            shown["aux"] = f"{row['aux_loss']:.4f}"
+        return shown
 
     def _agree(self, flag: bool) -> bool:
         return flag     # one process: no one to agree with (every_seconds may differ across ranks)

@@ -71,8 +71,9 @@ class Watch:
     def metrics(self, row: dict) -> None:
         self.step = max(self.step, int(row.get("step") or 0))
         if self.step % self.log_every == 0 or row.get("eval_loss") is not None or row.get("checkpoint"):
-            self.logger.info("step %d/%d loss %s eval_loss %s lr %s%s", row["step"], self.total, _f(row.get("loss")),
+            self.logger.info("step %d/%d loss %s eval_loss %s lr %s%s%s", row["step"], self.total, _f(row.get("loss")),
                              _f(row.get("eval_loss")), _f(row.get("lr"), ".3g"),
+                             f" aux_loss {_f(row['aux_loss'])}" if row.get("aux_loss") is not None else "",
                              f" checkpoint {row['checkpoint']}" if row.get("checkpoint") else "")
         self.update(self.step)
 

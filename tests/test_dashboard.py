@@ -59,8 +59,8 @@ deployment = deploy.runner_deployment(spec, "deployments/prefect.yaml")
 wait_until_up(os.environ["PREFECT_API_URL"])
 print(deployment.apply())
 """
-FORMATS = ["original", "hf", "meta", "peft", "tune"]
-DTYPES = ["keep", "bfloat16", "float16", "float32"]
+FORMATS = ["original", "hf", "meta", "peft", "tune", "gguf"]
+DTYPES = ["keep", "bfloat16", "float16", "float32", "q8_0"]
 
 
 @dataclass

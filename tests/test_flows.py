@@ -242,8 +242,8 @@ def test_export_params_are_a_typed_form(prefect_api):
 
     schema = parameter_schema(export).model_dump()
     params = schema["definitions"]["ExportParams"]["properties"]
-    assert params["format"]["enum"] == ["original", "hf", "meta", "peft", "tune"]
-    assert params["dtype"]["enum"] == ["keep", "bfloat16", "float16", "float32"]
+    assert params["format"]["enum"] == ["original", "hf", "meta", "peft", "tune", "gguf"]
+    assert params["dtype"]["enum"] == ["keep", "bfloat16", "float16", "float32", "q8_0"]
     assert all(p.get("description") for p in params.values())
 
 
