@@ -258,9 +258,10 @@ def merge(adapter: str, base: str, dst: str, overwrite: bool = typer.Option(Fals
 
 @app.command()
 def export(src: str, dst: str,
-           format: str = typer.Option("original", "--format", help="original | hf | meta | peft"),
+           format: str = typer.Option("original", "--format", help="original | hf | meta | peft | gguf"),
            step: Optional[int] = typer.Option(None, "--step", help="a run's step (default: the newest committed)"),
-           dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16 | float16 | float32 (default: keep)"),
+           dtype: Optional[str] = typer.Option(None, "--dtype", help="bfloat16 | float16 | float32 (default: keep); "
+                                                "gguf: f32 | f16 | bf16 | q8_0"),
            base: Optional[str] = typer.Option(None, "--base", help="the base model of an adapter (default: the one it names)"),
            overwrite: bool = typer.Option(False, "--overwrite", help="replace a committed destination"),
            wait: bool = WAIT, as_json: bool = JSON):

@@ -30,7 +30,7 @@ import time
 
 from ckptflow import config as config_mod
 from ckptflow import data, manifest, progress, storage
-from ckptflow.checkpointer import Checkpointer, read_tensors
+from ckptflow.checkpointer import Checkpointer, read_tensors, step_name
 from ckptflow.errors import CkptError
 from ckptflow.manifest import Manifest
 
@@ -60,14 +60,15 @@ def process_settings(tcfg):
         torch.use_deterministic_algorithms(det)
 
 
-def pick_device(name: str):
+def pick_device(name: str = "auto", what: str = "train.device"):
+    """auto: CUDA when there is one, else the CPU; a named CUDA device that is not there is an error."""
     import torch
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CkptError(f"train.device {name!r}: CUDA is not available on this machine")
+        raise CkptError(f"{what} {name!r}: CUDA is not available on this machine")
     return dev
 
 
@@ -428,7 +429,7 @@ class Trainer:
         lineage = dict(base.lineage)
         lineage["stages"] = list(lineage.get("stages", [])) + [
             {"stage": "train", "method": cfg.train.method, "step": self.step,
-             "uri": storage.join(self.train_uri, f"step-{self.step:06d}")}]
+             "uri": storage.join(self.train_uri, step_name(self.step))}]
         return Manifest(kind="train_state", format="tune", family=base.family, model_args=base.model_args,
                         dtype="float32", step=self.step, inputs={"base": manifest.input_ref(base)},
                         params={"method": cfg.train.method, "resume": config_mod.resume_view(cfg),
@@ -451,10 +452,10 @@ class Trainer:
         state = storage.read_json(storage.join(m.uri, STATE))
         with_optimizer = "optimizer" not in exclude
         if m.format == "dcp":
-            from ckptflow import distributed
+            from ckptflow import checkpointer
 
-            weights, optim = distributed.read_dcp_step(m.uri, self.trainable_state(), with_optimizer)
-            rng = distributed.rank_rng_tensors(state, 0)
+            weights, optim = checkpointer.read_dcp_step(m.uri, self.trainable_state(), with_optimizer)
+            rng = checkpointer.rank_rng_tensors(state, 0)
         else:
             weights = read_tensors(m.uri, MODEL)
             optim = read_tensors(m.uri, OPTIMIZER) if with_optimizer else None
@@ -501,12 +502,21 @@ class Trainer:
 
 
 def read_metrics(train_uri: str) -> list[dict]:
+    """The training loop's metrics rows (one JSON object per line, with its step); [] before training."""
     import json
 
     path = storage.join(train_uri, METRICS)
     if not storage.isfile(path):
         return []
-    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+    rows = []
+    for line in storage.read_text(path).splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill mid-write; the next run appends after it
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+    return rows
 
 
 # ---- which checkpoint to resume from ------------------------------------------------------

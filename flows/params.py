@@ -8,9 +8,11 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
 from ckptflow import credentials, storage
+from ckptflow.checkpointer import step_name
 
-ExportFormat = Literal["original", "hf", "meta", "peft", "tune"]
+ExportFormat = Literal["original", "hf", "meta", "peft", "tune", "gguf"]
 Dtype = Literal["keep", "bfloat16", "float16", "float32"]
+ExportDtype = Literal["keep", "bfloat16", "float16", "float32", "q8_0"]   # q8_0: gguf only
 
 
 class _Params(BaseModel):
@@ -34,9 +36,11 @@ class ExportParams(_Params):
     format: ExportFormat = Field("original", title="Format",
                                  description="original: the format the model came in; hf: transformers "
                                              "safetensors; meta: consolidated.00.pth + params.json; peft: the "
-                                             "LoRA adapter alone; tune: ckptflow's own format")
-    dtype: Dtype = Field("keep", title="Dtype",
-                         description="keep the checkpoint's dtype, or cast to bfloat16 / float16 / float32")
+                                             "LoRA adapter alone; tune: ckptflow's own format; gguf: one "
+                                             "file for llama.cpp / Ollama, with a Modelfile")
+    dtype: ExportDtype = Field("keep", title="Dtype",
+                               description="keep the checkpoint's dtype, or cast to bfloat16 / float16 / float32; "
+                                           "q8_0 quantizes a gguf export")
     dst: str | None = Field(None, title="Destination",
                             description="Where to write the export. Empty: {run}/exports/<format>-step-<NNNNNN>-<dtype> "
                                         "(e.g. hf-step-000040-bfloat16; dtype 'keep' when not cast) for a run "
@@ -52,7 +56,7 @@ class ExportParams(_Params):
         it belongs to (None: not part of a run)."""
         if self.dst:
             return storage.normalize(self.dst)
-        name = "-".join([self.format, *([f"step-{step:06d}"] if step is not None else []), self.dtype])
+        name = "-".join([self.format, *([step_name(step)] if step is not None else []), self.dtype])
         if run:
             return storage.join(storage.normalize(run), "exports", name)
         return storage.join(storage.normalize(self.source) + "-exports", name)

@@ -26,6 +26,19 @@ pip_install() {
 pip_install "${TORCH[@]}"
 if [ "${1:-}" = "--test" ]; then
   pip_install -e '.[test]'
+  # llama.cpp's own Python binding proves the GGUF export (tests/test_gguf.py). It is an sdist only:
+  # built once (5-10 min on 2 cores) into a wheel cache that later setups install from in seconds.
+  # A failed build fails the setup: CI must not run without the proof.
+  LLAMA_WHEELS=${CKPTFLOW_WHEEL_CACHE:-$HOME/.cache/ckptflow-wheels}
+  if ! ls "$LLAMA_WHEELS"/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1; then
+    echo "setup: building llama-cpp-python 0.3.36 into $LLAMA_WHEELS (takes minutes)" >&2
+    mkdir -p "$LLAMA_WHEELS"
+    { CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF" \
+      .venv/bin/python -m pip wheel -q --disable-pip-version-check --no-deps llama-cpp-python==0.3.36 \
+      -w "$LLAMA_WHEELS" 2>&1; } | { grep -v "is ignored" || true; }
+  fi
+  pip_install --find-links "$LLAMA_WHEELS" --only-binary llama-cpp-python llama-cpp-python==0.3.36
+  .venv/bin/python -c "import llama_cpp" || { echo "setup: llama_cpp does not import" >&2; exit 1; }
   # Chromium is a system package (apt, as root), the one test dependency pip cannot install. Without
   # it setup goes on and only the tests marked `browser` skip, saying why (pytest -rs lists them);
   # every Python test dependency above is required: a failed install stops here.

@@ -242,8 +242,8 @@ def test_export_params_are_a_typed_form(prefect_api):
 
     schema = parameter_schema(export).model_dump()
     params = schema["definitions"]["ExportParams"]["properties"]
-    assert params["format"]["enum"] == ["original", "hf", "meta", "peft", "tune"]
-    assert params["dtype"]["enum"] == ["keep", "bfloat16", "float16", "float32"]
+    assert params["format"]["enum"] == ["original", "hf", "meta", "peft", "tune", "gguf"]
+    assert params["dtype"]["enum"] == ["keep", "bfloat16", "float16", "float32", "q8_0"]
     assert all(p.get("description") for p in params.values())
 
 
@@ -267,14 +267,15 @@ def test_gpu_slot_is_held_only_when_the_limit_exists(prefect_api):
 
 HOLDER = textwrap.dedent("""
     import sys
-    from tasks import launch
+    from ckptflow import launch
+    from tasks.launch import kill_hook
     from prefect import flow, task
 
     @task
     def hold(pidfile: str) -> None:     # a stand-in for torchrun: a launcher with a worker child
         launch.run(["sh", "-c", f"sleep 120 & echo $! > {pidfile}; wait"], poll=lambda: None, poll_seconds=0.2)
 
-    @flow(on_cancellation=[launch.kill_hook], on_crashed=[launch.kill_hook])
+    @flow(on_cancellation=[kill_hook], on_crashed=[kill_hook])
     def holder(pidfile: str) -> None:
         hold(pidfile)
 

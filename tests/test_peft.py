@@ -223,6 +223,10 @@ def test_written_adapter_loads_in_peft_with_ckptflow_logits(tmp_path, family):
         want = own_model(run, step.uri)(x)
         got = pm(x).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    export.run(step.uri, str(tmp_path / "hf"), format="hf")           # ckptflow's merged HF export
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(got, merged(x).logits, atol=1e-5, rtol=0)
     with torch.no_grad(), pm.disable_adapter():
         assert (pm(x).logits - got).abs().max() > 1e-3     # the adapter is really there
     assert sum(1 for k in pm.state_dict() if "lora_" in k) == 2 * per_layer * 2

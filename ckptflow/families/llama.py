@@ -186,3 +186,31 @@ def is_litgpt_config(cfg: dict) -> bool:
 
 def args_from_litgpt(cfg: dict, where: str = "model_config.yaml") -> ModelArgs:
     return _litgpt.args_from_config(cfg, where, rope_interleaved=ROPE_INTERLEAVED)
+
+
+# --- GGUF (llama.cpp), written by ckptflow/formats/gguf.py -----------------------------------
+
+GGUF_ARCH = "llama"
+# tune key -> GGUF tensor name. q/k rows stay in the tune (Meta, interleaved) order, which is what
+# llama.cpp's llama architecture rotates; the upstream converter permutes HF rows into it.
+TUNE_TO_GGUF = {
+    "tok_embeddings.weight": "token_embd.weight",
+    "layers.{}.sa_norm.scale": "blk.{}.attn_norm.weight",
+    "layers.{}.attn.q_proj.weight": "blk.{}.attn_q.weight",
+    "layers.{}.attn.q_proj.bias": "blk.{}.attn_q.bias",
+    "layers.{}.attn.k_proj.weight": "blk.{}.attn_k.weight",
+    "layers.{}.attn.k_proj.bias": "blk.{}.attn_k.bias",
+    "layers.{}.attn.v_proj.weight": "blk.{}.attn_v.weight",
+    "layers.{}.attn.v_proj.bias": "blk.{}.attn_v.bias",
+    "layers.{}.attn.output_proj.weight": "blk.{}.attn_output.weight",
+    "layers.{}.attn.output_proj.bias": "blk.{}.attn_output.bias",
+    "layers.{}.mlp_norm.scale": "blk.{}.ffn_norm.weight",
+    "layers.{}.mlp.w1.weight": "blk.{}.ffn_gate.weight",
+    "layers.{}.mlp.w1.bias": "blk.{}.ffn_gate.bias",
+    "layers.{}.mlp.w2.weight": "blk.{}.ffn_down.weight",
+    "layers.{}.mlp.w2.bias": "blk.{}.ffn_down.bias",
+    "layers.{}.mlp.w3.weight": "blk.{}.ffn_up.weight",
+    "layers.{}.mlp.w3.bias": "blk.{}.ffn_up.bias",
+    "norm.scale": "output_norm.weight",
+    "output.weight": "output.weight",
+}

@@ -133,3 +133,9 @@ def args_from_litgpt(cfg: dict, where: str = "model_config.yaml") -> ModelArgs:
         raise CkptError(f"{where}: a sliding window on some layers only is not supported")
     return _litgpt.args_from_config(cfg, where, rope_interleaved=ROPE_INTERLEAVED,
                                     extra={"sliding_window": cfg["sliding_window_size"]})
+
+
+# --- GGUF (llama.cpp): upstream writes Mistral as the llama architecture, rows in Meta order ---
+
+GGUF_ARCH = "llama"
+TUNE_TO_GGUF = _llama.TUNE_TO_GGUF

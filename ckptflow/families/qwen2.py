@@ -91,3 +91,26 @@ def is_litgpt_config(cfg: dict) -> bool:
 
 def args_from_litgpt(cfg: dict, where: str = "model_config.yaml") -> ModelArgs:
     return _litgpt.args_from_config(cfg, where, qkv_bias=True, rope_interleaved=ROPE_INTERLEAVED)
+
+
+# --- GGUF (llama.cpp), written by ckptflow/formats/gguf.py -----------------------------------
+
+GGUF_ARCH = "qwen2"
+# q/k rows stay in HF's rotate-half order: llama.cpp rotates qwen2 NEOX-style.
+TUNE_TO_GGUF = {
+    "tok_embeddings.weight": "token_embd.weight",
+    "layers.{}.sa_norm.scale": "blk.{}.attn_norm.weight",
+    "layers.{}.attn.q_proj.weight": "blk.{}.attn_q.weight",
+    "layers.{}.attn.q_proj.bias": "blk.{}.attn_q.bias",
+    "layers.{}.attn.k_proj.weight": "blk.{}.attn_k.weight",
+    "layers.{}.attn.k_proj.bias": "blk.{}.attn_k.bias",
+    "layers.{}.attn.v_proj.weight": "blk.{}.attn_v.weight",
+    "layers.{}.attn.v_proj.bias": "blk.{}.attn_v.bias",
+    "layers.{}.attn.output_proj.weight": "blk.{}.attn_output.weight",
+    "layers.{}.mlp_norm.scale": "blk.{}.ffn_norm.weight",
+    "layers.{}.mlp.w1.weight": "blk.{}.ffn_gate.weight",
+    "layers.{}.mlp.w2.weight": "blk.{}.ffn_down.weight",
+    "layers.{}.mlp.w3.weight": "blk.{}.ffn_up.weight",
+    "norm.scale": "output_norm.weight",
+    "output.weight": "output.weight",
+}

@@ -16,7 +16,7 @@ from ckptflow import families, manifest, storage
 from ckptflow.errors import CkptError
 from ckptflow.formats import st
 from ckptflow.families import _fused
-from ckptflow.formats.view import FilePlan, Item, repartition, split_rows
+from ckptflow.formats.view import FilePlan, Item, is_asset, repartition, split_rows
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +59,9 @@ def open_source(uri: str) -> Source:
     tensors = {f: items for f, (_, items) in read.items()}
     if index:
         _check_index(uri, index, tensors)
-    assets = [n for n in names if _is_asset(uri, n)]
+    assets = [n for n in names if is_asset(uri, n, NOT_ASSETS, WEIGHT_SUFFIXES)]
     return Source(uri, config, family, args, weights, index, files, tensors,
                   {f: meta for f, (meta, _) in read.items()}, assets)
-
-
-def _is_asset(uri: str, name: str) -> bool:
-    if name in NOT_ASSETS or name.startswith(".") or name.endswith(WEIGHT_SUFFIXES):
-        return False
-    return storage.isfile(storage.join(uri, name))
 
 
 def _weight_files(uri: str, names: list[str]) -> tuple[str, str | None, list[str]]:

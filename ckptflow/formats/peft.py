@@ -4,10 +4,10 @@ Reading gives ckptflow's LoRA representation, `formats.adapter.Adapter`: per tun
 its lora_a [r, in] and lora_b [out, r] as lazy Items in tune layout, and that module's own rank,
 alpha and scale, resolved as PEFT resolves them (rank_pattern, alpha_pattern, use_rslora).
 The q/k lora_b rows follow the base weight's rows, so they are permuted HF -> Meta for families
-whose tune layout is interleaved (Llama, Mistral) and never for Qwen2 (formats.md 2.2, 4.6).
+whose tune layout is interleaved (Llama, Mistral) and never for Qwen2 (docs/formats.md).
 
 Writing gives the files `PeftModel.from_pretrained(hf_model, dir)` loads on the original HF model:
-keys `base_model.model.<HF module>.lora_A.weight`, {"format": "pt"} metadata (formats.md 4.3).
+keys `base_model.model.<HF module>.lora_A.weight`, {"format": "pt"} metadata (docs/formats.md).
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from ckptflow import manifest, storage
 from ckptflow.errors import CkptError
-from ckptflow.formats import adapter, arch, dcp, hf, litgpt, meta, peft, torchtune, tune
+from ckptflow.formats import adapter, arch, dcp, gguf, hf, litgpt, meta, peft, torchtune, tune
 from ckptflow.formats.view import Detection, Format, View
 
 
@@ -39,6 +39,7 @@ FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("torchtune", sniff=torchtune.is_torchtune, open=torchtune.open_view, describe=torchtune.describe,
            claims=("hf", "peft")),
     Format("litgpt", sniff=litgpt.is_litgpt, open=litgpt.open_view, describe=litgpt.describe),
+    Format("gguf", write=gguf.write_view),      # export only: llama.cpp / Ollama
 )}
 
 

@@ -76,6 +76,14 @@ def repartition(items: list[Item], max_bytes: int, pattern: str = "model") -> li
     return [FilePlan(f"{pattern}-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
 
 
+def is_asset(uri: str, name: str, not_assets, weight_suffixes) -> bool:
+    """A non-weight file of directory `uri` that travels with the weights (config, tokenizer):
+    a file, not hidden, not in the format's `not_assets`, not ending in one of `weight_suffixes`."""
+    if name in not_assets or name.startswith(".") or name.endswith(weight_suffixes):
+        return False
+    return storage.isfile(storage.join(uri, name))
+
+
 def split_rows(it: Item, names: list[str], rows: list[int], out_dtype: str | None = None) -> list[Item]:
     """Items for consecutive row blocks of `it` (dim 0): byte ranges of its bytes on storage, or
     slices of the loaded tensor. A fused tensor (Phi-3 qkv_proj) is split this way, bit for bit."""

@@ -1,6 +1,6 @@
 """Export a model or an adapter in a format other tools load as is, streaming one tensor at a time.
 
-    ckptflow export SRC DST [--format original|hf|meta|peft] [--step N] [--dtype D] [--base BASE]
+    ckptflow export SRC DST [--format original|hf|meta|peft|gguf] [--step N] [--dtype D] [--base BASE]
 
 SRC is a run directory (its newest committed step, or --step N), a step checkpoint, a tune
 directory, an HF or Meta directory, or an adapter (LoRA step, PEFT, torchtune). A LoRA adapter is
@@ -8,7 +8,8 @@ merged on the fly for hf/meta/original (one tensor at a time, nothing written in
 written unmerged for peft. `original` is the format the model came in (the tune manifest's
 `extra.original.format`; PEFT for a PEFT adapter). HF output reproduces the source's key names,
 order, partition, index, config and tokenizer files (formats.hf.write_view); --dtype casts every
-tensor and updates config.json.
+tensor and updates config.json. GGUF output is one .gguf file for llama.cpp / Ollama (with a
+Modelfile), --dtype f32 | f16 | bf16 | q8_0 (formats/gguf.py); the adapter is merged into it.
 
 ckptflow.json of the export (kind "export") records the lineage: source model and revision, the
 run, the step, every stage the weights went through, and the dtype.
@@ -30,7 +31,7 @@ from ckptflow.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("original", "hf", "meta", "peft", "tune")
+FORMATS = ("original", "hf", "meta", "peft", "tune", "gguf")
 
 
 @dataclass
@@ -60,7 +61,9 @@ def _run(src: str, dst: str, format: str, step: int | None, dtype: str | None, b
          overwrite: bool, wait: float) -> Manifest:
     source = resolve(src, step=step, base=base, adapter=format == "peft")
     fmt = target_format(format, source)
-    out_dtype = dtype_code(dtype)
+    out_dtype, prepared = (None, _gguf(source.view, dtype)) if fmt == "gguf" else (dtype_code(dtype), None)
+    if prepared is not None:
+        dtype = prepared.dtype
     inputs = {"source": source_ref(source.view) if source.manifest is None else manifest.input_ref(source.manifest)}
     if source.base is not None:
         inputs["base"] = source_ref(source.base)
@@ -70,16 +73,29 @@ def _run(src: str, dst: str, format: str, step: int | None, dtype: str | None, b
         log.info("%s: already exported from %s; nothing to do", dst, source.uri)
         return existing
     items = source.view.adapter.items().values() if fmt == "peft" and source.view.adapter else source.view.items.values()
-    total = sum(_nbytes(it, out_dtype) for it in items)
+    total = prepared.nbytes if prepared is not None else sum(_nbytes(it, out_dtype) for it in items)
     with Output(dst, overwrite=overwrite, wait=wait, expect=(inputs, params)) as out:
         if out.done is not None:     # another writer committed the same while we waited
             return out.done
         out.reserve(total)
         with progress.bar(total, f"export -> {fmt}") as bar:
-            m = registry.write(fmt, source.view, out, out_dtype=out_dtype, progress=bar)
+            if prepared is not None:
+                from ckptflow.formats import gguf
+
+                m = gguf.write_view(source.view, out, progress=bar, prepared=prepared)
+            else:
+                m = registry.write(fmt, source.view, out, out_dtype=out_dtype, progress=bar)
         m.kind, m.inputs, m.params, m.step = "export", inputs, params, source.step
         m.lineage = lineage(source, fmt, dst, m.dtype)
         return out.commit(m)
+
+
+def _gguf(view: View, dtype: str | None):
+    """The GGUF file planned (dtype, tensors, tokenizer): a bad key or tokenizer fails before DST
+    is touched."""
+    from ckptflow.formats import gguf
+
+    return gguf.prepare(view, dtype)
 
 
 def _nbytes(it: Item, out_dtype: str | None) -> int:

@@ -1,0 +1,321 @@
+"""GGUF export, proved by llama.cpp itself (llama-cpp-python): it loads the file, tokenizes like the
+HF tokenizer, gives transformers' logits (f32 within 5e-3; q8_0 within 0.15, same top token) and
+the same greedy continuation; the metadata reads back with gguf.GGUFReader.
+
+llama_cpp is a compiled package (scripts/setup.sh --test builds it); without it these tests FAIL
+rather than skip, so CI cannot pass without the proof.
+"""
+import itertools
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from ckptflow import cli, manifest
+from ckptflow.errors import CkptError
+from ckptflow.formats import gguf_vocab
+from ckptflow.stages import export
+from tests import hfmodels
+from tests.test_peft import lora_step, make_run
+
+transformers = pytest.importorskip("transformers")
+
+TEXT = "Hello world! It's 2026, isn't it? Numbers 1234567 and ünïcödé.\n\n  Two  spaces\tand a tab."
+CORPUS = os.path.join(os.path.dirname(__file__), "..", "ckptflow", "data", "seed_corpus.txt")
+N_GEN = 8
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+# case -> (family, tokenizer style, config overrides)
+CASES = {
+    "llama": ("llama", "gpt2", {}),
+    "llama3": ("llama", "llama3", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                       "original_max_position_embeddings": 32}}),
+    "mistral": ("mistral", "tekken", {}),
+    "qwen2": ("qwen2", "qwen2", {}),
+    "mistral-spm": ("mistral", "spm", {}),       # Mistral 7B / Llama 2 style: SentencePiece tokenizer.model
+}
+SPECIALS = {"gpt2": ["<|pad|>", "<|bos|>", "<|eos|>"],
+            "llama3": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+            "tekken": ["<unk>", "<s>", "</s>"],
+            "qwen2": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]}
+
+
+def llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError:
+        pytest.fail("llama_cpp is not installed: run scripts/setup.sh --test (it builds llama-cpp-python)")
+    return llama_cpp
+
+
+# --- tiny models with their own tokenizers ---------------------------------------------------
+
+def train_tokenizer(style: str, vocab: int = 320):
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    if style == "gpt2":
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(gguf_vocab.REGEXES[style]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    if style == "qwen2":
+        tok.normalizer = normalizers.NFC()
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIALS[style], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train([CORPUS], trainer)
+    tj = json.loads(tok.to_str())
+    if style == "llama3":
+        tj["model"]["ignore_merges"] = True      # as Meta's Llama 3 tokenizer.json has it
+    return tj
+
+
+def train_spm(path: str, vocab: int = 700) -> int:
+    """A SentencePiece BPE tokenizer.model like Llama 2's (byte fallback, identity normalizer)."""
+    import io
+
+    spm = pytest.importorskip("sentencepiece")
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(input=CORPUS, model_writer=buf, vocab_size=vocab, model_type="bpe",
+                                   byte_fallback=True, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False, split_digits=True, hard_vocab_limit=False,
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    with open(os.path.join(path, "tokenizer.model"), "wb") as f:
+        f.write(buf.getvalue())
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
+                   "unk_token": "<unk>", "add_bos_token": True, "legacy": False}, f)
+    return spm.SentencePieceProcessor(model_file=os.path.join(path, "tokenizer.model")).vocab_size()
+
+
+def tokenizer_config(style: str) -> dict:
+    s = SPECIALS[style]
+    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+    if style == "qwen2":
+        cfg.update(eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHATML)
+    elif style == "llama3":
+        cfg.update(bos_token=s[0], eos_token=s[4])
+    else:
+        cfg.update(bos_token=s[1], eos_token=s[2])
+    return cfg
+
+
+def hf_dir(path: str, case: str) -> str:
+    """A transformers-saved tiny model (weights scaled up: logits of std ~0.7) plus its tokenizer."""
+    family, style, over = CASES[case]
+    os.makedirs(path)
+    if style == "spm":
+        n = train_spm(path)
+    else:
+        tj = train_tokenizer(style)
+        n = len(tj["model"]["vocab"])
+        with open(os.path.join(path, "tokenizer.json"), "w") as f:
+            json.dump(tj, f)
+        with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+            json.dump(tokenizer_config(style), f)
+    m = hfmodels.model(family, vocab_size=n, initializer_range=0.08, **over)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.2)
+    m.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf")
+    return {case: hf_dir(str(root / case), case) for case in CASES}
+
+
+# --- what each side computes ------------------------------------------------------------------
+
+def hf_ids(path: str, text: str) -> list[int]:
+    """The model's own tokenizer: transformers' for tokenizer.json, SentencePiece for tokenizer.model
+    (transformers 5 converts a tokenizer.model only with protobuf/tiktoken, not installed here)."""
+    if os.path.exists(os.path.join(path, "tokenizer.model")):
+        import sentencepiece
+
+        return sentencepiece.SentencePieceProcessor(model_file=os.path.join(path, "tokenizer.model")).encode(text)
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def hf_side(path: str, text: str = TEXT):
+    ids = hf_ids(path, text)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].numpy()
+        seq, margins = list(ids), []
+        for _ in range(N_GEN):
+            last = model(torch.tensor([seq])).logits[0, -1]
+            top2 = last.topk(2).values
+            seq.append(int(last.argmax()))
+            margins.append(float(top2[0] - top2[1]))
+    hf_side.margins = margins       # how far each greedy choice is from a tie
+    return ids, logits, seq[len(ids):]
+
+
+def settled(margins: list[float], bound: float) -> int:
+    """How many greedy steps an error of at most `bound` on each logit cannot change: those before
+    the first step whose top two logits are within 2 * bound (a tie the error may break either way)."""
+    return next((i for i, m in enumerate(margins) if m < 2 * bound), len(margins))
+
+
+def cpp_side(gguf_path: str, text: str = TEXT, kv_f32: bool = False):
+    """llama.cpp's ids, logits of every position and greedy continuation. Its KV cache is float16 by
+    default (1e-3 of rounding at these logits); kv_f32 takes the cache out of the comparison."""
+    kv = {"type_k": 0, "type_v": 0} if kv_f32 else {}      # GGML_TYPE_F32
+    llm = llama_cpp().Llama(model_path=gguf_path, n_ctx=128, logits_all=True, verbose=False, n_threads=2, **kv)
+    ids = llm.tokenize(text.encode(), add_bos=False, special=False)
+    llm.eval(ids)
+    logits = np.array(llm.scores[: len(ids)])
+    llm.reset()
+    gen = list(itertools.islice(llm.generate(ids, top_k=1, temp=0.0), N_GEN))
+    llm.close()
+    return ids, logits, gen
+
+
+def export_gguf(src: str, dst: str, dtype: str) -> str:
+    m = export.run(src, dst, format="gguf", dtype=dtype)
+    assert (m.kind, m.format, m.dtype) == ("export", "gguf", dtype)
+    return os.path.join(dst, m.extra["gguf"]["file"])
+
+
+# --- the proofs ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_llama_cpp_tokenizes_and_computes_like_transformers(tmp_path, models, case):
+    ids, logits, gen = hf_side(models[case])
+    f32 = export_gguf(models[case], str(tmp_path / "f32"), "f32")
+    c_ids, c_logits, c_gen = cpp_side(f32)
+    assert c_ids == ids
+    diff = float(np.abs(c_logits - logits).max())
+    assert diff < 5e-3, f"{case} f32: max logit diff {diff}"
+    assert c_gen == gen
+    exact = float(np.abs(cpp_side(f32, kv_f32=True)[1] - logits).max())
+    assert exact < 1e-4, f"{case} f32 with a float32 KV cache: {exact}"     # the weights are the same numbers
+    q8 = export_gguf(models[case], str(tmp_path / "q8"), "q8_0")
+    _, q_logits, q_gen = cpp_side(q8)
+    qdiff = float(np.abs(q_logits - logits).max())
+    assert qdiff < 0.15, f"{case} q8_0: max logit diff {qdiff}"
+    assert q_logits[-1].argmax() == logits[-1].argmax()
+    k = settled(hf_side.margins, qdiff)
+    assert q_gen[:k] == gen[:k], f"{case} q8_0 continuation departs within its first {k} (tie-free) steps"
+    print(f"\n{case}: f32 {diff:.1e} (f32 KV cache {exact:.1e}), {os.path.getsize(f32)} B; "
+          f"q8_0 {qdiff:.1e}, {os.path.getsize(q8)} B, continuation {sum(a == b for a, b in zip(q_gen, gen))}/{N_GEN} "
+          f"equal ({k} tie-free)")
+
+
+@pytest.mark.parametrize("dtype,tol", [("f16", 0.03), ("bf16", 0.15)])
+def test_half_precision_files_stay_close(tmp_path, models, dtype, tol):
+    _, logits, gen = hf_side(models["llama"])
+    path = export_gguf(models["llama"], str(tmp_path / dtype), dtype)
+    _, c_logits, c_gen = cpp_side(path)
+    diff = float(np.abs(c_logits - logits).max())
+    k = settled(hf_side.margins, diff)
+    assert diff < tol and c_logits[-1].argmax() == logits[-1].argmax() and c_gen[:k] == gen[:k], f"{dtype}: {diff}"
+    print(f"\nllama {dtype}: {diff:.2e} ({os.path.getsize(path)} B)")
+
+
+def test_metadata_reads_back(tmp_path, models):
+    from gguf import GGUFReader
+
+    path = export_gguf(models["qwen2"], str(tmp_path / "q"), "q8_0")
+    r = GGUFReader(path)
+    kv = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    cfg = json.load(open(os.path.join(models["qwen2"], "config.json")))
+    tj = json.load(open(os.path.join(models["qwen2"], "tokenizer.json")))
+    assert kv["general.architecture"] == "qwen2" and kv["general.file_type"] == 7
+    want = {"qwen2.block_count": 2, "qwen2.embedding_length": 64, "qwen2.feed_forward_length": 128,
+            "qwen2.attention.head_count": 4, "qwen2.attention.head_count_kv": 2, "qwen2.context_length": 128,
+            "qwen2.rope.dimension_count": 16, "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2",
+            "tokenizer.ggml.eos_token_id": tj["model"]["vocab"]["<|im_end|>"],
+            "tokenizer.ggml.padding_token_id": tj["model"]["vocab"]["<|endoftext|>"],
+            "tokenizer.chat_template": CHATML, "tokenizer.ggml.add_bos_token": False}
+    assert {k: kv[k] for k in want} == want
+    assert kv["qwen2.rope.freq_base"] == pytest.approx(cfg["rope_parameters"]["rope_theta"])
+    assert kv["qwen2.attention.layer_norm_rms_epsilon"] == pytest.approx(cfg["rms_norm_eps"])
+    assert len(kv["tokenizer.ggml.tokens"]) == cfg["vocab_size"]
+    assert kv["tokenizer.ggml.merges"][:3] == [" ".join(m) if isinstance(m, list) else m for m in tj["model"]["merges"][:3]]
+    types = {t.name: t.tensor_type.name for t in r.tensors}
+    assert "output.weight" not in types                             # tied: llama.cpp uses token_embd
+    assert types["token_embd.weight"] == "Q8_0" and types["blk.0.attn_q.bias"] == "F32"
+    assert types["blk.1.ffn_norm.weight"] == "F32" and len(types) == 1 + 2 * 12 + 1
+    modelfile = open(os.path.join(os.path.dirname(path), "Modelfile")).read()
+    assert modelfile.startswith("FROM ./model.gguf\nTEMPLATE \"\"\"{{- range .Messages }}<|im_start|>")
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+
+
+def test_llama3_rope_freqs_tensor(tmp_path, models):
+    from gguf import GGUFReader
+
+    r = GGUFReader(export_gguf(models["llama3"], str(tmp_path / "l3"), "f32"))
+    freqs = next(t for t in r.tensors if t.name == "rope_freqs.weight")
+    assert len(freqs.data) == 8 and freqs.data.min() == 1.0 and freqs.data.max() == 8.0
+    assert r.fields["tokenizer.ggml.pre"].contents() == "llama-bpe"
+
+
+def test_a_lora_run_exports_merged_like_its_hf_export(tmp_path, models):
+    run = make_run(str(tmp_path), hf_dir=models["llama"])
+    lora_step(run, 10, {"rank": 4, "alpha": 8.0, "targets": ["q_proj", "k_proj", "v_proj", "w1", "output"]}, seed=3)
+    export.run(run, str(tmp_path / "hf"), format="hf")
+    ids, logits, gen = hf_side(str(tmp_path / "hf"))
+    m = export.run(run, str(tmp_path / "gguf"), format="gguf", dtype="f32")
+    assert m.step == 10 and any(s.get("stage") == "merge" for s in m.lineage["stages"])
+    assert manifest.verify(str(tmp_path / "gguf")) == []
+    c_ids, c_logits, c_gen = cpp_side(str(tmp_path / "gguf" / "model.gguf"))
+    assert c_ids == ids and c_gen == gen
+    assert float(np.abs(c_logits - logits).max()) < 5e-3
+    again = export.run(run, str(tmp_path / "gguf"), format="gguf", dtype="f32")
+    assert manifest.fingerprint(again) == manifest.fingerprint(m)       # nothing to redo
+
+
+# --- refusing what llama.cpp would tokenize differently --------------------------------------
+
+def test_an_unknown_pre_tokenizer_is_refused_naming_it(tmp_path, models, capsys):
+    src = str(tmp_path / "src")
+    os.makedirs(src)
+    for name in os.listdir(models["llama"]):
+        with open(os.path.join(models["llama"], name), "rb") as f, open(os.path.join(src, name), "wb") as g:
+            g.write(f.read())
+    tj = json.load(open(os.path.join(src, "tokenizer.json")))
+    tj["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": r"\w+|[^\w\s]+"}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    json.dump(tj, open(os.path.join(src, "tokenizer.json"), "w"))
+    dst = str(tmp_path / "out")
+    assert cli.main(["export", src, dst, "--format", "gguf"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tokenizer.json" in err[0] and "\\\\w+|[^\\\\w\\\\s]+" in err[0], err
+    assert not os.path.exists(dst)
+
+
+def test_a_bad_gguf_dtype_is_one_line(tmp_path, models):
+    with pytest.raises(CkptError, match="q8_0"):
+        export.run(models["llama"], str(tmp_path / "x"), format="gguf", dtype="q4_k")
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_sentencepiece_metadata(tmp_path, models):
+    from gguf import GGUFReader
+
+    import sentencepiece
+
+    r = GGUFReader(export_gguf(models["mistral-spm"], str(tmp_path / "spm"), "f16"))
+    kv = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(models["mistral-spm"], "tokenizer.model"))
+    n = sp.vocab_size()
+    assert (kv["general.architecture"], kv["tokenizer.ggml.model"], kv["tokenizer.ggml.pre"]) == ("llama", "llama", "default")
+    assert kv["tokenizer.ggml.tokens"] == [sp.id_to_piece(i) for i in range(n)]
+    assert kv["tokenizer.ggml.scores"] == pytest.approx([sp.get_score(i) for i in range(n)])
+    assert kv["tokenizer.ggml.token_type"][:4] == [2, 3, 3, 6]               # unk, bos, eos, <0x00>
+    assert (kv["tokenizer.ggml.bos_token_id"], kv["tokenizer.ggml.eos_token_id"]) == (1, 2)
+    assert kv["tokenizer.ggml.add_bos_token"] is True and kv["tokenizer.ggml.add_space_prefix"] is True
+    assert kv["general.file_type"] == 1 and {t.name: t.tensor_type.name for t in r.tensors}["blk.0.attn_q.weight"] == "F16"
