@@ -275,6 +275,7 @@ class Prepared:
     dtype: str
     tensors: list[Tensor]
     vocab: object           # gguf_vocab.Vocab
+    kv: list                # (key, type, value): the architecture's metadata
 
     @property
     def nbytes(self) -> int:
@@ -287,7 +288,7 @@ def prepare(view, dtype: str | None) -> Prepared:
     if not hasattr(view.family, "GGUF_ARCH"):
         raise CkptError(f"{view.uri}: family {view.family.NAME!r} has no GGUF table yet")
     dtype = dtype_name(dtype, view)
-    return Prepared(dtype, plan(view, dtype), gguf_vocab.read(view))
+    return Prepared(dtype, plan(view, dtype), gguf_vocab.read(view), hparams(view, model_name(view), dtype))
 
 
 def write_view(view, out, *, dtype: str | None = None, out_dtype: str | None = None, max_shard=None,
@@ -301,7 +302,7 @@ def write_view(view, out, *, dtype: str | None = None, out_dtype: str | None = N
 
     p = prepared or prepare(view, dtype or out_dtype)
     writer = GGUFWriter(None, view.family.GGUF_ARCH)
-    for key, typ, value in hparams(view, model_name(view), p.dtype) + p.vocab.metadata():
+    for key, typ, value in p.kv + p.vocab.metadata():
         add(writer, key, typ, value)
     for t in p.tensors:
         writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, GGMLQuantizationType[t.qtype])
