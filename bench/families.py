@@ -2,12 +2,14 @@
 
     PYTHONPATH=. .venv/bin/python -m bench.families [FAMILY ...]
 
-Per family (tiny models that transformers builds here, every feature switched on: tests/hfmodels.DENSE):
+Per family (tiny models that transformers builds here, every feature switched on: tests/hfmodels.DENSE and
+FAMILY_KW; phi3, mixtral and qwen3_moe read 17 tokens, past their window (6) and LongRoPE's original 8):
   round trip  HF -> tune -> HF gives byte-identical files, float32 whole and bfloat16 in 40 KB shards
   logits      max |ckptflow.load(hf dir) - transformers| over a [2, 12] input (window 5 < 12)
   merge       max |ckptflow merge of a peft-made adapter - peft merge_and_unload| over every tensor
   peft load   max |PeftModel.from_pretrained(original base, ckptflow's peft export) - transformers on
-              ckptflow's merged HF export| logits, for a LoRA step on q/k/v/o and down_proj
+              ckptflow's merged HF export| logits, for a LoRA step on q/k/v/o and down_proj (phi3: exported
+              as fused qkv_proj; mixtral, qwen3_moe: attention only)
   resume      full fine-tune killed (SIGKILL) after step 3 of 6 and resumed: final state sha256 equal
 Prints a Markdown table.
 """
@@ -45,8 +47,28 @@ def round_trip(family: str, tmp: str) -> bool:
     return ok
 
 
-def tokens():
-    return torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+LENGTH = {"phi3": 17, "mixtral": 17, "qwen3_moe": 17}
+# peft's own target names where the family differs: Phi-3's fused modules, attention only for MoE.
+PEFT_VARIANTS = {
+    "phi3": dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+                 rank_pattern={"model.layers.1.self_attn.qkv_proj": 2}, alpha_pattern={"down_proj": 3}),
+    "mixtral": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                    rank_pattern={"k_proj": 2}, alpha_pattern={"v_proj": 3}),
+    "qwen3_moe": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                      rank_pattern={"k_proj": 2}, alpha_pattern={"v_proj": 3}),
+}
+
+
+def tokens(family: str = ""):
+    return torch.randint(0, 256, (2, LENGTH.get(family, 12)), generator=torch.Generator().manual_seed(1))
+
+
+def saved(model, path: str) -> dict:
+    """What save_pretrained writes (transformers 5 groups MoE experts in memory, per expert on disk)."""
+    from safetensors.torch import load_file
+
+    model.save_pretrained(path)
+    return load_file(os.path.join(path, "model.safetensors"))
 
 
 def logit_diff(family: str, tmp: str) -> float:
@@ -57,21 +79,22 @@ def logit_diff(family: str, tmp: str) -> float:
     hf.save_pretrained(os.path.join(tmp, "lg"))
     model, _ = ckptflow.load(os.path.join(tmp, "lg"))
     with torch.no_grad():
-        return float((model(tokens()) - hf(tokens()).logits).abs().max())
+        return float((model(tokens(family)) - hf(tokens(family)).logits).abs().max())
 
 
 def merge_diff(family: str, tmp: str) -> float:
     from ckptflow import api, families
+    from ckptflow.families import _fused
     from ckptflow.stages import merge
     from tests import hfmodels
     from tests.test_peft import VARIANTS, peft_adapter
 
     base = hfmodels.save(family, os.path.join(tmp, "mg-base"))
-    pm = peft_adapter(base, os.path.join(tmp, "mg-ad"), **VARIANTS["patterns"])
-    want = pm.merge_and_unload().state_dict()
+    pm = peft_adapter(base, os.path.join(tmp, "mg-ad"), **PEFT_VARIANTS.get(family, VARIANTS["patterns"]))
+    want = saved(pm.merge_and_unload(), os.path.join(tmp, "mg-want"))
     merge.run(os.path.join(tmp, "mg-ad"), base, os.path.join(tmp, "mg-merged"))
     got = api.load_state_dict(os.path.join(tmp, "mg-merged"))[0]
-    ref = families.hf_state_dict_to_tune(want, families.get(family), api.load_state_dict(base)[1].args)
+    ref = _fused.hf_state_dict_to_tune(want, families.get(family), api.load_state_dict(base)[1].args)
     assert got.keys() == ref.keys()
     return max(float((got[k].float() - ref[k].float()).abs().max()) for k in ref)
 
@@ -91,7 +114,7 @@ def peft_load_diff(family: str, tmp: str) -> float:
     pm = peft.PeftModel.from_pretrained(base, os.path.join(tmp, "pl-peft")).eval()
     merged = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(tmp, "pl-hf")).eval()
     with torch.no_grad():
-        return float((pm(tokens()).logits - merged(tokens()).logits).abs().max())
+        return float((pm(tokens(family)).logits - merged(tokens(family)).logits).abs().max())
 
 
 def resume_exact(family: str, tmp: str) -> bool:
@@ -117,7 +140,7 @@ def main(names: list[str]) -> None:
 
     print("| family | round trip exact | max logit diff | merge diff vs peft | peft load (logit diff) | resume exact |")
     print("|---|---|---|---|---|---|")
-    for family in names or list(hfmodels.DENSE):
+    for family in names or [*hfmodels.DENSE, *hfmodels.FAMILY_KW]:
         with tempfile.TemporaryDirectory() as tmp:
             row = (round_trip(family, tmp), logit_diff(family, tmp), merge_diff(family, tmp),
                    peft_load_diff(family, tmp), resume_exact(family, tmp))

@@ -269,9 +269,14 @@ class Harness:
         with offline(), contextlib.redirect_stdout(sys.stderr):
             import lm_eval
 
-            return lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=list(self.tasks.names),
-                                           limit=limit, batch_size=batch_size, device=device,
-                                           task_manager=self.manager, log_samples=False)
+            try:
+                return lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=list(self.tasks.names),
+                                               limit=limit, batch_size=batch_size, device=device,
+                                               task_manager=self.manager, log_samples=False)
+            except ConnectionError as e:    # datasets in offline mode: a data set that is not cached
+                raise CkptError(f"--tasks {','.join(self.tasks.names)}: {e}; lm-eval runs offline: use a task "
+                                "with local data files, or allow downloads with HF_DATASETS_OFFLINE=0 "
+                                "HF_HUB_OFFLINE=0") from None
 
 
 def scores(results: dict) -> dict:

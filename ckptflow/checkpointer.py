@@ -95,6 +95,35 @@ def read_tensors(step_uri: str, name: str) -> dict:
         return {t.name: st.to_torch(st.read_tensor_bytes(t, f), t.dtype, t.shape) for t in infos}
 
 
+def read_dcp_step(uri: str, trainable: dict, with_optimizer: bool) -> tuple[dict, dict | None]:
+    """(weights, flat optimizer state "{name}.{field}") of a DCP step, as full tensors."""
+    import torch
+
+    from ckptflow.formats import dcp
+
+    want: dict = {"model": {k: torch.empty_like(v, device="cpu") for k, v in trainable.items()}}
+    if with_optimizer:
+        want["optimizer"] = {k: {"step": torch.zeros((), dtype=torch.float32),
+                                 "exp_avg": torch.empty_like(v, device="cpu"),
+                                 "exp_avg_sq": torch.empty_like(v, device="cpu")} for k, v in trainable.items()}
+    dcp.load_state(want, uri)
+    flat = None
+    if with_optimizer:
+        flat = {f"{name}.{field}": t for name, fields in want["optimizer"].items() for field, t in fields.items()}
+    return want["model"], flat
+
+
+def rank_rng_tensors(state: dict, rank: int) -> dict | None:
+    """RNG tensors of `rank` from a trainer_state.json (None when that rank did not exist)."""
+    import torch
+
+    ranks = state.get("rng", {}).get("ranks") or []
+    if rank >= len(ranks):
+        log.warning("no RNG state saved for rank %d (saved by %d processes): it keeps its seeded state", rank, len(ranks))
+        return None
+    return {k: torch.tensor(v, dtype=torch.uint8) for k, v in ranks[rank].items()}
+
+
 def write_tensors(out: Output, name: str, tensors: dict) -> None:
     """A safetensors file streamed from CPU tensors, in chunks (no second copy of the whole tensor)."""
     import torch

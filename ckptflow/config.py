@@ -43,8 +43,23 @@ class LoraSettings(_Strict):
     alpha: float = Field(16.0, gt=0, description="scale numerator: alpha/r (or alpha/sqrt(r) with rsLoRA)")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
     targets: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"],
-                               description="tune module names: q_proj k_proj v_proj output_proj w1 w2 w3 output")
+                               description="tune module names (q_proj k_proj v_proj output_proj w1 w2 w3 output), "
+                                           "the HF names peft users write (o_proj gate_proj up_proj down_proj "
+                                           "qkv_proj gate_up_proj lm_head), or all-linear")
     use_rslora: bool = Field(False, description="rank-stabilised scale alpha/sqrt(r)")
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _known_targets(cls, v):
+        from ckptflow.lora import LoraConfig
+
+        targets = [v] if isinstance(v, str) else v
+        if isinstance(targets, list) and all(isinstance(t, str) for t in targets):
+            try:
+                LoraConfig(targets=list(targets)).check()
+            except CkptError as e:      # pydantic reports a ValueError as one line naming the key
+                raise ValueError(str(e).removeprefix("lora.targets: ")) from None
+        return targets
 
 
 class DistillConfig(_Strict):

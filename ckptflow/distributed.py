@@ -2,8 +2,8 @@
 
     train: {nproc_per_node: 2}          # `ckptflow train CONFIG` then launches torchrun itself
 
-stages.train.run calls `launch`, which runs `torchrun --standalone --nproc_per_node N -m
-ckptflow.distributed CONFIG.json BASE STOP_AFTER` and waits. Every rank builds the model (and its
+stages.train.run calls ckptflow.launch.torchrun, which runs `torchrun --standalone --nproc_per_node N
+-m ckptflow.distributed CONFIG.json BASE STOP_AFTER` in its own process group and waits. Every rank builds the model (and its
 LoRA adapters), shards each block and the root with fully_shard, and trains on its own
 batch_size rows of every global micro-batch (batch_size x N rows, drawn from the same
 deterministic stream a single process draws from). Gradients are summed over ranks so that
@@ -21,47 +21,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import sys
-import tempfile
 import time
 
 from ckptflow import checkpointer, config, storage
 from ckptflow.commit import Output
 from ckptflow.manifest import Manifest
-from ckptflow.train import MODEL, OPTIMIZER, STATE, Trainer, read_metrics, rng_state
+from ckptflow.train import MODEL, OPTIMIZER, STATE, Trainer, rng_state
 
 log = logging.getLogger(__name__)
-
-
-# ---- the launcher (the process that ran `ckptflow train`) -------------------------------------
-
-def launch(cfg, base_uri: str, *, stop_after: int | None = None, on_metrics=None) -> Manifest:
-    """Run training in cfg.train.nproc_per_node processes; the newest step checkpoint after it."""
-    from ckptflow.errors import CkptError
-
-    train_uri = storage.join(config.run_dir(cfg), "train")
-    before = max((r.get("step", 0) for r in read_metrics(train_uri)), default=-1)
-    fd, path = tempfile.mkstemp(prefix="ckptflow-run-", suffix=".json")   # 0600: may hold storage_options
-    with os.fdopen(fd, "w") as f:
-        json.dump(config.to_dict(cfg, credentials=True), f)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cfg.train.nproc_per_node}",
-           "-m", "ckptflow.distributed", path, base_uri, str(stop_after or 0)]
-    log.info("launching %s", " ".join(cmd))
-    try:
-        rc = subprocess.run(cmd, check=False).returncode
-    finally:
-        os.unlink(path)
-    if rc != 0:
-        raise RuntimeError(f"torchrun with {cfg.train.nproc_per_node} processes exited with status {rc}")
-    if on_metrics is not None:
-        for row in read_metrics(train_uri):
-            if row.get("step", 0) > before:
-                on_metrics(row)
-    m = checkpointer.latest(train_uri, verify=False)
-    if m is None:
-        raise CkptError(f"{train_uri}: training finished without a committed checkpoint")
-    return m
 
 
 def main(argv: list[str]) -> int:
@@ -195,7 +163,7 @@ class DistTrainer(Trainer):
             self._resume_dcp(m.uri, "optimizer" not in exclude)
         else:
             self._resume_full(m.uri, "optimizer" not in exclude)
-        self._apply_state(state, exclude, rank_rng_tensors(state, self.rank))
+        self._apply_state(state, exclude, checkpointer.rank_rng_tensors(state, self.rank))
         log.info("rank %d resumed from %s (step %d, saved by %s process(es))", self.rank, m.uri, self.step,
                  state.get("world_size", 1))
 
@@ -241,40 +209,9 @@ class DistTrainer(Trainer):
                                      options=StateDictOptions(full_state_dict=True))
 
 
-# ---- DCP steps read by a single process (train.Trainer.resume) ----------------------------------
-
-def read_dcp_step(uri: str, trainable: dict, with_optimizer: bool) -> tuple[dict, dict | None]:
-    """(weights, flat optimizer state "{name}.{field}") of a DCP step, as full tensors."""
-    import torch
-
-    from ckptflow.formats import dcp
-
-    want: dict = {"model": {k: torch.empty_like(v, device="cpu") for k, v in trainable.items()}}
-    if with_optimizer:
-        want["optimizer"] = {k: {"step": torch.zeros((), dtype=torch.float32),
-                                 "exp_avg": torch.empty_like(v, device="cpu"),
-                                 "exp_avg_sq": torch.empty_like(v, device="cpu")} for k, v in trainable.items()}
-    dcp.load_state(want, uri)
-    flat = None
-    if with_optimizer:
-        flat = {f"{name}.{field}": t for name, fields in want["optimizer"].items() for field, t in fields.items()}
-    return want["model"], flat
-
-
 def _rank_rng() -> dict:
     tensors, _ = rng_state()
     return {k: v.tolist() for k, v in tensors.items()}
-
-
-def rank_rng_tensors(state: dict, rank: int) -> dict | None:
-    """RNG tensors of `rank` from a trainer_state.json (None when that rank did not exist)."""
-    import torch
-
-    ranks = state.get("rng", {}).get("ranks") or []
-    if rank >= len(ranks):
-        log.warning("no RNG state saved for rank %d (saved by %d processes): it keeps its seeded state", rank, len(ranks))
-        return None
-    return {k: torch.tensor(v, dtype=torch.uint8) for k, v in ranks[rank].items()}
 
 
 def _json(d: dict) -> bytes:

@@ -7,3 +7,9 @@ class CkptError(Exception):
 
 class TransientError(Exception):
     """A storage or network fault worth retrying (connection reset, timeout, 5xx, throttling)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

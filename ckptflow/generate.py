@@ -37,14 +37,6 @@ class Loaded:
         return self.source.step
 
 
-def pick_device(name: str = "auto"):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def load(src: str, *, step: int | None = None, base: str | None = None, device: str = "auto",
          dtype: str | None = None) -> Loaded:
     """The model at `src` (any readable checkpoint, run or step) with its tokenizer."""
@@ -62,10 +54,12 @@ def load_source(source, *, device: str = "auto", dtype: str | None = None) -> Lo
     import torch
 
     from ckptflow.model import Transformer
+    from ckptflow.train import pick_device
 
     torch_dtype = getattr(torch, dtype) if dtype else None
     sd = source.view.state_dict(torch_dtype)
-    model = Transformer.from_state_dict(source.view.args, sd, device=pick_device(device), dtype=torch_dtype)
+    model = Transformer.from_state_dict(source.view.args, sd, device=pick_device(device, "--device"),
+                                        dtype=torch_dtype)
     model.eval()
     return Loaded(model, tokenizer_for(source), source)
 

@@ -43,17 +43,18 @@ def popen(cmd: list[str], **kwargs) -> subprocess.Popen:
 def stop(proc: subprocess.Popen, grace: float = GRACE_SECONDS) -> None:
     """SIGTERM the guarded group, SIGKILL what is left after `grace` seconds; reap the guard."""
     if proc.poll() is None:
-        _killpg(proc.pid, signal.SIGTERM)
+        killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(grace + 1.0)
         except subprocess.TimeoutExpired:
             pass
-    _killpg(proc.pid, signal.SIGKILL)
+    killpg(proc.pid, signal.SIGKILL)
     if proc.poll() is None:
         proc.wait()
 
 
-def _killpg(pgid: int, sig: int) -> None:
+def killpg(pgid: int, sig: int) -> None:
+    """Signal process group `pgid`; one that is gone (or not ours) is no error."""
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):

@@ -5,7 +5,7 @@
     path = client.fetch(snap, "config.json", local_dir) # one file, written into local_dir
 
 huggingface_hub retries neither connection resets nor 5xx on file downloads, and deletes a
-partial file when a call fails (shared/reference/hub-api.md). So every call here turns the
+partial file when a call fails (measured with huggingface_hub 2.4; tests/servers/hub.py serves the same). So every call here turns the
 client's exceptions into ckptflow's: CkptError for what retrying cannot fix (missing or gated
 repo, bad token, missing revision), TransientError for the rest, which retry.call retries.
 The token is passed to the client and never put into a message, a log line or a manifest.
@@ -19,7 +19,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from ckptflow.errors import CkptError, TransientError
+from ckptflow.errors import CkptError, TransientError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -132,13 +132,13 @@ class Client:
         if status in (401, 403):
             return CkptError(f"{what}: the Hub refused the token ({status}); check HF_TOKEN")
         if status is not None and status not in RETRY_STATUS:
-            return CkptError(f"{what}: the Hub answered {status}: {self.redact(_first_line(exc))}")
+            return CkptError(f"{what}: the Hub answered {status}: {self.redact(first_line(exc))}")
         if status is not None or _is_network(exc):
-            return TransientError(f"{what}: {type(exc).__name__}: {self.redact(_first_line(exc))}")
+            return TransientError(f"{what}: {type(exc).__name__}: {self.redact(first_line(exc))}")
         from ckptflow import retry
 
         if retry.is_transient(exc):
-            return TransientError(f"{what}: {type(exc).__name__}: {self.redact(_first_line(exc))}")
+            return TransientError(f"{what}: {type(exc).__name__}: {self.redact(first_line(exc))}")
         return exc
 
     def redact(self, text: str) -> str:
@@ -160,11 +160,6 @@ def _is_network(exc: BaseException) -> bool:
         return True
     # The client's own check that the body matched the announced size.
     return isinstance(exc, OSError) and "consistency check failed" in str(exc).lower()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @functools.cache

@@ -116,14 +116,16 @@ def identity() -> dict:
 def _pid_gone(pid: int, start) -> bool:
     """True when process `pid` (started at `start`, clock ticks after boot) no longer exists."""
     st = _stat(pid)
-    if st is None:
+    if st is None and os.path.isdir("/proc/self"):
+        return True                   # Linux: no /proc/PID, no process
+    if st is None:                    # no /proc: existence is all the kernel tells
         try:
-            os.kill(pid, 0)           # no /proc entry: gone on Linux; elsewhere ask the kernel
+            os.kill(pid, 0)
         except ProcessLookupError:
             return True
         except PermissionError:
             return False
-        return os.path.isdir("/proc/self")
+        return False
     if st[0] in ("Z", "X"):           # a zombie writes nothing more
         return True
     return start is not None and int(st[19]) != int(start)

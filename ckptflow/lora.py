@@ -13,13 +13,44 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from dataclasses import dataclass, field
 
 from ckptflow.errors import CkptError
 
+log = logging.getLogger(__name__)
+
 TARGETS = ("q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3", "output")
 SUFFIXES = (".lora_a.weight", ".lora_b.weight")
+# The HF module names peft users write, as tune modules (fused Phi-3 names adapt every part).
+HF_TARGETS = {
+    "o_proj": ("output_proj",), "gate_proj": ("w1",), "up_proj": ("w3",), "down_proj": ("w2",),
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("w1", "w3"), "lm_head": ("output",),
+    # peft's "all-linear": every linear layer but the output head.
+    "all-linear": ("q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3"),
+}
+
+
+def normalize_targets(targets) -> list[str]:
+    """Tune module names for targets given in tune or HF (peft) names, in first-seen order."""
+    out: list[str] = []
+    for t in targets:
+        for name in HF_TARGETS.get(t, (t,)):
+            if name not in out:
+                out.append(name)
+    return out
+
+
+MLP = ("w1", "w2", "w3")
+
+
+def adaptable(module_path: str, moe: bool = False) -> bool:
+    """Whether a module may take LoRA. In a mixture-of-experts model only attention and the head:
+    transformers 5 keeps the experts as grouped 3-D parameters, and peft (0.21) reads every
+    gate/up/down_proj target of such a model as those experts' parameters, so a LoRA on a dense
+    layer's MLP (Qwen3-MoE's mlp_only_layers) would not load where it was trained."""
+    return not (moe and module_path.rsplit(".", 1)[-1] in MLP) and ".experts." not in module_path
 
 
 @dataclass
@@ -48,10 +79,14 @@ class LoraConfig:
         cfg.check()
         return cfg
 
+    def __post_init__(self):
+        self.targets = normalize_targets(self.targets)
+
     def check(self) -> None:
         bad = [t for t in self.targets if t not in TARGETS]
         if bad:
-            raise CkptError(f"lora.targets: unknown module {bad[0]!r} (choose from {', '.join(TARGETS)})")
+            raise CkptError(f"lora.targets: unknown module {bad[0]!r} (choose from {', '.join(TARGETS)}, "
+                            f"or the HF names {', '.join(n for n in HF_TARGETS if n != 'all-linear')}, or all-linear)")
         if self.rank < 1 or self.alpha <= 0:
             raise CkptError(f"lora: rank must be >= 1 and alpha > 0 (got rank={self.rank}, alpha={self.alpha})")
 
@@ -111,9 +146,13 @@ def apply_lora(model, cfg: LoraConfig, *, seed: int = 0) -> list[str]:
     if "output" in cfg.targets and getattr(model, "output", None) is None:
         raise CkptError("lora.targets: 'output' is tied to tok_embeddings in this model; it cannot take an adapter")
     wrapped = []
+    moe = bool(getattr(getattr(model, "args", None), "n_experts", 0))
+    if moe and set(cfg.targets) & set(MLP):
+        log.warning("lora.targets %s: a mixture-of-experts model takes LoRA on attention and the head only; "
+                    "the MLP targets are left out", [t for t in cfg.targets if t in MLP])
     for name, module in list(model.named_modules()):
         leaf = name.rsplit(".", 1)[-1]
-        if leaf in cfg.targets and isinstance(module, nn.Linear):
+        if leaf in cfg.targets and isinstance(module, nn.Linear) and adaptable(name, moe):
             parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
             setattr(parent, leaf, LoRALinear(module, cfg, gen))
             wrapped.append(name)
@@ -142,8 +181,9 @@ def adapter_shapes(model_args, cfg: LoraConfig) -> dict[str, list[int]]:
     with torch.device("meta"):
         model = Transformer(model_args)
     out = {}
+    moe = model_args.n_experts > 0
     for module, layer in model.named_modules():
-        if module.rsplit(".", 1)[-1] in cfg.targets and isinstance(layer, nn.Linear):
+        if module.rsplit(".", 1)[-1] in cfg.targets and isinstance(layer, nn.Linear) and adaptable(module, moe):
             out[module + ".lora_a.weight"] = [cfg.rank, layer.in_features]
             out[module + ".lora_b.weight"] = [layer.out_features, cfg.rank]
     return out

@@ -29,26 +29,42 @@ from ckptflow.errors import CkptError
 from ckptflow.model_args import ModelArgs
 
 
-def rope_inv_freq(args: ModelArgs, local: bool = False) -> torch.Tensor:
-    """Inverse frequencies [hd/2] in float32, with the llama3 or linear scaling applied.
+def rope_inv_freq(args: ModelArgs, local: bool = False, long: bool = False) -> torch.Tensor:
+    """Inverse frequencies [rotary_dim/2] in float32, with the llama3, linear or longrope scaling
+    applied (longrope: the short factors, or the long ones with long=True).
 
     local: the sliding layers' RoPE (rope_local_theta / rope_local_scaling) where the family has one."""
-    hd = args.hd
+    rd = args.rotary_dim
     theta, scaling = args.rope_theta, args.rope_scaling
     if local and args.rope_local_theta is not None:
         theta, scaling = args.rope_local_theta, args.rope_local_scaling
     # Explicitly on CPU: a meta-device build (from_state_dict) must still get real frequencies.
-    steps = torch.arange(0, hd, 2, dtype=torch.int64, device="cpu").float()
-    inv_freq = 1.0 / (theta ** (steps / hd))
+    steps = torch.arange(0, rd, 2, dtype=torch.int64, device="cpu").float()
     scaling = scaling or {}
     kind = scaling.get("rope_type", "default")
+    if kind == "longrope":  # HF: 1 / (ext_factor * base ** (2i / rd)), factors picked by length
+        ext = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32, device="cpu")
+        return 1.0 / (ext * theta ** (steps / rd))
+    inv_freq = 1.0 / (theta ** (steps / rd))
     if kind == "default":
         return inv_freq
     if kind == "linear":
         return inv_freq / scaling["factor"]
     if kind == "llama3":
         return _llama3_scale(inv_freq, scaling)
-    raise CkptError(f"rope_type {kind!r} is not supported (default, linear, llama3)")
+    raise CkptError(f"rope_type {kind!r} is not supported (default, linear, llama3, longrope)")
+
+
+def rope_attention_scaling(args: ModelArgs) -> float:
+    """The factor HF multiplies cos and sin by: 1, or LongRoPE's sqrt(1 + ln(f) / ln(original))."""
+    s = args.rope_scaling or {}
+    if s.get("rope_type") != "longrope":
+        return 1.0
+    if s.get("attention_factor") is not None:
+        return float(s["attention_factor"])
+    orig = s["original_max_position_embeddings"]
+    factor = s.get("factor") or args.max_seq_len / orig
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
 
 
 def _llama3_scale(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
@@ -64,7 +80,11 @@ def _llama3_scale(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Rotate x [B, T, heads, hd] by cos/sin [T, hd/2] (float32), computed in float32."""
+    """Rotate x [B, T, heads, hd] by cos/sin [T, rd/2] (float32), computed in float32; with a
+    partial rotary factor (rd < hd) the last hd - rd dims pass through, as HF does."""
+    rd = 2 * cos.shape[-1]
+    if rd < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :rd], cos, sin, interleaved), x[..., rd:]), dim=-1)
     xf = x.float()
     c, s = cos[:, None, :], sin[:, None, :]
     if interleaved:  # Meta layout: pairs (2j, 2j+1)
@@ -196,6 +216,83 @@ class MLP(nn.Module):
         return self.w2(self.act(self.w1(x)) * self.w3(x))
 
 
+class Expert(nn.Module):
+    """One SwiGLU expert, with the MLP's tune names (w1 gate, w2 down, w3 up), no bias."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class MoE(nn.Module):
+    """Mixture of experts as transformers computes it (Mixtral, Qwen3-MoE): router logits, softmax
+    in float32, top-k, renormalised over the chosen k when norm_topk_prob; each expert sees only
+    its tokens, its output times the routing weight is summed in token order. Mixtral keeps the
+    weights in float32 (`extra["moe_weights_float32"]`); Qwen3-MoE casts them to the activations'
+    dtype first. One module per expert, so the state dict has one tensor per expert."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_experts, self.top_k, self.norm_topk = args.n_experts, args.n_active_experts, args.norm_topk_prob
+        self.float32_weights = bool(args.extra.get("moe_weights_float32"))
+        self.aux_coef = args.router_aux_loss_coef
+        self.router = nn.Linear(args.dim, args.n_experts, bias=False)
+        self.experts = nn.ModuleList(Expert(args.dim, args.expert_dim) for _ in range(args.n_experts))
+        self.router_logits: torch.Tensor | None = None   # the last forward's, for the auxiliary loss
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        logits = self.router(x)
+        self.router_logits = logits if self.training else None
+        probs = torch.softmax(logits.float(), dim=-1)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if not self.float32_weights:
+            weights = weights.to(logits.dtype)
+        out = torch.zeros_like(x)
+        hit = torch.bincount(chosen.flatten(), minlength=self.n_experts)
+        for e in torch.nonzero(hit).flatten().tolist():
+            slot, token = torch.where(chosen.T == e)     # HF's order: by top-k slot, then token
+            y = self.experts[e](x[token]) * weights[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out.reshape(shape)
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], n_experts: int, top_k: int) -> torch.Tensor:
+    """transformers' load_balancing_loss_func without a mask (Switch Transformer eq. 4-6): the
+    fraction of top-k assignments per expert times its mean router probability, summed, times E."""
+    device = router_logits[0].device
+    counts = torch.zeros(n_experts, dtype=torch.float32, device=device)
+    prob_sum = torch.zeros(n_experts, dtype=torch.float32, device=device)
+    rows = 0
+    for logits in router_logits:
+        probs = torch.softmax(logits, dim=-1)
+        _, chosen = torch.topk(probs, top_k, dim=-1)
+        counts = counts + torch.bincount(chosen.reshape(-1), minlength=n_experts).float()
+        prob_sum = prob_sum + probs.float().sum(dim=0)
+        rows += probs.shape[0]
+    return torch.sum((counts / rows) * (prob_sum / rows)) * n_experts
+
+
+def aux_loss(model: nn.Module) -> tuple[torch.Tensor, float] | None:
+    """(the router load-balancing loss of the last training forward over every sparse layer, its
+    coefficient router_aux_loss_coef); None for a dense model or outside training."""
+    moes = [m for m in model.modules() if isinstance(m, MoE) and m.router_logits is not None]
+    if not moes:
+        return None
+    loss = load_balancing_loss([m.router_logits for m in moes], moes[0].n_experts, moes[0].top_k)
+    for m in moes:
+        m.router_logits = None
+    return loss, moes[0].aux_coef
+
+
 class TransformerBlock(nn.Module):
     """Pre-norm (sa_norm, mlp_norm) and/or post-norm (sa_scale, mlp_scale: on the block's output
     before the residual add) residual blocks; an absent norm is None."""
@@ -206,7 +303,7 @@ class TransformerBlock(nn.Module):
         self.attn = Attention(args, layer)
         self.sa_scale = norm(args) if args.post_norms else None
         self.mlp_norm = norm(args) if args.pre_norms else None
-        self.mlp = MLP(args)
+        self.mlp = MoE(args) if args.is_moe_layer(layer) else MLP(args)
         self.mlp_scale = norm(args) if args.post_norms else None
 
     def forward(self, x, cos, sin, mask, cache, input_pos):
@@ -229,8 +326,16 @@ class Transformer(nn.Module):
         self.output = None if args.tie_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
         # A plain attribute, not a buffer: model.to(bfloat16) must not round the frequencies,
         # and a meta-device build must not leave them unmaterialised.
-        self._inv_freq = {False: rope_inv_freq(args), True: rope_inv_freq(args, local=True)}
+        # Keyed (local, long): the sliding layers' RoPE (gemma3); LongRoPE's long factors (phi3), used
+        # once the sequence outgrows the original context.
+        self._inv_freq = {(False, False): rope_inv_freq(args), (True, False): rope_inv_freq(args, local=True)}
         self._inv_freq_on: dict[tuple, torch.Tensor] = {}
+        scaling = args.rope_scaling or {}
+        self._long_after = None
+        if scaling.get("rope_type") == "longrope":
+            self._inv_freq[False, True] = rope_inv_freq(args, long=True)
+            self._long_after = scaling["original_max_position_embeddings"]
+        self._rope_scale = rope_attention_scaling(args)
         no_rope = set(args.no_rope_layers or ())
         # Per layer: None (no RoPE), False (the full layers' RoPE) or True (the sliding layers').
         self._rope_kind = [None if i in no_rope else args.is_sliding(i) and args.rope_local_theta is not None
@@ -281,11 +386,16 @@ class Transformer(nn.Module):
         return logits.float()
 
     def _rope(self, local: bool, input_pos: int, T: int, device: torch.device):
-        inv_freq = self._inv_freq_on.get((local, device))
+        # As HF, a forward whose last position is past the original context uses LongRoPE's long
+        # factors for all its positions (the cached keys keep the ones they were made with).
+        long = not local and self._long_after is not None and input_pos + T > self._long_after
+        inv_freq = self._inv_freq_on.get((local, long, device))
         if inv_freq is None:
-            inv_freq = self._inv_freq_on[local, device] = self._inv_freq[local].to(device)
+            inv_freq = self._inv_freq_on[local, long, device] = self._inv_freq[local, long].to(device)
         pos = torch.arange(input_pos, input_pos + T, device=device, dtype=torch.float32)
         freqs = pos[:, None] * inv_freq[None, :]
+        if self._rope_scale != 1.0:
+            return freqs.cos() * self._rope_scale, freqs.sin() * self._rope_scale
         return freqs.cos(), freqs.sin()
 
     def _mask(self, window: int | None, input_pos: int, T: int, cached: bool, device):

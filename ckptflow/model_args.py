@@ -25,6 +25,17 @@ class ModelArgs:
     attn_out_bias: bool = False
     mlp_bias: bool = False
     tie_embeddings: bool = False
+    # Phi-3/Phi-4-mini: RoPE turns only the first int(hd * factor) dims of each head (HF rounds down).
+    partial_rotary_factor: float = 1.0
+    # Mixture of experts (Mixtral, Qwen3-MoE): 0 experts is a dense model. Sparse layers route each
+    # token to n_active_experts of n_experts SwiGLU experts of moe_hidden_dim (None: hidden_dim);
+    # dense_layers keep a plain MLP of hidden_dim (Qwen3-MoE's mlp_only_layers/decoder_sparse_step).
+    n_experts: int = 0
+    n_active_experts: int = 0
+    moe_hidden_dim: int | None = None
+    norm_topk_prob: bool = True
+    dense_layers: list = field(default_factory=list)
+    router_aux_loss_coef: float = 0.0
     extra: dict = field(default_factory=dict)
     # --- attention / norm / RoPE / embedding features of the newer dense families; the defaults are
     # Llama's, so a manifest written before these fields existed reads the same model.
@@ -54,6 +65,18 @@ class ModelArgs:
     def hd(self) -> int:
         return self.head_dim or self.dim // self.n_heads
 
+    @property
+    def rotary_dim(self) -> int:
+        """How many leading dims of each head RoPE turns (even), as HF's int(head_dim * factor)."""
+        return int(self.hd * self.partial_rotary_factor)
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.n_experts > 0 and layer not in self.dense_layers
+
+    @property
+    def expert_dim(self) -> int:
+        return self.moe_hidden_dim or self.hidden_dim
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -79,6 +102,8 @@ class ModelArgs:
             attn += self.dim
         attn += {None: 0, "head": 2 * hd, "proj": (self.n_heads + kv) * hd}[self.qk_norm]
         mlp = 3 * self.dim * self.hidden_dim + (2 * self.hidden_dim + self.dim if self.mlp_bias else 0)
-        layer = attn + mlp + 2 * self.dim * (int(self.pre_norms) + int(self.post_norms))
+        moe = self.n_experts * 3 * self.dim * self.expert_dim + self.n_experts * self.dim
+        norms = 2 * self.dim * (int(self.pre_norms) + int(self.post_norms))
+        layers = sum(attn + (moe if self.is_moe_layer(i) else mlp) + norms for i in range(self.n_layers))
         head = 0 if self.tie_embeddings else self.vocab_size * self.dim
-        return self.vocab_size * self.dim + self.n_layers * layer + self.dim + head
+        return self.vocab_size * self.dim + layers + self.dim + head

@@ -37,7 +37,7 @@ import socket
 import time
 from urllib.parse import urlsplit
 
-from ckptflow.errors import CkptError, TransientError
+from ckptflow.errors import CkptError, TransientError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -140,10 +140,10 @@ def call(fn, *args, uri: str = "", what: str = "", attempts: int | None = None, 
                     raise
                 raise named from exc
             if attempt + 1 >= attempts:
-                raise TransientError(f"{uri}: {what} failed after {attempts} attempts: {_first_line(exc)}") from exc
+                raise TransientError(f"{uri}: {what} failed after {attempts} attempts: {first_line(exc)}") from exc
             wait = delay(attempt)
             log.warning("%s: %s failed (%s: %s); retry %d/%d in %.2fs", uri, what, type(exc).__name__,
-                        _first_line(exc), attempt + 1, attempts - 1, wait)
+                        first_line(exc), attempt + 1, attempts - 1, wait)
             time.sleep(wait)
     raise AssertionError("unreachable")
 
@@ -152,20 +152,15 @@ def with_uri(exc: Exception, uri: str, what: str) -> Exception:
     """The same error, its message naming `uri`. Access denied becomes a CkptError (bad input:
     the CLI prints one line and exits 2); FileNotFoundError keeps its type for callers that test it."""
     if isinstance(exc, PermissionError):
-        return CkptError(f"{uri or exc.filename}: permission denied ({what}: {_first_line(exc)})")
+        return CkptError(f"{uri or exc.filename}: permission denied ({what}: {first_line(exc)})")
     if not uri or uri in str(exc) or isinstance(exc, CkptError):
         return exc
     if isinstance(exc, OSError):
         try:
-            return type(exc)(f"{uri}: {what} failed: {_first_line(exc)}")
+            return type(exc)(f"{uri}: {what} failed: {first_line(exc)}")
         except Exception:  # noqa: BLE001 - an OSError subclass with another signature
-            return OSError(f"{uri}: {what} failed: {_first_line(exc)}")
+            return OSError(f"{uri}: {what} failed: {first_line(exc)}")
     return exc
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # --- the first contact with an endpoint -------------------------------------------------------

@@ -23,7 +23,8 @@ CORPUS = os.path.join(os.path.dirname(__file__), "data", "seed_corpus.txt")
 SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>"]
 DEFAULTS = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 512, "seed": 0,
             "dtype": "float32", "tie": None, "max_seq_len": 512, "rope_theta": 10000.0}
-INTS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seed", "hidden_dim", "max_seq_len", "head_dim"}
+INTS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seed", "hidden_dim", "max_seq_len", "head_dim",
+        "n_experts", "n_active_experts", "moe_hidden_dim"}   # the last three: MoE families only
 
 
 def parse(uri: str) -> tuple[str, dict]:
@@ -135,7 +136,9 @@ def write(uri: str, out) -> "object":
     tok_files, vocab = tokenizer_files(o["vocab_size"])
     o["vocab_size"] = vocab
     args = model_args(family_name, o)
-    hf_sd = families.tune_state_dict_to_hf(init_state_dict(args, o["seed"], o["dtype"]), fam, args)
+    from ckptflow.families import _fused
+
+    hf_sd = _fused.tune_state_dict_to_hf(init_state_dict(args, o["seed"], o["dtype"]), fam, args)
     items = [view.Item(k, *st.from_torch(v)[:2], load=(lambda v=v: v)) for k, v in hf_sd.items()]
     plan.write_file(out, view.FilePlan("model.safetensors", items))
     config = fam.hf_config(args, dtype=o["dtype"])

@@ -5,7 +5,7 @@ commands and the `tasks`/`flows` packages call `apply_prefect_defaults()` first,
 
 - nothing phones home (telemetry is off; offline it only logs errors),
 - the embedded (ephemeral) API server gets 120 s to start instead of 20 s (a fresh SQLite
-  database takes ~25 s to migrate on 2 cores, measured in shared/reference/prefect.md),
+  database takes ~25 s to migrate on 2 cores, measured),
 - Prefect's database, profiles and default result storage live under ~/.ckptflow/prefect,
   apart from any other Prefect project on the machine,
 - the library's INFO lines reach the flow run's logs.

@@ -30,7 +30,7 @@ import time
 
 from ckptflow import config as config_mod
 from ckptflow import data, manifest, progress, storage
-from ckptflow.checkpointer import Checkpointer, read_tensors
+from ckptflow.checkpointer import Checkpointer, read_tensors, step_name
 from ckptflow.errors import CkptError
 from ckptflow.manifest import Manifest
 
@@ -60,14 +60,15 @@ def process_settings(tcfg):
         torch.use_deterministic_algorithms(det)
 
 
-def pick_device(name: str):
+def pick_device(name: str = "auto", what: str = "train.device"):
+    """auto: CUDA when there is one, else the CPU; a named CUDA device that is not there is an error."""
     import torch
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise CkptError(f"train.device {name!r}: CUDA is not available on this machine")
+        raise CkptError(f"{what} {name!r}: CUDA is not available on this machine")
     return dev
 
 
@@ -134,6 +135,13 @@ def seed_everything(seed: int) -> None:
 
 
 # ---- model and optimizer -------------------------------------------------------------------
+
+def model_aux_loss(model):
+    """(router load-balancing loss, its coefficient) of the last forward of an MoE model, else None."""
+    from ckptflow.model import aux_loss
+
+    return aux_loss(model)
+
 
 def lora_config(cfg):
     if cfg.train.method != "lora":
@@ -272,15 +280,19 @@ class Trainer:
         # Every process divides by the targets of the whole step, so accumulation and several
         # processes add up to the loss of one big batch (FSDP averages gradients: times world).
         targets = max(self._all_sum(sum(int((lab != data.IGNORE).sum()) for _, lab in micro)), 1)
-        total = 0.0
+        total, aux_total = 0.0, None
         for tokens, labels in micro:
             tokens, labels = self._to_device(tokens), self._to_device(labels)
             with torch.autocast(device_type=self.device.type, dtype=self.amp, enabled=self.amp is not None):
                 logits = self.model(tokens)
                 teacher = self._teacher_logits(tokens)
             loss = self._loss_sum(logits, labels, teacher) / targets
-            (loss * self.world if self.world > 1 else loss).backward()
             total += float(loss.detach())
+            aux = model_aux_loss(self.model)
+            if aux is not None:     # MoE: + coef * router load-balancing loss, as transformers adds it
+                loss = loss + aux[1] * aux[0] / len(micro)
+                aux_total = (aux_total or 0.0) + float(aux[0].detach()) / len(micro)
+            (loss * self.world if self.world > 1 else loss).backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm) if tc.max_grad_norm else None
         if norm is not None and hasattr(norm, "full_tensor"):
@@ -290,8 +302,11 @@ class Trainer:
         n_tokens = int(self._all_sum(sum(t.numel() for t, _ in micro)))
         total = self._all_sum(total)
         self.step, self.tokens_seen, self.last_loss = step, self.tokens_seen + n_tokens, total
-        return {"step": step, "loss": total, "lr": lr, "grad_norm": float(norm) if norm is not None else None,
-                "tokens": n_tokens}
+        row = {"step": step, "loss": total, "lr": lr, "grad_norm": float(norm) if norm is not None else None,
+               "tokens": n_tokens}
+        if aux_total is not None:
+            row["aux_loss"] = self._all_sum(aux_total) / self.world
+        return row
 
     def _teacher_logits(self, tokens):
         if self.teacher is None:
@@ -356,7 +371,10 @@ class Trainer:
             self.write_metrics()
         every = self.cfg.checkpoint.every_steps
         nxt = min(until, (self.step // every + 1) * every) if every else until
-        return {"loss": f"{row['loss']:.4f}", "tok/s": f"{row['tokens_per_s']:.0f}", "next_ckpt": nxt}
+        shown = {"loss": f"{row['loss']:.4f}", "tok/s": f"{row['tokens_per_s']:.0f}", "next_ckpt": nxt}
+        if row.get("aux_loss") is not None:
+            shown["aux"] = f"{row['aux_loss']:.4f}"
+        return shown
 
     def _agree(self, flag: bool) -> bool:
         return flag     # one process: no one to agree with (every_seconds may differ across ranks)
@@ -411,7 +429,7 @@ class Trainer:
         lineage = dict(base.lineage)
         lineage["stages"] = list(lineage.get("stages", [])) + [
             {"stage": "train", "method": cfg.train.method, "step": self.step,
-             "uri": storage.join(self.train_uri, f"step-{self.step:06d}")}]
+             "uri": storage.join(self.train_uri, step_name(self.step))}]
         return Manifest(kind="train_state", format="tune", family=base.family, model_args=base.model_args,
                         dtype="float32", step=self.step, inputs={"base": manifest.input_ref(base)},
                         params={"method": cfg.train.method, "resume": config_mod.resume_view(cfg),
@@ -434,10 +452,10 @@ class Trainer:
         state = storage.read_json(storage.join(m.uri, STATE))
         with_optimizer = "optimizer" not in exclude
         if m.format == "dcp":
-            from ckptflow import distributed
+            from ckptflow import checkpointer
 
-            weights, optim = distributed.read_dcp_step(m.uri, self.trainable_state(), with_optimizer)
-            rng = distributed.rank_rng_tensors(state, 0)
+            weights, optim = checkpointer.read_dcp_step(m.uri, self.trainable_state(), with_optimizer)
+            rng = checkpointer.rank_rng_tensors(state, 0)
         else:
             weights = read_tensors(m.uri, MODEL)
             optim = read_tensors(m.uri, OPTIMIZER) if with_optimizer else None
@@ -484,12 +502,21 @@ class Trainer:
 
 
 def read_metrics(train_uri: str) -> list[dict]:
+    """The training loop's metrics rows (one JSON object per line, with its step); [] before training."""
     import json
 
     path = storage.join(train_uri, METRICS)
     if not storage.isfile(path):
         return []
-    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+    rows = []
+    for line in storage.read_text(path).splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill mid-write; the next run appends after it
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
+    return rows
 
 
 # ---- which checkpoint to resume from ------------------------------------------------------

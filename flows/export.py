@@ -33,8 +33,8 @@ def export(params: ExportParams) -> dict:
     # Results beside the runs (the finetune flow's cache) when the source belongs to a run.
     home = storage.parent(resolved.run) if resolved.run else storage.parent(dst)
     task = common.bind(export_task, common.result_storage(home, params.storage_options))
-    # The lease of the exports' parent tells `ckptflow gc` that this directory is being written.
     get_run_logger().info("exporting %s (step %s) to %s", resolved.uri, resolved.step, dst)
+    # The lease of the exports' parent tells `ckptflow gc` that this directory is being written.
     with lease.hold(storage.parent(dst), owner=f"export flow run {flow_run.id}", wait=LEASE_WAIT_SECONDS):
         out = task(resolved.uri, dst, format=params.format, step=None, dtype=dtype_or_none(params.dtype),
                    overwrite=not params.dst)   # a name of its own choosing is the flow's to replace
@@ -53,9 +53,9 @@ def where(out: dict, run: str | None) -> None:
     from prefect.artifacts import create_link_artifact
     from prefect.events import emit_event
 
-    from flows.publish import key
+    from tasks.common import artifact_key
 
-    name = key(storage.basename(run) if run else "export", "export")
+    name = artifact_key(storage.basename(run) if run else "export", "export")
     emit_event(event=WRITTEN_EVENT, resource={"prefect.resource.id": f"ckptflow.{name}", "prefect.resource.name": out["uri"]},
                payload={"uri": out["uri"], "format": out.get("format")})
     create_link_artifact(link=out["uri"], link_text=out["uri"], key=name, description="where the export went")

@@ -3,9 +3,10 @@
     ckptflow run deployments/configs/demo.yaml [KEY=VALUE ...]
 
 Every stage is a cached task over committed directories, so starting a failed run again (a new
-flow run with the same config, or `prefect flow-run retry`) skips every finished stage, and the
-training stage resumes from its newest step checkpoint. {run}/run.json records each stage's
-state, output and timing; the dashboard gets a summary, a metrics table and a progress bar.
+flow run with the same config, or `prefect flow-run retry NAME --entrypoint flows/finetune.py:finetune`)
+skips every finished stage, and the training stage resumes from its newest step checkpoint.
+{run}/run.json records each stage's state, output and timing; the dashboard gets a summary, a
+metrics table and a progress bar.
 
 The base model is shared between runs when its source is pinned (seed://..., or
 hf://ORG/NAME@<40-hex commit>): {storage}/.cache/base/<key>/source and .../tune, where key is

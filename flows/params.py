@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
 from ckptflow import credentials, storage
+from ckptflow.checkpointer import step_name
 
 ExportFormat = Literal["original", "hf", "meta", "peft", "tune", "gguf"]
 Dtype = Literal["keep", "bfloat16", "float16", "float32"]
@@ -55,7 +56,7 @@ class ExportParams(_Params):
         it belongs to (None: not part of a run)."""
         if self.dst:
             return storage.normalize(self.dst)
-        name = "-".join([self.format, *([f"step-{step:06d}"] if step is not None else []), self.dtype])
+        name = "-".join([self.format, *([step_name(step)] if step is not None else []), self.dtype])
         if run:
             return storage.join(storage.normalize(run), "exports", name)
         return storage.join(storage.normalize(self.source) + "-exports", name)

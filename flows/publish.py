@@ -2,42 +2,21 @@
 URI), the metrics table, and the run record behind them. The content comes from ckptflow.report;
 this module only gathers the facts from the run directory and hands them to Prefect.
 
-Artifact keys carry the run id (lowercased, other characters turned into dashes: Prefect allows
-only lowercase letters, digits and dashes), so every run has its own history of versions.
+Artifact keys carry the run id (tasks.common.artifact_key: lowercased, other characters turned into
+dashes), so every run has its own history of versions.
 """
 from __future__ import annotations
 
 import json
 import logging
-import re
 
 from ckptflow import report, runfile, storage
+from ckptflow.train import read_metrics
+from tasks.common import artifact_key
 
 log = logging.getLogger(__name__)
 
 LOSS_PNG = "loss.png"
-METRICS = "train/metrics.jsonl"
-
-
-def key(run_id: str, what: str) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", run_id.lower()).strip("-") or "run"
-    return f"{slug}-{what}"
-
-
-def read_metrics(run_uri: str) -> list[dict]:
-    """The training loop's metrics rows (one JSON object per line); [] before training."""
-    path = storage.join(run_uri, METRICS)
-    if not storage.isfile(path):
-        return []
-    rows = []
-    for line in storage.read_text(path).splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a kill mid-write; the next run appends after it
-        if isinstance(row, dict) and "step" in row:
-            rows.append(row)
-    return rows
 
 
 def checkpoints(run_uri: str) -> list[dict]:
@@ -97,7 +76,7 @@ def publish_summary(run_uri: str, record: dict) -> str:
 
     md = summary(run_uri, record)
     storage.put_atomic(storage.join(run_uri, "summary.md"), md.encode())
-    create_markdown_artifact(markdown=md, key=key(record["run_id"], "summary"),
+    create_markdown_artifact(markdown=md, key=artifact_key(record["run_id"], "summary"),
                              description=f"ckptflow run {record['run_id']}: {run_uri}")
     return md
 
@@ -106,7 +85,7 @@ def publish_metrics(run_uri: str, record: dict, metrics: list[dict]) -> None:
     from prefect.artifacts import create_table_artifact
 
     if metrics:
-        create_table_artifact(table=report.metrics_table(metrics), key=key(record["run_id"], "metrics"),
+        create_table_artifact(table=report.metrics_table(metrics), key=artifact_key(record["run_id"], "metrics"),
                               description=f"training metrics of {record['run_id']}")
 
 
@@ -125,7 +104,7 @@ def after_training(run_uri: str, record: dict) -> None:
     """Checkpoints, loss curve and metrics table, once the training stage has finished."""
     record["checkpoints"] = checkpoints(run_uri)
     export_commands(run_uri, record)
-    metrics = read_metrics(run_uri)
+    metrics = read_metrics(storage.join(run_uri, "train"))
     loss_curve(run_uri, record, metrics)
     publish_metrics(run_uri, record, metrics)
     runfile.save(run_uri, record)

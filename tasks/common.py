@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import pathlib
+import re
 
 from prefect.filesystems import RemoteFileSystem
 
@@ -30,6 +31,12 @@ RETRIES = 3
 BACKOFF_SECONDS = 10.0    # 10, 20, 40 s: long enough to outlast a storage or hub hiccup
 JITTER = 0.5              # +-50 %, so parallel runs that failed together do not retry together
 RESULTS_DIR = ".cache/prefect-results"
+
+
+def artifact_key(run_id: str, what: str) -> str:
+    """A run's artifact key: Prefect allows only lowercase letters, digits and dashes."""
+    slug = re.sub(r"[^a-z0-9]+", "-", run_id.lower()).strip("-") or "run"
+    return f"{slug}-{what}"
 
 
 def record(m: manifest.Manifest) -> dict:

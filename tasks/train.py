@@ -1,5 +1,6 @@
 """The train task: `ckptflow.stages.train.run` with a progress artifact, the loss in the run's
-logs, a `gpu` concurrency slot when that limit exists, and torchrun for several processes.
+logs, and a `gpu` concurrency slot when that limit exists. Several processes: the stage runs
+torchrun in its own process group (ckptflow.launch); the flow's hooks kill it (tasks.launch).
 
 A retry (or a new flow run) resumes from the newest committed step: the library does that, the
 task only starts it again. Cached on the base manifest and every config key but export/eval.
@@ -13,9 +14,9 @@ import time
 from prefect import get_run_logger, task
 
 from ckptflow import config as config_mod
-from ckptflow import progress, storage
+from ckptflow import progress
 from ckptflow.config import RunConfig
-from tasks import common, launch
+from tasks import common
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +34,11 @@ def _train_params(params: dict) -> dict:
 @task(name="train", cache_key_fn=common.stage_key("base_uri", view=_train_params), result_serializer="json",
       **common.retry_options())
 def train(config: RunConfig, base_uri: str) -> dict:
+    from ckptflow.stages import train as stage
+
     watch = Watch(config)
     with gpu_slot(watch.logger), watch:
-        if config.train.nproc_per_node > 1:
-            m = distributed(config, base_uri, watch)
-        else:
-            from ckptflow.stages import train as stage
-
-            m = stage.run(config, base_uri, on_metrics=watch.metrics)
+        m = stage.run(config, base_uri, on_metrics=watch.metrics)
     return common.record(m)
 
 
@@ -54,10 +52,9 @@ class Watch:
         self.log_every = max(1, self.total // LOG_LINES)
 
     def __enter__(self):
-        from flows.publish import key
         from prefect.artifacts import create_progress_artifact
 
-        self.artifact = create_progress_artifact(progress=0.0, key=key(self.cfg.run_id, "progress"),
+        self.artifact = create_progress_artifact(progress=0.0, key=common.artifact_key(self.cfg.run_id, "progress"),
                                                  description=f"training steps of {self.cfg.run_id}")
         progress.add_listener(self.listener)
         return self
@@ -74,8 +71,9 @@ class Watch:
     def metrics(self, row: dict) -> None:
         self.step = max(self.step, int(row.get("step") or 0))
         if self.step % self.log_every == 0 or row.get("eval_loss") is not None or row.get("checkpoint"):
-            self.logger.info("step %d/%d loss %s eval_loss %s lr %s%s", row["step"], self.total, _f(row.get("loss")),
+            self.logger.info("step %d/%d loss %s eval_loss %s lr %s%s%s", row["step"], self.total, _f(row.get("loss")),
                              _f(row.get("eval_loss")), _f(row.get("lr"), ".3g"),
+                             f" aux_loss {_f(row['aux_loss'])}" if row.get("aux_loss") is not None else "",
                              f" checkpoint {row['checkpoint']}" if row.get("checkpoint") else "")
         self.update(self.step)
 
@@ -114,38 +112,3 @@ def gpu_slot(logger=log):
     logger.info("waiting for a slot of the %r concurrency limit", GPU_LIMIT)
     with concurrency(GPU_LIMIT, occupy=1, strict=True):
         yield
-
-
-def distributed(cfg: RunConfig, base_uri: str, watch: Watch):
-    """torchrun over the library's ranks (ckptflow.distributed), in its own session so that a
-    timeout, a cancellation or a crash kills every rank; progress followed from metrics.jsonl."""
-    import json
-    import os
-    import tempfile
-
-    from ckptflow import checkpointer
-    from ckptflow.errors import CkptError
-    from ckptflow.train import read_metrics
-
-    train_uri = storage.join(config_mod.run_dir(cfg), "train")
-    last = [max((r.get("step", 0) for r in read_metrics(train_uri)), default=0)]
-
-    def poll():
-        for row in read_metrics(train_uri):
-            if row.get("step", 0) > last[0]:
-                watch.metrics(row)
-                last[0] = row["step"]
-
-    fd, path = tempfile.mkstemp(prefix="ckptflow-run-", suffix=".json")   # 0600: may hold storage_options
-    with os.fdopen(fd, "w") as f:
-        json.dump(config_mod.to_dict(cfg, credentials=True), f)
-    try:
-        code = launch.run(launch.torchrun_command(cfg.train.nproc_per_node, path, base_uri), poll=poll)
-    finally:
-        os.unlink(path)
-    if code != 0:
-        raise RuntimeError(f"torchrun exited with {code} (see the run's logs); a retry resumes from the newest step")
-    m = checkpointer.latest(train_uri, verify=False)
-    if m is None or m.step < cfg.train.steps:
-        raise CkptError(f"{train_uri}: torchrun finished without a checkpoint at step {cfg.train.steps}")
-    return m

@@ -2,7 +2,7 @@
 
 Meta, torchtune and litgpt do not install beside transformers 5 here (torchtune pins an older
 torchao/transformers; litgpt pins lightning and an older transformers), so these fixtures follow
-the exact layouts in ../shared/reference/formats.md (sections 2, 3.3, 7) written out by hand,
+the exact layouts of docs/formats.md (key names, Meta model-parallel files, tool outputs) written out by hand,
 independently of ckptflow's own readers: key tables, the q/k permute, the model-parallel split
 dimensions, litgpt's fused qkv, torchtune's file names. DCP fixtures are written by
 torch.distributed.checkpoint itself.
@@ -18,7 +18,7 @@ from tests import hfmodels
 
 ATOL = 1e-5
 
-# formats.md 2.1: HF -> Meta (also torchtitan <= v0.2.2) names, per layer and global.
+# docs/formats.md: HF -> Meta (also torchtitan <= v0.2.2) names, per layer and global.
 HF_TO_META = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
     "model.norm.weight": "norm.weight",
@@ -61,7 +61,7 @@ HF_TO_LIT = {
     "mlp.up_proj.weight": "mlp.fc_2.weight",
     "mlp.down_proj.weight": "mlp.proj.weight",
 }
-# formats.md 3.3: concatenation dim of each Meta weight across model-parallel files.
+# docs/formats.md: concatenation dim of each Meta weight across model-parallel files.
 MP_DIM = {"wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}
 
 
@@ -73,7 +73,7 @@ def rename(key: str, table: dict, prefix: str = "layers") -> str:
 
 
 def hf_to_meta_rows(w: torch.Tensor, n: int) -> torch.Tensor:
-    """formats.md 2.2, HF -> Meta: view [n, 2, hd/2, ...], swap axes 1 and 2."""
+    """docs/formats.md, HF -> Meta: view [n, 2, hd/2, ...], swap axes 1 and 2."""
     rows = w.shape[0]
     return w.reshape(n, 2, rows // n // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
@@ -122,7 +122,7 @@ def meta_params(hf, llama3: bool = True) -> dict:
 
 
 def split_meta(sd: dict, mp: int, embedding_dim: int, n_kv: int) -> list[dict]:
-    """formats.md 3.3: one dict per model-parallel rank; norms replicated; KV heads replicated
+    """docs/formats.md: one dict per model-parallel rank; norms replicated; KV heads replicated
     (repeat_interleave) when mp > n_kv."""
     ranks = [{} for _ in range(mp)]
     for k, v in sd.items():
@@ -151,7 +151,7 @@ def write_meta(hf, path: str, mp: int = 1, llama3: bool = True, **params) -> str
 # --- torchtune ---------------------------------------------------------------------------------
 
 def tune_state_dict(hf) -> dict:
-    """torchtune's own keys and layout (Meta rows for llama/mistral, HF rows for qwen2; formats.md 2.2)."""
+    """torchtune's own keys and layout (Meta rows for llama/mistral, HF rows for qwen2; docs/formats.md)."""
     cfg = hf.config
     permute = cfg.model_type in ("llama", "mistral")
     out = {}
@@ -170,7 +170,7 @@ def tune_state_dict(hf) -> dict:
 # --- litgpt ------------------------------------------------------------------------------------
 
 def lit_state_dict(hf, legacy: bool = False) -> dict:
-    """formats.md 2.3: attn.qkv = cat(q, k, v) (rotate-half rows, no permute); legacy attn.attn in
+    """docs/formats.md: attn.qkv = cat(q, k, v) (rotate-half rows, no permute); legacy attn.attn in
     KV-group order [q-group0, k0, v0, ...]; lm_head present even when tied."""
     cfg = hf.config
     sd = hf.state_dict()

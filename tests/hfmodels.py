@@ -1,6 +1,7 @@
 """Tiny Hugging Face checkpoints written by transformers itself (the tool that defines the format)."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -25,19 +26,32 @@ DENSE = {
 }
 
 
+# Per family, what makes every feature move the logits at tiny sizes: a sliding window shorter
+# than the test inputs, LongRoPE whose original context (8) the inputs outgrow, partial rotary,
+# 4 experts with top-2 routing, a dense layer among the sparse ones.
+LONGROPE = {"rope_type": "longrope", "long_factor": [1.0 + 0.5 * i for i in range(6)],
+            "short_factor": [1.0 + 0.1 * i for i in range(6)]}
+FAMILY_KW = {
+    "phi3": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2, sliding_window=6, original_max_position_embeddings=8,
+                 rope_scaling=LONGROPE, partial_rotary_factor=0.75),
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=6, intermediate_size=96),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, head_dim=32,
+                      mlp_only_layers=[1], norm_topk_prob=False),
+}
+
+
 def config(family: str, **over):
     import transformers
 
     if family in DENSE:
         model_type, kw = DENSE[family]
         return transformers.AutoConfig.for_model(model_type, **{**TINY, **kw, **over})
-    cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-           "qwen2": transformers.Qwen2Config}[family]
     kw = dict(TINY)
     if family == "qwen2":
         kw["tie_word_embeddings"] = True
+    kw.update(copy.deepcopy(FAMILY_KW.get(family, {})))   # transformers edits rope dicts in place
     kw.update(over)
-    return cls(**kw)
+    return transformers.AutoConfig.for_model(family, **kw)
 
 
 def model(family: str, seed: int = 0, dtype=None, **over):

@@ -30,7 +30,8 @@ def same_dir(a, b, skip=()):
 # config.json fields) sharded in bfloat16 and whole in float32.
 ROUND_TRIPS = [(f, s, d) for f in ("llama", "mistral", "qwen2") for s in (None, "40KB")
                for d in (torch.float32, torch.bfloat16, torch.float16)]
-ROUND_TRIPS += [(f, s, d) for f in hfmodels.DENSE for s, d in ((None, torch.float32), ("40KB", torch.bfloat16))]
+ROUND_TRIPS += [(f, s, d) for f in (*hfmodels.DENSE, *hfmodels.FAMILY_KW)
+                for s, d in ((None, torch.float32), ("40KB", torch.bfloat16))]
 
 
 @pytest.mark.parametrize("family, shard, dtype", ROUND_TRIPS)
@@ -116,7 +117,7 @@ def test_rerun_with_same_inputs_does_no_work(tmp_path):
     assert manifest.fingerprint(first) == manifest.fingerprint(again)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", *hfmodels.DENSE])
+@pytest.mark.parametrize("family", ["llama", "qwen2", *hfmodels.DENSE, *hfmodels.FAMILY_KW])
 def test_load_gives_transformers_logits(tmp_path, family):
     import ckptflow
 

@@ -1,5 +1,5 @@
 """The run as people see it: the demo fine-tune on a real `prefect server start`, read back from
-the v2 dashboard in headless Chromium (what is measured about the UI: shared/reference/prefect-ui.md).
+the v2 dashboard in headless Chromium (what is measured about the UI: tests/browser/harness.py).
 
 One server, one demo run (the real finetune flow, shortened by overrides) and one browser for the
 module; the `export` deployment of deployments/prefect.yaml is registered while the demo runs.
@@ -147,9 +147,9 @@ def watch_progress(server: harness.Server, demo: subprocess.Popen) -> list:
 
 
 def artifact(dash: Dashboard, what: str) -> dict:
-    from flows.publish import key
+    from tasks.common import artifact_key
 
-    return harness.artifact_by_key(dash.server, dash.flow_run_id, key(dash.record["run_id"], what))
+    return harness.artifact_by_key(dash.server, dash.flow_run_id, artifact_key(dash.record["run_id"], what))
 
 
 def test_the_run_page_shows_the_run_completed_with_its_logs_and_artifacts(dash):

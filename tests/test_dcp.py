@@ -110,7 +110,7 @@ def test_dcp_logits_equal_transformers(tmp_path):
 
 
 def _titan(path: str, sd: dict) -> str:
-    """A torchtitan step folder: model FQNs flattened at top level plus training state (formats.md 2.1)."""
+    """A torchtitan step folder: model FQNs flattened at top level plus training state (docs/formats.md)."""
     import torch.distributed.checkpoint as tdcp
 
     state = {**sd, "optimizer": {"state": {k: torch.zeros_like(v) for k, v in list(sd.items())[:2]}},

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from ckptflow import config, manifest, storage
-from ckptflow.checkpointer import read_tensors
-from ckptflow.distributed import read_dcp_step
+from ckptflow.checkpointer import read_dcp_step, read_tensors
 from ckptflow.stages import convert, download
 from ckptflow.stages import train as stage
 

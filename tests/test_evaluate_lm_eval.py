@@ -112,6 +112,18 @@ def test_a_model_outside_a_run_without_out_prints_the_numbers_and_writes_nothing
     text = capsys.readouterr().out
     assert rc == 0 and "nothing written" in text and "ckptflow_demo_qa: acc " in text
 
+    # A data set on the Hub, not cached: offline, so one line that says so (exit 2), not a download.
+    hub_task = tmp_path / "hubtask"
+    hub_task.mkdir()
+    (hub_task / "hub.yaml").write_text("task: hubtask\ndataset_path: ckptflow-test/not-there\ntest_split: test\n"
+                                       "output_type: multiple_choice\ndoc_to_text: q\ndoc_to_choice: c\n"
+                                       "doc_to_target: g\n")
+    rc = cli.main(["evaluate", src, "--tasks", str(hub_task / "hub.yaml"), "--out", str(tmp_path / "ev"),
+                   "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Couldn't reach 'ckptflow-test/not-there'" in err and "lm-eval runs offline" in err, err
+    assert not (tmp_path / "ev").exists() and os.listdir(scratch) == []
+
 
 def test_without_lm_eval_one_line_says_how_to_install_it(tmp_path):
     blocker = tmp_path / "site"

@@ -248,3 +248,44 @@ def test_export_refuses_to_merge_a_step_into_a_model_that_has_it(tmp_path, run):
     merge.run(step, "-", str(tmp_path / "merged"))
     with pytest.raises(CkptError, match="already has adapter"):
         export.run(step, str(tmp_path / "out"), base=str(tmp_path / "merged"))
+
+
+# --- the fused and mixture-of-experts families ---------------------------------------------------
+
+FAMILY_LORA = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj"], "mixtral": ["q_proj", "v_proj", "o_proj"],
+               "qwen3_moe": ["all-linear"]}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_LORA))
+def test_peft_export_loads_in_peft_with_the_merged_hf_export_logits(tmp_path, family):
+    r = make_run(str(tmp_path), family)
+    lora_step(r, 10, {"rank": 4, "alpha": 8.0, "targets": FAMILY_LORA[family]}, seed=1)
+    export.run(r, str(tmp_path / "peft"), format="peft")
+    export.run(r, str(tmp_path / "hf"), format="hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(r, "source"))
+    pm = peft_lib.PeftModel.from_pretrained(hf, str(tmp_path / "peft")).eval()
+    x = tokens()
+    with torch.no_grad():
+        got = pm(x).logits
+    want = hf_logits(str(tmp_path / "hf"), x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert (want - hf_logits(os.path.join(r, "source"), x)).abs().max() > 1e-3     # the adapter is in there
+
+
+def test_a_fused_phi3_peft_adapter_exports_as_itself(tmp_path):
+    from tests import hfmodels
+    from tests.test_peft import peft_adapter
+
+    base = hfmodels.save("phi3", str(tmp_path / "base"))
+    pm = peft_adapter(base, str(tmp_path / "ad"), r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj"],
+                      rank_pattern={"model.layers.1.self_attn.qkv_proj": 2})
+    export.run(str(tmp_path / "ad"), str(tmp_path / "same"), format="peft")
+    want, got = tensors(str(tmp_path / "ad")), tensors(str(tmp_path / "same"))
+    assert want.keys() == got.keys() and all(torch.equal(v, got[k]) for k, v in want.items())   # shared lora_A
+    cfg = json.load(open(tmp_path / "same" / "adapter_config.json"))
+    assert cfg["rank_pattern"] == {"model.layers.1.self_attn.qkv_proj": 2}
+    export.run(str(tmp_path / "ad"), str(tmp_path / "hf"), format="hf")
+    x = tokens()
+    with torch.no_grad():
+        want_logits = pm.eval()(x).logits
+    torch.testing.assert_close(hf_logits(str(tmp_path / "hf"), x), want_logits, atol=1e-5, rtol=0)

@@ -397,8 +397,11 @@ def test_unknown_key_names_the_key_and_file():
 
 
 def test_peft_targets_cover_the_lora_modules():
+    attention = {"q_proj", "k_proj", "v_proj", "output_proj", "output"}
     for family in families.FAMILIES.values():
-        assert set(family.PEFT_TARGETS) == {"q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3", "output"}
+        # MoE families: PEFT's LoRA layers do not wrap transformers' grouped expert parameters.
+        mlp = set() if family.NAME in ("mixtral", "qwen3_moe") else {"w1", "w2", "w3"}
+        assert set(family.PEFT_TARGETS) >= attention | mlp, family.NAME
 
 
 # --- the q/k permute ----------------------------------------------------------------------------
@@ -431,3 +434,43 @@ def test_permute_on_bf16_bytes_and_numpy_equals_permute_on_tensor():
 def test_permute_refuses_rows_that_do_not_split_into_heads():
     with pytest.raises(CkptError, match="cannot permute 30 rows into 4 heads"):
         families.permute_hf_to_tune(torch.ones(30, 2), 4)
+
+
+# --- phi3, mixtral, qwen3_moe: config.json both ways ------------------------------------------
+
+NEW = ["phi3", "mixtral", "qwen3_moe"]
+
+
+def new_family_config(name: str, tmp_path) -> dict:
+    from tests import hfmodels
+
+    hfmodels.config(name).save_pretrained(tmp_path)
+    return json.loads((tmp_path / "config.json").read_text())
+
+
+@pytest.mark.parametrize("name", NEW)
+def test_new_family_config_like_saved_is_unchanged_and_from_scratch_reads_back(name, tmp_path):
+    saved = new_family_config(name, tmp_path)
+    family = families.for_hf_config(saved)
+    args = family.args_from_hf(saved)
+    assert family.hf_config(args, like=copy.deepcopy(saved)) == saved
+    written = family.hf_config(args, dtype="float32")
+    read = transformers.AutoConfig.for_model(**written)
+    assert resolved(family.args_from_hf(read.to_dict())) == resolved(args)
+
+
+def test_new_family_args():
+    from tests import hfmodels
+
+    phi3 = families.get("phi3").args_from_hf(hfmodels.config("phi3").to_dict())
+    assert (phi3.partial_rotary_factor, phi3.rotary_dim, phi3.rope_scaling["rope_type"]) == (0.75, 12, "longrope")
+    assert phi3.rope_scaling["original_max_position_embeddings"] == 8 and phi3.extra["sliding_window"] == 6
+    mixtral = families.get("mixtral").args_from_hf(hfmodels.config("mixtral").to_dict())
+    assert (mixtral.n_experts, mixtral.n_active_experts, mixtral.norm_topk_prob, mixtral.dense_layers) == (4, 2, True, [])
+    qwen = families.get("qwen3_moe").args_from_hf(hfmodels.config("qwen3_moe", decoder_sparse_step=2,
+                                                                   num_hidden_layers=4).to_dict())
+    assert (qwen.expert_dim, qwen.hd, qwen.qk_norm, qwen.norm_topk_prob) == (48, 32, "head", False)
+    assert qwen.dense_layers == [0, 1, 2]    # mlp_only_layers [1], and every layer but each 2nd
+    with pytest.raises(CkptError, match="short_factor has 6 values.*needs 8"):
+        families.get("phi3").args_from_hf({**hfmodels.config("phi3").to_dict(), "partial_rotary_factor": 1.0,
+                                           "rope_parameters": {**hfmodels.LONGROPE, "rope_theta": 1e4}})

@@ -267,14 +267,15 @@ def test_gpu_slot_is_held_only_when_the_limit_exists(prefect_api):
 
 HOLDER = textwrap.dedent("""
     import sys
-    from tasks import launch
+    from ckptflow import launch
+    from tasks.launch import kill_hook
     from prefect import flow, task
 
     @task
     def hold(pidfile: str) -> None:     # a stand-in for torchrun: a launcher with a worker child
         launch.run(["sh", "-c", f"sleep 120 & echo $! > {pidfile}; wait"], poll=lambda: None, poll_seconds=0.2)
 
-    @flow(on_cancellation=[launch.kill_hook], on_crashed=[launch.kill_hook])
+    @flow(on_cancellation=[kill_hook], on_crashed=[kill_hook])
     def holder(pidfile: str) -> None:
         hold(pidfile)
 

@@ -163,3 +163,45 @@ def test_verify_finds_a_changed_byte(tmp_path):
     assert r.returncode == 1
     out = json.loads(r.stdout)
     assert out["ok"] is False and "model-00004-of-00012.safetensors" in out["problems"][0]
+
+
+def _rewrite(src, change):
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(src, "model.safetensors")
+    sd = load_file(path)
+    change(sd)
+    save_file(sd, path, metadata={"format": "pt"})
+
+
+def fused_rows_do_not_split(src):
+    key = "model.layers.1.self_attn.qkv_proj.weight"
+    _rewrite(src, lambda sd: sd.__setitem__(key, sd[key][:-16].contiguous()))   # one v head short
+    return key
+
+
+def expert_missing(src):
+    key = "model.layers.1.block_sparse_moe.experts.2.w3.weight"
+    _rewrite(src, lambda sd: sd.pop(key))
+    return key
+
+
+def qwen3_moe_expert_missing(src):
+    key = "model.layers.0.mlp.experts.3.down_proj.weight"
+    _rewrite(src, lambda sd: sd.pop(key))
+    return key
+
+
+FAMILY_CASES = {"phi3": fused_rows_do_not_split, "mixtral": expert_missing, "qwen3_moe": qwen3_moe_expert_missing}
+
+
+@pytest.mark.parametrize("family", FAMILY_CASES)
+def test_fused_rows_and_missing_experts_name_the_key(tmp_path, family):
+    src = hfmodels.save(family, str(tmp_path / "src"))
+    needle = FAMILY_CASES[family](src)
+    dst = tmp_path / "dst"
+    r = cli("convert", src, str(dst))
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ckptflow: error:") and repr(needle) in lines[0], r.stderr
+    assert not (dst / "ckptflow.json").exists()

@@ -71,10 +71,11 @@ KILLER = textwrap.dedent("""
         from pathlib import Path
 
         me = psutil.Process()
-        writing = sorted(str(p.parent) for p in Path(storage).rglob(".ckptflow-writing*"))   # writes in flight
+        # directories being written, or left uncommitted by an earlier kill
+        uncommitted = sorted(str(p.parent) for p in Path(storage).rglob(".ckptflow-writing*"))
         with open(note, "w") as f:
             json.dump({"stage": where[0], "pids": [me.pid] + [p.pid for p in me.children(recursive=True)],
-                       "writing": writing}, f)
+                       "uncommitted": uncommitted}, f)
         os.killpg(os.getpgrp(), signal.SIGKILL)
 
     def arm(seconds):
@@ -152,8 +153,8 @@ def attempt(killer: Path, config: Path, env: dict, log: Path, target: str | None
             except psutil.NoSuchProcess:
                 pass
         session = [f"{p.pid} {p.name()}" for p in psutil.process_iter() if _sid(p) == proc.pid]
-        out.update(stage=seen["stage"], writing=[Path(w).name for w in seen["writing"]], processes=len(seen["pids"]),
-                   left=wait_gone(procs) + session)
+        out.update(stage=seen["stage"], uncommitted=[Path(w).name for w in seen["uncommitted"]],
+                   processes=len(seen["pids"]), left=wait_gone(procs) + session)
     return out
 
 
@@ -235,7 +236,7 @@ def landed(kill: dict) -> str:
 
 PARENT = textwrap.dedent("""
     import sys, threading, time
-    from tasks import launch
+    from ckptflow import launch
 
     def train():      # like a Prefect task in a worker thread: torchrun's launcher with a worker
         launch.run(["sh", "-c", f"sleep 120 & echo $! > {sys.argv[1]}; wait"], poll=lambda: None, poll_seconds=0.2)

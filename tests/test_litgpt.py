@@ -1,6 +1,6 @@
 """litgpt checkpoints: fused qkv (current and <= v0.5.4 layouts), {"model": ...} wrappers, LoRA
 files, configs. litgpt cannot share a virtualenv with transformers 5 here, so lit_model.pth and
-model_config.yaml are built by tests/foreign.py from formats.md 2.3 / 7.2."""
+model_config.yaml are built by tests/foreign.py from docs/formats.md."""
 import os
 
 import pytest

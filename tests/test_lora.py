@@ -125,3 +125,30 @@ def test_merge_rejects_adapters_that_do_not_fit():
                           "layers.9.attn.q_proj.lora_b.weight": torch.zeros(8, 2)}, cfg)
     with pytest.raises(CkptError, match="lacks lora_a or lora_b"):
         merge_lora(base, {"layers.0.attn.q_proj.lora_a.weight": torch.zeros(2, 6)}, cfg)
+
+
+def test_targets_accept_the_hf_names_peft_users_write():
+    from ckptflow.lora import LoraConfig
+
+    assert LoraConfig(targets=["q_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]).targets == \
+        ["q_proj", "output_proj", "w1", "w3", "w2"]
+    assert LoraConfig(targets=["qkv_proj", "gate_up_proj", "k_proj"]).targets == ["q_proj", "k_proj", "v_proj", "w1", "w3"]
+    assert LoraConfig(targets=["all-linear"]).targets == ["q_proj", "k_proj", "v_proj", "output_proj", "w1", "w2", "w3"]
+    assert LoraConfig.from_dict({"targets": ["lm_head", "v_proj"]}).targets == ["output", "v_proj"]
+    with pytest.raises(CkptError, match="'qkv' .*all-linear"):
+        LoraConfig.from_dict({"targets": ["qkv"]})
+
+
+def test_mixture_of_experts_takes_lora_on_attention_only():
+    from ckptflow.lora import LoraConfig, adapter_shapes, apply_lora
+    from ckptflow.model import Transformer
+    from ckptflow.model_args import ModelArgs
+
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, hidden_dim=96, n_experts=4,
+                     n_active_experts=2, dense_layers=[1])
+    cfg = LoraConfig(rank=2, alpha=4, targets=["all-linear"])
+    wrapped = apply_lora(Transformer(args), cfg)
+    assert {w.rsplit(".", 1)[-1] for w in wrapped} == {"q_proj", "k_proj", "v_proj", "output_proj"}
+    assert {k.rsplit(".", 3)[-3] for k in adapter_shapes(args, cfg)} == {"q_proj", "k_proj", "v_proj", "output_proj"}
+    with pytest.raises(CkptError, match="no module of the model matches"):
+        apply_lora(Transformer(args), LoraConfig(targets=["w1", "w2"]))

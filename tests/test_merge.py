@@ -44,6 +44,40 @@ def test_peft_made_adapter_merges_like_peft(tmp_path, family, variant):
         torch.testing.assert_close(got[k], ref[k], atol=1e-6, rtol=0, msg=k)
 
 
+# peft's own target names per family: fused Phi-3 modules, attention only for MoE.
+FAMILY_TARGETS = {
+    "phi3": dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]),
+    "phi3-rslora": dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "gate_up_proj"], use_rslora=True,
+                        rank_pattern={"model.layers.1.self_attn.qkv_proj": 2}),
+    "mixtral": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "qwen3_moe": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"]),
+}
+
+
+def saved_tensors(model, path):
+    """What save_pretrained writes (transformers 5 groups MoE experts in memory, not on disk)."""
+    from safetensors.torch import load_file
+
+    model.save_pretrained(path)
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+@pytest.mark.parametrize("case", list(FAMILY_TARGETS))
+def test_family_adapters_merge_like_peft(tmp_path, case):
+    from ckptflow.families import _fused
+
+    family = case.split("-")[0]
+    base = hfmodels.save(family, str(tmp_path / "base"))
+    pm = peft_adapter(base, str(tmp_path / "ad"), **FAMILY_TARGETS[case])
+    want = saved_tensors(pm.merge_and_unload(), str(tmp_path / "want"))
+    merge.run(str(tmp_path / "ad"), base, str(tmp_path / "merged"))
+    got = tune_sd(str(tmp_path / "merged"))
+    ref = _fused.hf_state_dict_to_tune(want, families.get(family), api.load_state_dict(base)[1].args)
+    assert got.keys() == ref.keys()
+    diff = max(float((got[k] - ref[k]).abs().max()) for k in ref)
+    assert diff <= 1e-6, diff
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     return make_run(str(tmp_path_factory.mktemp("merge")))

@@ -1,6 +1,6 @@
 """Meta's original format: model-parallel reads, exact round trips, HF parity, the RoPE factor gap.
 
-Meta's reference code does not install here; the fixtures are written from formats.md 3.3 by
+Meta's reference code does not install here; the fixtures are written from docs/formats.md by
 tests/foreign.py (split dims, embedding split by version, KV heads replicated past n_kv_heads).
 """
 import json

@@ -198,11 +198,22 @@ def test_no_base_is_an_error_naming_it(tmp_path, llama_dir):
 
 # --- writing ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", *hfmodels.DENSE])
+# The tune modules a LoRA run adapts per family, and how many PEFT modules that makes per layer
+# (phi3: q/k/v are one fused qkv_proj, w1/w3 one gate_up_proj; MoE families: attention only).
+FIVE = (["q_proj", "k_proj", "v_proj", "output_proj", "w2"], 5)
+RUN_TARGETS = {
+    "llama": FIVE, "qwen2": FIVE, **{f: FIVE for f in hfmodels.DENSE},
+    "phi3": (["q_proj", "v_proj", "output_proj", "w1", "w3", "w2"], 4),
+    "mixtral": (["q_proj", "k_proj", "v_proj", "o_proj"], 4),
+    "qwen3_moe": (["all-linear"], 4),    # a mixture-of-experts model: attention only, dense layer 1 too
+}
+
+
+@pytest.mark.parametrize("family", list(RUN_TARGETS))
 def test_written_adapter_loads_in_peft_with_ckptflow_logits(tmp_path, family):
     run = make_run(str(tmp_path), family)
-    step = lora_step(run, 5, {"rank": 4, "alpha": 8.0, "targets": ["q_proj", "k_proj", "v_proj", "output_proj", "w2"],
-                              "use_rslora": family == "qwen2"})
+    targets, per_layer = RUN_TARGETS[family]
+    step = lora_step(run, 5, {"rank": 4, "alpha": 8.0, "targets": targets, "use_rslora": family in ("qwen2", "phi3")})
     export.run(step.uri, str(tmp_path / "peft"), format="peft")
     assert sorted(os.listdir(tmp_path / "peft")) == ["adapter_config.json", "adapter_model.safetensors", "ckptflow.json"]
     hf = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(run, "source"))
@@ -212,9 +223,13 @@ def test_written_adapter_loads_in_peft_with_ckptflow_logits(tmp_path, family):
         want = own_model(run, step.uri)(x)
         got = pm(x).logits
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    export.run(step.uri, str(tmp_path / "hf"), format="hf")           # ckptflow's merged HF export
+    merged = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(got, merged(x).logits, atol=1e-5, rtol=0)
     with torch.no_grad(), pm.disable_adapter():
         assert (pm(x).logits - got).abs().max() > 1e-3     # the adapter is really there
-    assert sum(1 for k in pm.state_dict() if "lora_" in k) == 2 * 5 * 2
+    assert sum(1 for k in pm.state_dict() if "lora_" in k) == 2 * per_layer * 2
 
 
 def test_convert_of_an_adapter_merges_and_records_it(tmp_path, llama_dir):

@@ -24,7 +24,7 @@ def test_same_uri_same_bytes(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
-                                    "smollm3", "olmo2"])
+                                    "smollm3", "olmo2", "phi3", "mixtral", "qwen3_moe"])
 def test_transformers_loads_the_seed_model_with_ckptflows_logits(tmp_path, family):
     import transformers
 

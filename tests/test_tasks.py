@@ -12,7 +12,9 @@ from ckptflow import manifest, storage
 from ckptflow.commit import Output
 from ckptflow.errors import CkptError
 from ckptflow.manifest import Manifest
-from tasks import common, launch
+from ckptflow import launch
+from tasks import common
+from tasks.launch import kill_hook
 
 
 def committed(uri: str, payload: bytes = b"weights", fmt: str = "tune") -> Manifest:
@@ -155,7 +157,7 @@ def test_flow_hook_kills_launches_in_flight(tmp_path):
     def poll():   # the flow's on_cancellation hook firing while training runs
         _wait_for(pidfile)
         calls.append(1)
-        launch.kill_hook(None, None, None)
+        kill_hook(None, None, None)
 
     code = launch.run(cmd, poll=poll, poll_seconds=0.05)
     assert code == -signal.SIGTERM and calls

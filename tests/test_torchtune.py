@@ -1,6 +1,6 @@
-"""torchtune outputs across versions (formats.md 7.1): file names, key namings, epochs, adapters,
+"""torchtune outputs across versions (docs/formats.md): file names, key namings, epochs, adapters,
 recipe state. torchtune does not install beside transformers 5 here (it pins older torchao and
-transformers), so every layout is built by hand from formats.md 7.1 and tests/foreign.py's key
+transformers), so every layout is built by hand from docs/formats.md and tests/foreign.py's key
 tables, from a tiny transformers model whose logits are the reference."""
 import json
 import os

@@ -12,7 +12,8 @@ from __future__ import annotations
 from types import ModuleType
 
 from ckptflow.errors import CkptError
-from ckptflow.families import gemma, gemma2, gemma3, gemma3_mm, llama, mistral, olmo2, qwen2, qwen3, smollm3
+from ckptflow.families import (gemma, gemma2, gemma3, gemma3_mm, llama, mistral, mixtral, olmo2, phi3, qwen2, qwen3,
+                               qwen3_moe, smollm3)
 from ckptflow.families._base import (  # noqa: F401  (re-exported: the package's public helpers)
     QK_ROWS, UnknownFamilyError, UnknownKeyError, foreign_key_to_tune, hf_dtype, hf_key_to_tune,
     hf_state_dict_to_tune, permute_hf_to_tune, permute_tune_to_hf, table, template_of,
@@ -70,5 +71,6 @@ def for_litgpt_config(cfg: dict, where: str = "model_config.yaml") -> ModuleType
     return _by_structure("is_litgpt_config", cfg, where, "litgpt config")
 
 
-for _family in (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, gemma3_mm, smollm3, olmo2):
+for _family in (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3, gemma3_mm, smollm3, olmo2, phi3, mixtral,
+                qwen3_moe):
     register(_family)

@@ -29,7 +29,9 @@ REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_si
 # Token ids kept in ModelArgs.extra so an export can write them back.
 TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 ROPE_PARAMS = {"default": (), "linear": ("factor",),
-               "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+               "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+               # Phi-3 long-context models (phi3.py brings the top-level original_max_position_embeddings in)
+               "longrope": ("long_factor", "short_factor", "original_max_position_embeddings")}
 HF_DEFAULT_EPS = 1e-6  # LlamaConfig/MistralConfig/Qwen2Config default when rms_norm_eps is absent
 
 

@@ -36,6 +36,7 @@ class LoraModule:
     rank: int
     alpha: float
     scale: float
+    fused: str | None = None     # the fused HF module (Phi-3 qkv_proj) whose lora_A this part shares
 
 
 @dataclass

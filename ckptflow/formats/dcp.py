@@ -1,4 +1,4 @@
-"""torch.distributed.checkpoint (DCP) directories: `.metadata` + `__{rank}_{n}.distcp` (formats.md 5).
+"""torch.distributed.checkpoint (DCP) directories: `.metadata` + `__{rank}_{n}.distcp` (docs/formats.md).
 
 Reading: a View of tune-named tensors, each loaded alone into a preallocated tensor through a
 partial-load planner, so converting a DCP checkpoint (sharded by any number of ranks) to HF
@@ -14,7 +14,7 @@ the class), not with plain pickle as torch's own reader does.
 
 Writing: `write_view` (convert --to dcp) saves the tensors with DCP, hashing every file while
 it is written. `save_state` / `load_state` are the helpers for training code, in one process or
-under torch.distributed (DTensor shards reshard on load; formats.md 5.7).
+under torch.distributed (DTensor shards reshard on load; docs/formats.md).
 """
 from __future__ import annotations
 
@@ -195,7 +195,7 @@ def open_view(uri: str, *, model_config: str | None = None, rope_scaling_factor:
         family, args, original, assets, partition = arch.family, arch.args, arch.original, dict(arch.assets), None
     weights, notes = classify(family, args, tensors, others, uri)
     reader = storage_reader(uri, md)
-    items = {tune: Item(tune, _code(tensors[fqn][1], uri, fqn), tensors[fqn][0],
+    items = {tune: Item(tune, st.code_of(tensors[fqn][1], uri, fqn), tensors[fqn][0],
                         load=_loader(reader, fqn, tensors[fqn])) for tune, fqn in weights.items()}
     check_items([FilePlan("", list(items.values()))], args, uri)
     return View(uri, "dcp", family, args, items, original, assets, manifest=m, partition=partition, notes=notes)
@@ -209,13 +209,6 @@ def _arch(uri: str, model_config: str | None, tensors: dict, factor):
                         "give it with --model-config (a config.json, params.json or model directory)")
     emb = next((shape for fqn, (shape, _) in tensors.items() if fqn.endswith("tok_embeddings.weight")), None)
     return arch.load(model_config, vocab_size=emb[0] if emb else None, rope_scaling_factor=factor)
-
-
-def _code(dtype, uri: str, fqn: str) -> str:
-    code = st.ST_NAME.get(str(dtype).removeprefix("torch."))
-    if code is None:
-        raise CkptError(f"{uri}: tensor {fqn!r} has dtype {dtype}, which ckptflow does not handle")
-    return code
 
 
 def _loader(reader, fqn: str, meta):
@@ -248,7 +241,7 @@ def describe(uri: str):
     m = manifest.read(uri)
     model = {fqn: v for fqn, v in tensors.items() if _root(fqn) in WEIGHT_ROOTS}
     state = sorted({fqn.split(".")[0] for fqn in tensors if fqn not in model} | {f.split(".")[0] for f in others})
-    dtype, n = summarize((shape, _code(dt, uri, fqn)) for fqn, (shape, dt) in model.items())
+    dtype, n = summarize((shape, st.code_of(dt, uri, fqn)) for fqn, (shape, dt) in model.items())
     ranks = sorted({name.split("_")[2] for name in storage.listdir(uri) if name.startswith("__") and name.endswith(".distcp")})
     return Detection("dcp", uri, m.family if m is not None else None, dtype, n, storage.list_files(uri),
                      {"tensors": len(tensors), "training_state": state, "saved_by_ranks": len(ranks),

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from ckptflow import families, manifest, storage
 from ckptflow.errors import CkptError
 from ckptflow.formats import st
-from ckptflow.formats.view import FilePlan, Item, repartition
+from ckptflow.families import _fused
+from ckptflow.formats.view import FilePlan, Item, is_asset, repartition, split_rows
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +59,9 @@ def open_source(uri: str) -> Source:
     tensors = {f: items for f, (_, items) in read.items()}
     if index:
         _check_index(uri, index, tensors)
-    assets = [n for n in names if _is_asset(uri, n)]
+    assets = [n for n in names if is_asset(uri, n, NOT_ASSETS, WEIGHT_SUFFIXES)]
     return Source(uri, config, family, args, weights, index, files, tensors,
                   {f: meta for f, (meta, _) in read.items()}, assets)
-
-
-def _is_asset(uri: str, name: str) -> bool:
-    if name in NOT_ASSETS or name.startswith(".") or name.endswith(WEIGHT_SUFFIXES):
-        return False
-    return storage.isfile(storage.join(uri, name))
 
 
 def _weight_files(uri: str, names: list[str]) -> tuple[str, str | None, list[str]]:
@@ -203,6 +198,10 @@ def tune_plan(src: Source, out_dtype: str | None = None, max_shard: int | None =
         items, keys = [], []
         for it in src.tensors[f]:
             keys.append(it.name)
+            parts = _fused.parts_of(fam, it.name)
+            if parts is not None:
+                items.extend(_split(it, parts, args, storage.join(src.uri, f), out_dtype))
+                continue
             tkey, qk = families.hf_key_to_tune(fam, it.name)
             if tkey is None:
                 continue
@@ -210,10 +209,43 @@ def tune_plan(src: Source, out_dtype: str | None = None, max_shard: int | None =
             items.append(Item(tkey, it.dtype, it.shape, info=it.info, load=it.load, permute=permute, out_dtype=out_dtype))
         original_files.append({"name": f, "keys": keys, "metadata": src.metadata[f]})
         per_file.append(items)
+    _check_complete(src, {it.name for items in per_file for it in items})
     plans = _tune_partition(per_file, max_shard)
     original = {"format": "hf", "weights": src.weights, "files": original_files, "index": src.index,
                 "config": src.config, "assets": src.assets}
     return plans, original
+
+
+def _check_complete(src: Source, have: set[str]) -> None:
+    """A tensor the config implies but no file holds (an expert, a layer): one error naming its HF key."""
+    from ckptflow.formats.tune import expected_shapes
+
+    missing = [k for k in expected_shapes(src.args) if k not in have]
+    if not missing:
+        return
+    fused = _fused.fused_key(src.family, missing[0])
+    hf_key = fused[0] if fused else families.tune_key_to_hf(src.family, missing[0])[0]
+    where = storage.join(src.uri, src.index or src.files[0])
+    more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+    raise CkptError(f"{where}: missing tensor {hf_key!r}{more} (config.json implies it)")
+
+
+def _split(it: Item, parts: tuple[str, ...], args, where: str, out_dtype: str | None) -> list[Item]:
+    """The tune tensors of a fused HF tensor: each a byte range of its rows (or a slice when loaded)."""
+    return split_rows(it, list(parts), _fused.check_rows(args, it.name, it.shape, parts, where), out_dtype)
+
+
+def _fuse(hf_key: str, parts: tuple[str, ...], tune_items: dict[str, Item], item) -> Item:
+    """One HF tensor from its tune parts, concatenated on dim 0 when written."""
+    missing = [p for p in parts if p not in tune_items]
+    if missing:
+        raise CkptError(f"tune checkpoint lacks {missing[0]!r} (part of HF {hf_key!r})")
+    items = [item(p, tune_items[p]) for p in parts]
+    dtypes = {i.final_dtype for i in items}
+    if len(dtypes) != 1:
+        raise CkptError(f"cannot fuse {hf_key!r}: its parts {list(parts)} have dtypes {sorted(dtypes)}")
+    rows = sum(i.shape[0] for i in items)
+    return Item(hf_key, items[0].dtype, [rows, *items[0].shape[1:]], out_dtype=items[0].out_dtype, parts=items)
 
 
 def _tune_partition(per_file: list[list[Item]], max_shard: int | None) -> list[FilePlan]:
@@ -232,6 +264,8 @@ def hf_plan(tune_items: dict[str, Item], family, args, original: dict | None,
     """(HF files, same_partition). Reproduces the original partition, key order and metadata
     unless max_shard asks for a new one or the model did not come from HF."""
     def item(hf_key: str, t: Item) -> Item:
+        if _fused.fused_key(family, hf_key) is not None:    # a part of a fused tensor: no permute
+            return Item(t.name, t.dtype, t.shape, info=t.info, load=t.load, permute=t.permute, out_dtype=out_dtype)
         _, qk = families.hf_key_to_tune(family, hf_key)
         permute = ("to_hf", args.n_heads if qk == "q" else args.kv_heads) if qk and family.ROPE_INTERLEAVED else None
         if t.permute is not None and permute is not None:   # to_tune then to_hf: the identity
@@ -245,6 +279,10 @@ def hf_plan(tune_items: dict[str, Item], family, args, original: dict | None,
         for f in original["files"]:
             items = []
             for key in f["keys"]:
+                parts = _fused.parts_of(family, key)
+                if parts is not None:
+                    items.append(_fuse(key, parts, tune_items, item))
+                    continue
                 tkey, _ = families.hf_key_to_tune(family, key)
                 if tkey is None:
                     continue
@@ -255,6 +293,11 @@ def hf_plan(tune_items: dict[str, Item], family, args, original: dict | None,
         return plans, original.get("weights") == "safetensors"
     items = []
     for tkey, t in tune_items.items():
+        fused = _fused.fused_key(family, tkey)
+        if fused is not None:
+            if fused[1] == 0:   # the first part brings the whole fused tensor
+                items.append(_fuse(fused[0], _fused.parts_of(family, fused[0]), tune_items, item))
+            continue
         hf_key, _ = families.tune_key_to_hf(family, tkey)
         items.append(item(hf_key, t))
     return repartition(items, max_shard or DEFAULT_SHARD), False

@@ -1,5 +1,5 @@
 """litgpt checkpoints: lit_model.pth (a torch.save of {litgpt key: tensor}, or {"model": ...} after
-`litgpt finetune`) + model_config.yaml (`asdict(litgpt.Config)`), formats.md 2.3 and 7.2.
+`litgpt finetune`) + model_config.yaml (`asdict(litgpt.Config)`), docs/formats.md.
 
 q, k and v are one fused tensor: `attn.qkv` = [q; k; v] on dim 0 (litgpt >= v0.5.5), or the older
 `attn.attn` in KV-group order [q heads of group 0, k0, v0, q heads of group 1, ...] (<= v0.5.4).
@@ -18,7 +18,7 @@ import logging
 from ckptflow import families, manifest, storage
 from ckptflow.errors import CkptError
 from ckptflow.formats import st
-from ckptflow.formats.view import FilePlan, Item
+from ckptflow.formats.view import FilePlan, Item, is_asset
 
 log = logging.getLogger(__name__)
 
@@ -91,14 +91,8 @@ def open_view(uri: str, *, model_config: str | None = None, **_):
     if LORA in names:
         notes.append(f"{LORA}: litgpt LoRA weights left out (merge them with litgpt merge_lora to include them)")
     check_items([FilePlan("", list(items.values()))], a.args, uri)
-    assets = {n: storage.join(uri, n) for n in names if _is_asset(uri, n)}
+    assets = {n: storage.join(uri, n) for n in names if is_asset(uri, n, NOT_ASSETS, WEIGHT_SUFFIXES)}
     return View(uri, "litgpt", a.family, a.args, items, None, assets, manifest.read(uri), notes=notes)
-
-
-def _is_asset(uri: str, name: str) -> bool:
-    if name in NOT_ASSETS or name.startswith(".") or name.endswith(WEIGHT_SUFFIXES):
-        return False
-    return storage.isfile(storage.join(uri, name))
 
 
 def _map(family, key: str, where: str):

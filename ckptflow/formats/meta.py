@@ -1,5 +1,5 @@
 """Meta's original format: consolidated.NN.pth (one file per model-parallel rank), params.json and
-tokenizer.model (formats.md 3). Mistral's own release (consolidated.safetensors, or .pth, with a
+tokenizer.model (docs/formats.md). Mistral's own release (consolidated.safetensors, or .pth, with a
 params.json that gives hidden_dim) uses the same key names and is read here too.
 
 Reading joins each weight's model-parallel shards on the dimension Meta's reference code split it
@@ -27,7 +27,7 @@ import re
 from ckptflow import families, manifest, storage
 from ckptflow.errors import CkptError
 from ckptflow.formats import st
-from ckptflow.formats.view import FilePlan, Item, cast
+from ckptflow.formats.view import FilePlan, Item, cast, is_asset
 from ckptflow.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -109,17 +109,11 @@ def open_view(uri: str, *, rope_scaling_factor: float | None = None, **_):
     check_items([FilePlan("", list(items.values()))], args, uri)
     original = {"format": "meta", "files": files, "keys": order, "embedding_dim": emb_dim,
                 "params": params, "params_text": params_text}
-    assets = {n: storage.join(uri, n) for n in names if _is_asset(uri, n)}
+    assets = {n: storage.join(uri, n) for n in names if is_asset(uri, n, NOT_ASSETS, WEIGHT_SUFFIXES)}
     if TOKENIZER in assets and "tokenizer.json" not in assets:
         notes.append(f"{TOKENIZER} (sentencepiece for Llama 1/2, tiktoken for Llama 3) is copied as is; no HF "
                      "tokenizer.json is made from it (transformers' convert_llama_weights_to_hf can)")
     return View(uri, "meta", family, args, items, original, assets, manifest=m, notes=notes)
-
-
-def _is_asset(uri: str, name: str) -> bool:
-    if name in NOT_ASSETS or name.startswith(".") or name.endswith(WEIGHT_SUFFIXES):
-        return False
-    return storage.isfile(storage.join(uri, name))
 
 
 def _manifest_factor(m: Manifest | None):

@@ -4,10 +4,10 @@ Reading gives ckptflow's LoRA representation, `formats.adapter.Adapter`: per tun
 its lora_a [r, in] and lora_b [out, r] as lazy Items in tune layout, and that module's own rank,
 alpha and scale, resolved as PEFT resolves them (rank_pattern, alpha_pattern, use_rslora).
 The q/k lora_b rows follow the base weight's rows, so they are permuted HF -> Meta for families
-whose tune layout is interleaved (Llama, Mistral) and never for Qwen2 (formats.md 2.2, 4.6).
+whose tune layout is interleaved (Llama, Mistral) and never for Qwen2 (docs/formats.md).
 
 Writing gives the files `PeftModel.from_pretrained(hf_model, dir)` loads on the original HF model:
-keys `base_model.model.<HF module>.lora_A.weight`, {"format": "pt"} metadata (formats.md 4.3).
+keys `base_model.model.<HF module>.lora_A.weight`, {"format": "pt"} metadata (docs/formats.md).
 """
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ import re
 from ckptflow import families, manifest, storage
 from ckptflow.errors import CkptError
 from ckptflow.formats import st
+from ckptflow.families import _fused
 from ckptflow.formats.adapter import Adapter, LoraModule, base_shape, scale
 from ckptflow.formats.plan import write_file
-from ckptflow.formats.view import FilePlan, Item
+from ckptflow.formats.view import FilePlan, Item, split_rows
 from ckptflow.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -152,6 +153,9 @@ def open_adapter(uri: str, family, args, base: str | None = None) -> Adapter:
         raise CkptError(f"{path}: holds no lora_A/lora_B tensors")
     modules = {}
     for hf_module, ab in pairs.items():
+        if _fused.parts_of(family, hf_module + ".weight") is not None:
+            modules.update(_fused_modules(family, args, hf_module, ab, cfg, path))
+            continue
         tune_path, lm = _module(family, args, hf_module, ab, cfg, path)
         modules[tune_path] = lm
     return Adapter(uri, "peft", family, args, modules, rank=cfg["r"], alpha=cfg["lora_alpha"],
@@ -195,20 +199,49 @@ def _module(family, args, hf_module: str, ab: dict, cfg: dict, path: str) -> tup
     return tune_path, LoraModule(a, b, rank, alpha, scale(rank, alpha, bool(cfg["use_rslora"])))
 
 
+def _fused_modules(family, args, hf_module: str, ab: dict, cfg: dict, path: str) -> dict[str, LoraModule]:
+    """A LoRA on a fused HF module (Phi-3 qkv_proj): each tune part gets the shared lora_A and its
+    own row block of lora_B, so W_part + s * B_part @ A is exactly the fused merge's rows."""
+    for part in "AB":
+        if part not in ab:
+            raise CkptError(f"{path}: module {hf_module!r} has no lora_{part}.weight")
+    parts = _fused.parts_of(family, hf_module + ".weight")
+    rows = _fused.rows(args, parts)
+    in_f = base_shape(args, parts[0])[1]
+    rank = _pattern_value(cfg["rank_pattern"], hf_module, cfg["r"])
+    alpha = _pattern_value(cfg["alpha_pattern"], hf_module, cfg["lora_alpha"])
+    a, b = ab["A"], ab["B"]
+    for it, want in ((a, [rank, in_f]), (b, [sum(rows), rank])):
+        if list(it.shape) != want:
+            raise CkptError(f"{path}: tensor {it.name!r} has shape {list(it.shape)}, expected {want} (rank {rank}, "
+                            f"fused {hf_module!r} = {', '.join(p.rsplit('.', 2)[-2] for p in parts)} rows {rows})")
+    paths = [p.removesuffix(".weight") for p in parts]
+    bs = split_rows(b, [f"{tp}.lora_b.weight" for tp in paths], rows)
+    sc = scale(rank, alpha, bool(cfg["use_rslora"]))
+    return {tp: LoraModule(Item(f"{tp}.lora_a.weight", a.dtype, a.shape, info=a.info, load=a.load), bpart,
+                           rank, alpha, sc, fused=hf_module) for tp, bpart in zip(paths, bs)}
+
+
 # --- writing ------------------------------------------------------------------------------
 
 def write(adapter: Adapter, out, *, out_dtype: str | None = None, base_name: str | None = None,
           revision: str | None = None, progress=None) -> Manifest:
     """adapter_config.json + adapter_model.safetensors into Output `out`; the uncommitted manifest."""
     fam, args = adapter.family, adapter.args
-    items, hf_modules = [], {}
+    items, hf_modules, fused = [], {}, {}
     for tune_path, m in adapter.modules.items():
+        found = _fused.fused_key(fam, tune_path + ".weight")
+        if found is not None:
+            fused.setdefault(found[0].removesuffix(".weight"), {})[found[1]] = m
+            continue
         hf_key, qk = families.tune_key_to_hf(fam, tune_path + ".weight")
         hf_module = hf_key.removesuffix(".weight")
         hf_modules[hf_module] = m
         want = ("to_hf", args.n_heads if qk == "q" else args.kv_heads) if qk else None
         items.append(_out_item(f"{PREFIX}{hf_module}.lora_A.weight", m.a, None, out_dtype))
         items.append(_out_item(f"{PREFIX}{hf_module}.lora_B.weight", m.b, want, out_dtype))
+    for hf_module, parts in fused.items():
+        hf_modules[hf_module] = _fused_items(fam, args, hf_module, parts, adapter.use_rslora, out_dtype, items)
     write_file(out, FilePlan(ST_FILE, items, {"format": "pt"}), progress)
     out.put(CONFIG, config_bytes(adapter, hf_modules, base_name, revision))
     from ckptflow.formats.tune import dominant_dtype
@@ -216,6 +249,60 @@ def write(adapter: Adapter, out, *, out_dtype: str | None = None, base_name: str
     return Manifest(kind="adapter", format="peft", family=fam.NAME,
                     dtype=dominant_dtype([FilePlan(ST_FILE, items)]),
                     extra={"lora": adapter.lora_config(), "base": adapter.base, "base_model": base_name})
+
+
+def _fused_items(fam, args, hf_module: str, parts: dict[int, LoraModule], use_rslora: bool,
+                 out_dtype: str | None, items: list) -> LoraModule:
+    """lora_A/lora_B of one fused HF module from its tune parts; appends them to `items`.
+
+    Parts read from one PEFT module (shared lora_A, same rank and alpha) go back as they came:
+    that A, and the B parts concatenated. Otherwise the parts' adapters are stacked block-diagonally:
+    A = [A_q; A_k; A_v] (rank = the sum), B = blockdiag(B_q, B_k, B_v) with zero rows for a part
+    without LoRA, and alpha chosen so that the fused scale is the parts' scale: the same W' exactly."""
+    names = _fused.parts_of(fam, hf_module + ".weight")
+    rows = _fused.rows(args, names)
+    ms = [parts[i] for i in sorted(parts)]
+    a_name, b_name = f"{PREFIX}{hf_module}.lora_A.weight", f"{PREFIX}{hf_module}.lora_B.weight"
+    first = ms[0]
+    if len(parts) == len(names) and all(m.fused == hf_module and (m.rank, m.alpha) == (first.rank, first.alpha)
+                                        for m in ms):
+        items.append(_out_item(a_name, first.a, None, out_dtype))
+        b_parts = [_out_item(m.b.name, m.b, None, out_dtype) for m in ms]
+        items.append(Item(b_name, first.b.dtype, [sum(rows), first.rank], out_dtype=out_dtype, parts=b_parts))
+        return first
+    rank = sum(m.rank for m in ms)
+    alpha = first.scale * (math.sqrt(rank) if use_rslora else rank)
+    dtypes = {m.a.dtype for m in ms} | {m.b.dtype for m in ms}
+    dt = out_dtype or (dtypes.pop() if len(dtypes) == 1 else "F32")
+    a_parts = [_out_item(m.a.name, m.a, None, dt) for m in ms]
+    items.append(Item(a_name, dt, [rank, ms[0].a.shape[1]], parts=a_parts))
+    items.append(Item(b_name, "F32", [sum(rows), rank], out_dtype=dt,
+                      load=lambda: _block_diagonal(parts, rows, first.scale)))
+    return LoraModule(None, None, rank, alpha, first.scale)
+
+
+def _block_diagonal(parts: dict[int, LoraModule], rows: list[int], fused_scale: float):
+    """B of the stacked adapter: part i's B (times its scale / the fused scale) in its rows and rank columns."""
+    import torch
+
+    from ckptflow.formats.adapter import tensor
+
+    rank = sum(m.rank for m in parts.values())
+    out = torch.zeros(sum(rows), rank, dtype=torch.float32)
+    handles: dict = {}
+    try:
+        col = 0
+        for i in sorted(parts):
+            m, r0 = parts[i], sum(rows[:i])
+            b = tensor(m.b, handles).float()
+            if m.scale != fused_scale:
+                b = b * (m.scale / fused_scale)
+            out[r0:r0 + rows[i], col:col + m.rank] = b
+            col += m.rank
+    finally:
+        for f in handles.values():
+            f.close()
+    return out
 
 
 def write_view(view, out, *, out_dtype: str | None = None, max_shard: int | None = None, progress=None) -> Manifest:

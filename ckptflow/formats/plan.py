@@ -50,6 +50,10 @@ def write_file(out, plan: FilePlan, progress=None) -> None:
 
 
 def _write_item(f, it: Item, handles: dict) -> None:
+    if it.parts is not None:    # rows on dim 0 are contiguous: a fused tensor is its parts' bytes in turn
+        for part in it.parts:
+            _write_item(f, part, handles)
+        return
     if it.is_raw_copy:
         src = handles.get(it.info.file) or handles.setdefault(it.info.file, storage.open_read(it.info.file))
         for chunk in st.iter_tensor_chunks(it.info, src):

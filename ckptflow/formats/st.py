@@ -24,6 +24,14 @@ ST_NAME = {v: k for k, v in TORCH_NAME.items()}
 MAX_HEADER = 100 * 1024 * 1024
 
 
+def code_of(torch_dtype, where: str, key: str) -> str:
+    """The safetensors code of a torch dtype; one ckptflow does not handle is an error naming the tensor."""
+    code = ST_NAME.get(str(torch_dtype).removeprefix("torch."))
+    if code is None:
+        raise CkptError(f"{where}: tensor {key!r} has dtype {torch_dtype}, which ckptflow does not handle")
+    return code
+
+
 @dataclass
 class TensorInfo:
     name: str

@@ -1,4 +1,4 @@
-"""What torchtune wrote, across its versions (formats.md 7.1), read as a View.
+"""What torchtune wrote, across its versions (docs/formats.md), read as a View.
 
     v0.1-v0.4 output_dir: hf_model_{NNNN}_{epoch}.pt (HF keys), model-0NNNN-of-0MMMM_{epoch}.safetensors
                           (HF keys, no index), meta_model_{epoch}.pt (Meta keys), torchtune_model_{epoch}.pt
@@ -25,7 +25,7 @@ import re
 from ckptflow import families, manifest, storage
 from ckptflow.errors import CkptError
 from ckptflow.formats import st
-from ckptflow.formats.view import FilePlan, Item
+from ckptflow.formats.view import FilePlan, Item, is_asset
 
 log = logging.getLogger(__name__)
 
@@ -188,14 +188,7 @@ def _raw_items(path: str) -> list[Item]:
     if path.endswith(".safetensors"):
         return [Item(t.name, t.dtype, list(t.shape), info=t) for t in st.read_header(path)[1]]
     sd = hf.load_pickle_weights(path)
-    return [Item(k, _code(v, path, k), list(v.shape), load=hf.bin_loader(path, k)) for k, v in sd.items()]
-
-
-def _code(t, path: str, key: str) -> str:
-    code = st.ST_NAME.get(str(t.dtype).removeprefix("torch."))
-    if code is None:
-        raise CkptError(f"{path}: tensor {key!r} has dtype {t.dtype}, which ckptflow does not handle")
-    return code
+    return [Item(k, st.code_of(v.dtype, path, k), list(v.shape), load=hf.bin_loader(path, k)) for k, v in sd.items()]
 
 
 def key_style(family, args, keys: list[str], where: str) -> str:
@@ -243,9 +236,7 @@ def _weights_view(uri: str, files: list[str], arch, notes: list[str]):
 
 
 def _is_asset(uri: str, name: str) -> bool:
-    if name in NOT_ASSETS or name.startswith(".") or name.endswith(WEIGHT_SUFFIXES) or name == RECIPE_DIR:
-        return False
-    return storage.isfile(storage.join(uri, name))
+    return name != RECIPE_DIR and is_asset(uri, name, NOT_ASSETS, WEIGHT_SUFFIXES)
 
 
 def _from_hf(uri, files, per_file, arch):

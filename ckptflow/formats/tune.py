@@ -42,6 +42,8 @@ def expected_shapes(a: ModelArgs) -> dict[str, list[int]]:
         shapes.update({
             p + "attn.q_proj.weight": [a.n_heads * hd, a.dim], p + "attn.k_proj.weight": [kv * hd, a.dim],
             p + "attn.v_proj.weight": [kv * hd, a.dim], p + "attn.output_proj.weight": [a.dim, a.n_heads * hd],
+        })
+        shapes.update(_mlp_shapes(a, i) if a.is_moe_layer(i) else {
             p + "mlp.w1.weight": [a.hidden_dim, a.dim], p + "mlp.w3.weight": [a.hidden_dim, a.dim],
             p + "mlp.w2.weight": [a.dim, a.hidden_dim],
         })
@@ -56,11 +58,21 @@ def expected_shapes(a: ModelArgs) -> dict[str, list[int]]:
     return shapes
 
 
+def _mlp_shapes(a: ModelArgs, i: int) -> dict[str, list[int]]:
+    """A mixture-of-experts layer: the router, then one w1/w2/w3 per expert."""
+    p, h = f"layers.{i}.mlp.", a.expert_dim
+    shapes = {p + "router.weight": [a.n_experts, a.dim]}
+    for e in range(a.n_experts):
+        shapes.update({f"{p}experts.{e}.w1.weight": [h, a.dim], f"{p}experts.{e}.w2.weight": [a.dim, h],
+                       f"{p}experts.{e}.w3.weight": [h, a.dim]})
+    return shapes
 def _blame(a: ModelArgs, want: list[int], got: list[int]) -> str:
     """The config fields (config.json names) that set the dimensions where `got` differs from `want`."""
     sizes = {"hidden_size": a.dim, "intermediate_size": a.hidden_dim, "vocab_size": a.vocab_size,
              "head_dim": a.hd, "num_attention_heads * head_dim": a.n_heads * a.hd,
              "num_key_value_heads * head_dim": a.kv_heads * a.hd}
+    if a.n_experts:
+        sizes.update({"moe_intermediate_size": a.expert_dim, "num_experts": a.n_experts})
     named = []
     for w, g in zip(want, got):
         named += [f"{name} = {value}" for name, value in sizes.items() if w != g and value == w]

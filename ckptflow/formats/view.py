@@ -32,6 +32,7 @@ class Item:
     load: Callable | None = None             # or a callable returning a torch tensor (.bin/.pth/DCP)
     permute: tuple | None = None             # ("to_tune" | "to_hf", n_heads)
     out_dtype: str | None = None             # cast to this safetensors code
+    parts: list | None = None                # or the concatenation (dim 0) of these Items (a fused tensor)
 
     @property
     def final_dtype(self) -> str:
@@ -47,7 +48,8 @@ class Item:
     @property
     def is_raw_copy(self) -> bool:
         """Its output bytes are its source bytes: safetensors, no transform, no cast."""
-        return self.info is not None and self.permute is None and self.out_dtype in (None, self.dtype)
+        return self.info is not None and self.permute is None and self.out_dtype in (None, self.dtype) \
+            and self.parts is None
 
 
 @dataclass
@@ -74,14 +76,49 @@ def repartition(items: list[Item], max_bytes: int, pattern: str = "model") -> li
     return [FilePlan(f"{pattern}-{i + 1:05d}-of-{n:05d}.safetensors", g) for i, g in enumerate(groups)]
 
 
+def is_asset(uri: str, name: str, not_assets, weight_suffixes) -> bool:
+    """A non-weight file of directory `uri` that travels with the weights (config, tokenizer):
+    a file, not hidden, not in the format's `not_assets`, not ending in one of `weight_suffixes`."""
+    if name in not_assets or name.startswith(".") or name.endswith(weight_suffixes):
+        return False
+    return storage.isfile(storage.join(uri, name))
+
+
+def split_rows(it: Item, names: list[str], rows: list[int], out_dtype: str | None = None) -> list[Item]:
+    """Items for consecutive row blocks of `it` (dim 0): byte ranges of its bytes on storage, or
+    slices of the loaded tensor. A fused tensor (Phi-3 qkv_proj) is split this way, bit for bit."""
+    row_bytes = st.DTYPE_SIZE[it.dtype]
+    for s in it.shape[1:]:
+        row_bytes *= s
+    out, start = [], 0
+    for name, n in zip(names, rows):
+        shape = [n, *it.shape[1:]]
+        if it.info is not None:
+            i = it.info
+            info = st.TensorInfo(name, i.dtype, shape, i.start + start * row_bytes, i.start + (start + n) * row_bytes,
+                                 i.file)
+            out.append(Item(name, it.dtype, shape, info=info, out_dtype=out_dtype))
+        else:
+            out.append(Item(name, it.dtype, shape, load=_rows(it.load, start, n), out_dtype=out_dtype))
+        start += n
+    return out
+
+
+def _rows(load, start: int, n: int):
+    return lambda: load()[start:start + n].contiguous()
+
+
 def cast(it: Item, out_dtype: str | None) -> Item:
     """A copy of `it` written as `out_dtype` (None: its source dtype); `it` itself is unchanged."""
-    return dataclasses.replace(it, out_dtype=out_dtype)
+    parts = None if it.parts is None else [cast(p, out_dtype) for p in it.parts]
+    return dataclasses.replace(it, out_dtype=out_dtype, parts=parts)
 
 
 def tensor_bytes(it: Item, handles: dict) -> bytes:
     """The output bytes of one Item: read, permuted and cast as it asks. `handles` caches open
     source files (file URI -> file object) across calls; the caller closes them."""
+    if it.parts is not None:
+        return b"".join(tensor_bytes(p, handles) for p in it.parts)
     if it.info is not None and (it.out_dtype in (None, it.dtype)):
         return _permute_bytes(st.read_tensor_bytes(it.info, _handle(it.info.file, handles)), it)
     t = _source_tensor(it, handles)

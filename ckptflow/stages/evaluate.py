@@ -180,10 +180,11 @@ def benchmark(job: Job, source, harness, scratch: str) -> tuple[dict, dict]:
     """lm-eval's scores and details for SOURCE, on an HF directory (a temporary export if need be)."""
     import shutil
 
-    from ckptflow import benchmarks, generate
+    from ckptflow import benchmarks
+    from ckptflow.train import pick_device
 
     s = job.settings
-    device = str(generate.pick_device(job.device))
+    device = str(pick_device(job.device, "--device"))
     tmp_hf = storage.join(scratch, HF_DIR)
     try:
         hf_dir = lm_eval_dir(source, tmp_hf)
@@ -217,7 +218,7 @@ def _batch(value, device: str):
 
 # --- where things go ------------------------------------------------------------------------
 
-def run_of(source) -> str | None:
+def run_of_source(source) -> str | None:
     """The run a resolved source belongs to: its own, its lineage's, or the directory above it."""
     if source.run:
         return source.run
@@ -237,7 +238,7 @@ def default_out(source) -> str:
 
 
 def run_default(source) -> str | None:
-    run = run_of(source)
+    run = run_of_source(source)
     return storage.join(run, "eval") if run is not None else None
 
 

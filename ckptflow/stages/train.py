@@ -43,10 +43,10 @@ def run(cfg: config.RunConfig, base_uri: str | None = None, *, stop_after: int |
     config.apply_storage_options(cfg)
     with lease.hold(config.run_dir(cfg), owner=lease.default_owner(), wait=wait):
         base_uri = storage.normalize(base_uri) if base_uri else prepare_base(cfg)
-        if cfg.train.nproc_per_node > 1:
-            from ckptflow import distributed
+        if cfg.train.nproc_per_node > 1:    # torchrun, its ranks in their own process group
+            from ckptflow import launch
 
-            return distributed.launch(cfg, base_uri, stop_after=stop_after, on_metrics=on_metrics)
+            return launch.torchrun(cfg, base_uri, stop_after=stop_after, on_metrics=on_metrics)
         return train_here(cfg, base_uri, stop_after=stop_after, on_metrics=on_metrics)
 
 

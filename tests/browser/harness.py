@@ -1,6 +1,6 @@
 """Drive the Prefect dashboard in headless Chromium: a real server, a browser, waits, screenshots.
 
-Facts this relies on are measured in shared/reference/prefect-ui.md:
+Facts this relies on, measured against the Prefect UI this project pins:
 - only `prefect server start` serves the UI (prefect_test_harness and the ephemeral server never do);
 - the SPA asks PREFECT_UI_API_URL (else PREFECT_API_URL) where the API is, so both must name our port;
 - v2 pages live under /v2/ and carry stable data-testids; artifact content renders only on

@@ -1,6 +1,6 @@
 """A Hugging Face Hub look-alike on loopback, for huggingface_hub's download functions.
 
-It serves what ../shared/reference/hub-api.md measured huggingface_hub 2.4 to need:
+It serves what huggingface_hub 2.4 was measured to need:
 `/api/{models,datasets}/{repo}[/revision/{rev}]`, `/api/.../tree/{rev}[/{path}]` and
 `HEAD`/`GET /[datasets/]{repo}/resolve/{rev}/{path}` (ETag, X-Repo-Commit, Range -> 206),
 with the real Hub's X-Error-Code headers so the client raises its own exception types.
