@@ -45,6 +45,8 @@ CASES = {
     "gemma3": ("gemma3_text", "llama3", {"query_pre_attn_scalar": 16, "rope_parameters": {
         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
         "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}}),
+    # LongRoPE (original context 8 < the input), partial rotary 0.75; no window (llama.cpp has none for phi3)
+    "phi3": ("phi3", "spm", {"sliding_window": None}),
 }
 SPECIALS = {"gpt2": ["<|pad|>", "<|bos|>", "<|eos|>"],
             "llama3": ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
@@ -84,7 +86,7 @@ def train_tokenizer(style: str, vocab: int = 320):
     return tj
 
 
-def train_spm(path: str, vocab: int = 700) -> int:
+def train_spm(path: str, vocab: int = 700, control: tuple = ()) -> int:
     """A SentencePiece BPE tokenizer.model like Llama 2's (byte fallback, identity normalizer)."""
     import io
 
@@ -93,7 +95,8 @@ def train_spm(path: str, vocab: int = 700) -> int:
     spm.SentencePieceTrainer.train(input=CORPUS, model_writer=buf, vocab_size=vocab, model_type="bpe",
                                    byte_fallback=True, normalization_rule_name="identity",
                                    remove_extra_whitespaces=False, split_digits=True, hard_vocab_limit=False,
-                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+                                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+                                   control_symbols=list(control))
     with open(os.path.join(path, "tokenizer.model"), "wb") as f:
         f.write(buf.getvalue())
     with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
@@ -119,7 +122,8 @@ def hf_dir(path: str, case: str) -> str:
     family, style, over = CASES[case]
     os.makedirs(path)
     if style == "spm":
-        n = train_spm(path)
+        # llama.cpp sets token attributes of "<|endoftext|>" for any model whose name says phi3
+        n = train_spm(path, control=("<|endoftext|>",) if family == "phi3" else ())
     else:
         tj = train_tokenizer(style)
         n = len(tj["model"]["vocab"])
