@@ -111,10 +111,13 @@ def plan(view, dtype: str) -> list[Tensor]:
 
 def extra_tensors(args) -> dict:
     """Generated tensors: llama3 RoPE scaling becomes `rope_freqs.weight`, the factors llama.cpp
-    divides each frequency by (the upstream converter's formula)."""
+    divides each frequency by (the upstream converter's formula); LongRoPE its two factor lists."""
     import numpy as np
 
     rs = args.rope_scaling or {}
+    if rs.get("rope_type") == "longrope":        # Phi-3: llama.cpp picks long or short by context size
+        return {"rope_factors_long.weight": np.array(rs["long_factor"], dtype=np.float32),
+                "rope_factors_short.weight": np.array(rs["short_factor"], dtype=np.float32)}
     if rs.get("rope_type") != "llama3":
         return {}
     dim, base = args.hd, args.rope_theta
@@ -223,7 +226,7 @@ def hparams(view, name: str, dtype: str) -> list[tuple[str, str, object]]:
         (f"{arch}.feed_forward_length", "u32", a.hidden_dim), (f"{arch}.attention.head_count", "u32", a.n_heads),
         (f"{arch}.attention.head_count_kv", "u32", a.kv_heads),
         (f"{arch}.attention.layer_norm_rms_epsilon", "f32", a.norm_eps),
-        (f"{arch}.rope.freq_base", "f32", a.rope_theta), (f"{arch}.rope.dimension_count", "u32", a.hd),
+        (f"{arch}.rope.freq_base", "f32", a.rope_theta), (f"{arch}.rope.dimension_count", "u32", getattr(a, "rotary_dim", a.hd)),
     ]
     if a.head_dim is not None:
         kv += [(f"{arch}.attention.key_length", "u32", a.hd), (f"{arch}.attention.value_length", "u32", a.hd)]
@@ -240,7 +243,13 @@ def rope_scaling(a, arch: str, where: str) -> list:
         return []
     if kind == "linear":
         return [(f"{arch}.rope.scaling.type", "str", "linear"), (f"{arch}.rope.scaling.factor", "f32", rs["factor"])]
-    raise CkptError(f"{where}: RoPE scaling {kind!r} has no GGUF export yet (default, linear, llama3)")
+    if kind == "longrope":     # transformers' attention factor: sqrt(1 + ln(scale) / ln(original context))
+        orig = rs["original_max_position_embeddings"]
+        scale = a.max_seq_len / orig
+        attn = rs.get("attention_factor") or (math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1 else 1.0)
+        return [(f"{arch}.rope.scaling.attn_factor", "f32", attn),
+                (f"{arch}.rope.scaling.original_context_length", "u32", orig)]
+    raise CkptError(f"{where}: RoPE scaling {kind!r} has no GGUF export yet (default, linear, llama3, longrope)")
 
 
 def add(writer, key: str, typ: str, value) -> None:
@@ -274,7 +283,8 @@ class Prepared:
     """Everything about the file but the tensor data: checked before anything is written."""
     dtype: str
     tensors: list[Tensor]
-    vocab: object           # gguf_tokens.Vocab
+    vocab: object           # gguf_vocab.Vocab
+    kv: list                # (key, type, value): the architecture's metadata
 
     @property
     def nbytes(self) -> int:
@@ -287,7 +297,7 @@ def prepare(view, dtype: str | None) -> Prepared:
     if not hasattr(view.family, "GGUF_ARCH"):
         raise CkptError(f"{view.uri}: family {view.family.NAME!r} has no GGUF table yet")
     dtype = dtype_name(dtype, view)
-    return Prepared(dtype, plan(view, dtype), gguf_vocab.read(view))
+    return Prepared(dtype, plan(view, dtype), gguf_vocab.read(view), hparams(view, model_name(view), dtype))
 
 
 def write_view(view, out, *, dtype: str | None = None, out_dtype: str | None = None, max_shard=None,
@@ -301,7 +311,7 @@ def write_view(view, out, *, dtype: str | None = None, out_dtype: str | None = N
 
     p = prepared or prepare(view, dtype or out_dtype)
     writer = GGUFWriter(None, view.family.GGUF_ARCH)
-    for key, typ, value in hparams(view, model_name(view), p.dtype) + p.vocab.metadata():
+    for key, typ, value in p.kv + p.vocab.metadata():
         add(writer, key, typ, value)
     for t in p.tensors:
         writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, GGMLQuantizationType[t.qtype])
