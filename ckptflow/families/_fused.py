@@ -44,12 +44,25 @@ def fused_key(family, tune_key: str) -> tuple[str, int] | None:
     return None if found is None else (found[0].format(*index), found[1])
 
 
+# Rows each tune part of a fused tensor has, from the model args (the part's key, layer index removed).
+PART_ROWS = {
+    "attn.q_proj.weight": lambda a: a.n_heads * a.hd,
+    "attn.k_proj.weight": lambda a: a.kv_heads * a.hd,
+    "attn.v_proj.weight": lambda a: a.kv_heads * a.hd,
+    "mlp.w1.weight": lambda a: a.hidden_dim,
+    "mlp.w3.weight": lambda a: a.hidden_dim,
+}
+
+
 def rows(args, parts: tuple[str, ...]) -> list[int]:
     """Rows of each part, as the config says (q: n_heads*hd, k and v: n_kv*hd, gate and up: hidden)."""
-    from ckptflow.formats.tune import expected_shapes
-
-    shapes = expected_shapes(args)
-    return [shapes[p][0] for p in parts]
+    out = []
+    for p in parts:
+        rule = PART_ROWS.get(p.split(".", 2)[-1] if p.startswith("layers.") else p)
+        if rule is None:
+            raise CkptError(f"fused part {p!r}: no row rule for it in families/_fused.py PART_ROWS")
+        out.append(rule(args))
+    return out
 
 
 def check_rows(args, hf_key: str, shape: list, parts: tuple[str, ...], where: str) -> list[int]:
