@@ -59,6 +59,7 @@ class Tensor:
     sources: list[Item] = field(default_factory=list)
     rule: str | None = None
     data: object | None = None      # a float32 numpy array
+    stack: bool = False             # sources stacked on a new first dim (experts), not concatenated
 
     @property
     def nbytes(self) -> int:
@@ -69,9 +70,9 @@ class Tensor:
 
 
 def qtype_for(name: str, shape: list, dtype: str) -> str:
-    """llama.cpp's converter rules: 1-D tensors, norms and biases stay float32; Q8_0 needs rows
-    that are whole blocks of 32 (else F16, as upstream falls back)."""
-    if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
+    """llama.cpp's converter rules: 1-D tensors, norms, biases and MoE routers stay float32; Q8_0
+    needs rows that are whole blocks of 32 (else F16, as upstream falls back)."""
+    if len(shape) <= 1 or name.endswith(("_norm.weight", "ffn_gate_inp.weight")) or not name.endswith(".weight"):
         return "F32"
     if dtype == "q8_0":
         return "Q8_0" if shape[-1] % Q8_BLOCK == 0 else "F16"
@@ -80,29 +81,36 @@ def qtype_for(name: str, shape: list, dtype: str) -> str:
 
 def plan(view, dtype: str) -> list[Tensor]:
     """Every GGUF tensor in the order llama.cpp's converter writes them (generated ones first).
-    A family's GGUF_FUSED ({GGUF template: (tune templates, ...)}) stacks tune tensors on dim 0."""
+    A family's GGUF_FUSED ({GGUF template: (tune templates, ...)}) stacks tune tensors on rows;
+    GGUF_EXPERTS ({GGUF template: tune template with the expert index second}) stacks a layer's
+    experts into one 3-D tensor."""
     fam, args = view.family, view.args
     table = families.table(fam, "TUNE_TO_GGUF")
     fused = {part: (name, parts) for name, parts in getattr(fam, "GGUF_FUSED", {}).items() for part in parts}
+    experts = {tune: name for name, tune in getattr(fam, "GGUF_EXPERTS", {}).items()}
     rules = getattr(fam, "GGUF_RULES", {})
     out = [Tensor(n, list(d.shape), "F32", data=d) for n, d in extra_tensors(args).items()]
     done: set[str] = set()
     for key, it in view.items.items():
         template = families.template_of(key)
         index = [p for p, t in zip(key.split("."), template.split(".")) if t == "{}"]
-        if template in fused:
+        if template in experts:
+            name = experts[template].format(index[0])
+            items = [view.items[template.format(index[0], e)] for e in range(args.n_experts)]
+            t = Tensor(name, [len(items), *items[0].shape], "", items, stack=True)
+        elif template in fused:
             name, parts = fused[template]
-            if name.format(*index) in done:
-                continue
+            name = name.format(*index)
             items = [view.items[p.format(*index)] for p in parts]
-            shape = [sum(i.shape[0] for i in items), *items[0].shape[1:]]
-            t = Tensor(name.format(*index), shape, "", items, rules.get(template))
+            t = Tensor(name, [sum(i.shape[0] for i in items), *items[0].shape[1:]], "", items, rules.get(template))
         else:
             if template not in table:
                 raise families.UnknownKeyError(key, fam.NAME, "the GGUF table (TUNE_TO_GGUF)")
             if table[template] is None:
                 continue
             t = Tensor(table[template].format(*index), list(it.shape), "", [it], rules.get(template))
+        if t.name in done:
+            continue
         t.qtype = qtype_for(t.name, t.shape, dtype)
         done.add(t.name)
         out.append(t)
@@ -141,14 +149,17 @@ def extra_tensors(args) -> dict:
 
 RULES = {
     # gemma's norms hold w and compute x * (1 + w); llama.cpp computes x * w
-    "add_one": lambda t: t + 1.0,
+    "add_one": lambda t, a: t.float() + 1.0,
+    # HF rotate-half q/k rows into the Meta order llama.cpp's `llama` architecture rotates (Mixtral)
+    "meta_rows_q": lambda t, a: families.permute_hf_to_tune(t, a.n_heads),
+    "meta_rows_k": lambda t, a: families.permute_hf_to_tune(t, a.kv_heads),
 }
 
 
 CHUNK_BYTES = 16 * 2**20     # float32 bytes converted at a time: memory stays at the source tensor
 
 
-def tensor_chunks(t: Tensor, handles: dict):
+def tensor_chunks(t: Tensor, handles: dict, args=None):
     """The bytes of one tensor in its GGUF type, in pieces: source bytes as they are when nothing
     changes, else the source tensor (one copy) cast or quantized a block of rows at a time."""
     import torch
@@ -163,16 +174,15 @@ def tensor_chunks(t: Tensor, handles: dict):
         yield from st.iter_tensor_chunks(it.info, src)
         return
     parts = [source_tensor(i, handles) for i in t.sources]
-    x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    x = torch.stack(parts) if t.stack else parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
     del parts
+    if t.rule is not None:
+        x = RULES[t.rule](x, args)
     rows = x.shape[0] if x.dim() > 1 else 1
     step = max(1, CHUNK_BYTES // max(1, x.numel() // rows * 4))
     flat = x if x.dim() > 1 else x.reshape(1, -1)
     for r in range(0, rows, step):
-        piece = flat[r:r + step]
-        if t.rule is not None:
-            piece = RULES[t.rule](piece.float())
-        yield encode(piece, t.qtype)
+        yield encode(flat[r:r + step], t.qtype)
 
 
 def source_tensor(it: Item, handles: dict):
@@ -326,7 +336,7 @@ def write_view(view, out, *, dtype: str | None = None, out_dtype: str | None = N
             for t in p.tensors:
                 writer.write_padding(sink, sink.tell())
                 start = sink.tell()
-                for data in tensor_chunks(t, handles):
+                for data in tensor_chunks(t, handles, view.args):
                     sink.write(data)
                 if sink.tell() - start != t.nbytes:
                     raise CkptError(f"GGUF tensor {t.name!r}: produced {sink.tell() - start} bytes, expected {t.nbytes}")
