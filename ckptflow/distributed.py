@@ -15,7 +15,8 @@ formats.dcp.save_state (hashed while written), plus trainer_state.json (data pos
 rank's RNG state); rank 0 commits ckptflow.json once every rank has written. With
 checkpoint.async (the default) a save only copies the shards into CPU memory before training
 goes on: DCP writes them in a thread (its collectives on a gloo group of their own) and rank 0
-commits in the checkpointer's thread; the next save waits for that commit. Any number of processes loads it, resharded; a single process too (train.py), and
+commits in the checkpointer's thread; the next save waits for that commit. Any number of
+processes loads it, resharded; a single process too (trainer.py), and
 a several-process run resumes from a single-process (safetensors) step as well.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ import time
 from ckptflow import checkpointer, config, storage
 from ckptflow.commit import Output
 from ckptflow.manifest import Manifest
-from ckptflow.train import MODEL, OPTIMIZER, STATE, Trainer, rng_state
+from ckptflow.trainer import MODEL, OPTIMIZER, STATE, Trainer, rng_state
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class DistTrainer(Trainer):
     def _pick_device(self):
         import torch
 
-        from ckptflow.train import pick_device
+        from ckptflow.trainer import pick_device
 
         dev = pick_device(self.cfg.train.device)
         if dev.type == "cuda":

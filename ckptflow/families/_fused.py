@@ -46,7 +46,7 @@ def fused_key(family, tune_key: str) -> tuple[str, int] | None:
 
 def rows(args, parts: tuple[str, ...]) -> list[int]:
     """Rows of each part, as the config says (q: n_heads*hd, k and v: n_kv*hd, gate and up: hidden)."""
-    from ckptflow.formats.tune import expected_shapes
+    from ckptflow.model_args import expected_shapes
 
     shapes = expected_shapes(args)
     return [shapes[p][0] for p in parts]

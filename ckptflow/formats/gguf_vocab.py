@@ -83,7 +83,9 @@ def read(view) -> Vocab:
 
     assets, n = view.assets, view.args.vocab_size
     if "tokenizer.model" in assets and ("tokenizer.json" not in assets or gguf_spm.is_spm(assets["tokenizer.model"])):
-        vocab = gguf_spm.read(assets["tokenizer.model"], n, _json_asset(assets, "tokenizer_config.json"))
+        tokens, scores, types, prefix = gguf_spm.read(assets["tokenizer.model"], n,
+                                                      _json_asset(assets, "tokenizer_config.json"))
+        vocab = Vocab("llama", "default", tokens, types, scores=scores, add_space_prefix=prefix)
     elif "tokenizer.json" in assets:
         vocab = read_bpe(assets["tokenizer.json"], n)
     else:
@@ -153,16 +155,13 @@ def pre_tokenizer(tj: dict, where: str) -> str:
     return PRE_TOKENIZERS[found]
 
 
-def looks_special(text: str) -> bool:
-    """Added tokens that upstream marks CONTROL although tokenizer.json does not say special."""
-    return (text.startswith("<|") and text.endswith("|>")) or text in ("<pad>", "<mask>")
-
-
 def token_list(tj: dict, n_vocab: int, where: str) -> tuple[list[str], list[int]]:
     """Tokens and their types by id, padded to the embedding's rows with [PAD{i}] (UNUSED)."""
+    from ckptflow.formats import gguf_spm
+
     by_id: dict[int, tuple[str, int]] = {i: (t, NORMAL) for t, i in (tj["model"].get("vocab") or {}).items()}
     for a in tj.get("added_tokens") or []:
-        kind = CONTROL if a.get("special") or looks_special(a["content"]) else USER_DEFINED
+        kind = CONTROL if a.get("special") or gguf_spm.looks_special(a["content"]) else USER_DEFINED
         by_id[int(a["id"])] = (a["content"], kind)
     if by_id and max(by_id) >= n_vocab:
         raise CkptError(f"{where}: token id {max(by_id)} does not fit the model's vocab_size {n_vocab}")

@@ -17,55 +17,13 @@ from ckptflow.formats import st
 from ckptflow.formats.plan import write_file
 from ckptflow.formats.view import FilePlan, Item
 from ckptflow.manifest import Manifest
-from ckptflow.model_args import ModelArgs
+from ckptflow.model_args import ModelArgs, expected_shapes  # noqa: F401 (importers use tune.expected_shapes)
 
 log = logging.getLogger(__name__)
 
 ASSETS = "assets"
 
 
-def expected_shapes(a: ModelArgs) -> dict[str, list[int]]:
-    """Every tune key the model has, with its shape: the check a config must pass against tensors."""
-    hd, kv = a.hd, a.kv_heads
-    shapes = {"tok_embeddings.weight": [a.vocab_size, a.dim], "norm.scale": [a.dim]}
-    if not a.tie_embeddings:
-        shapes["output.weight"] = [a.vocab_size, a.dim]
-    for i in range(a.n_layers):
-        p = f"layers.{i}."
-        if a.pre_norms:
-            shapes.update({p + "sa_norm.scale": [a.dim], p + "mlp_norm.scale": [a.dim]})
-        if a.post_norms:
-            shapes.update({p + "sa_scale.scale": [a.dim], p + "mlp_scale.scale": [a.dim]})
-        if a.qk_norm is not None:
-            q, k = ([hd], [hd]) if a.qk_norm == "head" else ([a.n_heads * hd], [kv * hd])
-            shapes.update({p + "attn.q_norm.scale": q, p + "attn.k_norm.scale": k})
-        shapes.update({
-            p + "attn.q_proj.weight": [a.n_heads * hd, a.dim], p + "attn.k_proj.weight": [kv * hd, a.dim],
-            p + "attn.v_proj.weight": [kv * hd, a.dim], p + "attn.output_proj.weight": [a.dim, a.n_heads * hd],
-        })
-        shapes.update(_mlp_shapes(a, i) if a.is_moe_layer(i) else {
-            p + "mlp.w1.weight": [a.hidden_dim, a.dim], p + "mlp.w3.weight": [a.hidden_dim, a.dim],
-            p + "mlp.w2.weight": [a.dim, a.hidden_dim],
-        })
-        if a.qkv_bias:
-            shapes.update({p + "attn.q_proj.bias": [a.n_heads * hd], p + "attn.k_proj.bias": [kv * hd],
-                           p + "attn.v_proj.bias": [kv * hd]})
-        if a.attn_out_bias:
-            shapes[p + "attn.output_proj.bias"] = [a.dim]
-        if a.mlp_bias:
-            shapes.update({p + "mlp.w1.bias": [a.hidden_dim], p + "mlp.w3.bias": [a.hidden_dim],
-                           p + "mlp.w2.bias": [a.dim]})
-    return shapes
-
-
-def _mlp_shapes(a: ModelArgs, i: int) -> dict[str, list[int]]:
-    """A mixture-of-experts layer: the router, then one w1/w2/w3 per expert."""
-    p, h = f"layers.{i}.mlp.", a.expert_dim
-    shapes = {p + "router.weight": [a.n_experts, a.dim]}
-    for e in range(a.n_experts):
-        shapes.update({f"{p}experts.{e}.w1.weight": [h, a.dim], f"{p}experts.{e}.w2.weight": [a.dim, h],
-                       f"{p}experts.{e}.w3.weight": [h, a.dim]})
-    return shapes
 def _blame(a: ModelArgs, want: list[int], got: list[int]) -> str:
     """The config fields (config.json names) that set the dimensions where `got` differs from `want`."""
     sizes = {"hidden_size": a.dim, "intermediate_size": a.hidden_dim, "vocab_size": a.vocab_size,
