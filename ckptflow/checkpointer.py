@@ -260,13 +260,26 @@ class Checkpointer:
             self.on_commit(committed)
         return committed
 
-    def record(self, step: int, m: Manifest | None, rec: dict) -> None:
-        """A save made elsewhere (every rank writing DCP shards) counts for cadence and `last`."""
+    def submit(self, step: int, finish, rec: dict) -> None:
+        """A save made elsewhere (every rank writing DCP shards): `finish()` waits for its write
+        and commits it (returning the manifest, or None on ranks that do not commit). It runs in
+        the background thread when saves are asynchronous, else here; the caller has waited for
+        the previous save (`wait`) before starting this one. It counts for cadence and `last`."""
         self.stats.append(rec)
         self.saved_steps.add(step)
         self._last_save = time.monotonic()
+        if self._pool is not None:
+            self._future = self._pool.submit(self._finish, finish, rec)
+        else:
+            self._finish(finish, rec)
+
+    def _finish(self, finish, rec: dict) -> Manifest | None:
+        t0 = time.perf_counter()
+        m = finish()
+        rec["write_s"] = time.perf_counter() - t0 + rec.get("write_s", 0.0)
         if m is not None:
             self.last = m
+        return m
 
 
 def clear_our_leftovers(uri: str, ours: set[str]) -> None:
