@@ -143,15 +143,15 @@ def main() -> int:
     a = parse_args()
     import torch
 
-    from ckptflow import train
+    from ckptflow.trainer import Trainer, process_settings
 
     load0 = os.getloadavg()[0]
     t = time.perf_counter()
     base_uri = make_base(a)
     print(f"base model ready in {time.perf_counter() - t:.1f}s: {base_uri}", flush=True)
     cfg = run_config(a, base_uri)
-    with train.process_settings(cfg.train):
-        trainer = train.Trainer(cfg, base_uri)
+    with process_settings(cfg.train):
+        trainer = Trainer(cfg, base_uri)
         n_params = sum(p.numel() for p in trainer.model.parameters())
         print(f"{n_params / 1e6:.1f}M parameters, torch threads {torch.get_num_threads()}", flush=True)
         root = os.path.join(a.dir, "runs", "bench", "train")

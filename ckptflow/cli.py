@@ -111,7 +111,7 @@ def _verify_tree(uri: str, as_json: bool) -> list[str]:
 def gc(uri: str, dry_run: bool = typer.Option(False, "--dry-run", help="only list what would be deleted"),
        as_json: bool = JSON):
     """Delete uncommitted leftovers under a run (interrupted writes); never a committed directory."""
-    from ckptflow import gc as collector
+    from ckptflow import collect as collector
 
     r = collector.run(uri, dry_run=dry_run)
     verb = "would delete" if dry_run else "deleted"
@@ -122,7 +122,7 @@ def gc(uri: str, dry_run: bool = typer.Option(False, "--dry-run", help="only lis
 @app.command()
 def inspect(uri: str, as_json: bool = JSON):
     """Show a manifest, a run, or the step checkpoints of a run."""
-    from ckptflow import inspect as insp
+    from ckptflow import describe as insp
 
     info = insp.describe(uri)
     emit(info, as_json, insp.as_text(info))
@@ -242,7 +242,7 @@ def _train_progress(total: int):
 
     if "CKPTFLOW_LOG" not in os.environ:
         logging.getLogger("ckptflow").setLevel(logging.INFO)
-    return None if sys.stderr.isatty() else progress.StepLines(total, logging.getLogger("ckptflow.train"))
+    return None if sys.stderr.isatty() else progress.StepLines(total, logging.getLogger("ckptflow.trainer"))
 
 
 @app.command()

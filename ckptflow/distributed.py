@@ -13,7 +13,7 @@ A step checkpoint is a DCP directory (format "dcp"): "model" (the trainable weig
 "optimizer" (AdamW state per parameter name) as DTensor shards, one file per rank, written with
 formats.dcp.save_state (hashed while written), plus trainer_state.json (data position, every
 rank's RNG state); rank 0 commits ckptflow.json once every rank has written. Saves here are
-synchronous. Any number of processes loads it, resharded; a single process too (train.py), and
+synchronous. Any number of processes loads it, resharded; a single process too (trainer.py), and
 a several-process run resumes from a single-process (safetensors) step as well.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ import time
 from ckptflow import checkpointer, config, storage
 from ckptflow.commit import Output
 from ckptflow.manifest import Manifest
-from ckptflow.train import MODEL, OPTIMIZER, STATE, Trainer, rng_state
+from ckptflow.trainer import MODEL, OPTIMIZER, STATE, Trainer, rng_state
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class DistTrainer(Trainer):
     def _pick_device(self):
         import torch
 
-        from ckptflow.train import pick_device
+        from ckptflow.trainer import pick_device
 
         dev = pick_device(self.cfg.train.device)
         if dev.type == "cuda":

@@ -54,7 +54,7 @@ def load_source(source, *, device: str = "auto", dtype: str | None = None) -> Lo
     import torch
 
     from ckptflow.model import Transformer
-    from ckptflow.train import pick_device
+    from ckptflow.trainer import pick_device
 
     torch_dtype = getattr(torch, dtype) if dtype else None
     sd = source.view.state_dict(torch_dtype)

@@ -7,7 +7,8 @@
 starts CMD in its own process group and waits. It exits as CMD did (the same code, or killed by
 the same signal) when CMD ends; when
 PARENT_PID is no longer its parent (the parent died, the guard was re-parented) it sends SIGTERM
-to the whole group, then SIGKILL after GRACE_SECONDS, itself included. A SIGTERM or SIGINT to the
+to the whole group and every descendant (the guard is their subreaper: torchrun puts each rank
+in a session of its own), then SIGKILL after GRACE_SECONDS, itself last. A SIGTERM or SIGINT to the
 group reaches CMD; the guard itself ignores them and waits for CMD.
 
 Why not PR_SET_PDEATHSIG: Linux sends it when the *thread* that forked the child exits, not the
@@ -69,14 +70,18 @@ def main(argv: list[str]) -> int:
     # The group's SIGTERM / SIGINT is for the command; the guard outlives it to report its code.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _subreaper()
     child = subprocess.Popen(cmd, preexec_fn=_default_signals)
     while True:
         try:
-            return _exit_like(child.wait(POLL_SECONDS))
+            rc = child.wait(POLL_SECONDS)
         except subprocess.TimeoutExpired:
-            pass
-        if os.getppid() != int(parent):
-            _orphaned(child)
+            _reap(child.pid)
+            if os.getppid() != int(parent):
+                _orphaned()
+            continue
+        _stop_descendants(grace=1.0)       # whatever the command left behind
+        return _exit_like(rc)
 
 
 def _default_signals() -> None:
@@ -84,33 +89,76 @@ def _default_signals() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _orphaned(child: subprocess.Popen) -> None:
-    """The parent is gone: stop the whole group, the guard last."""
-    os.killpg(0, signal.SIGTERM)
+def _subreaper() -> None:
+    """PR_SET_CHILD_SUBREAPER: a descendant whose parent dies is re-parented to the guard, not to
+    init, so that it stays findable. torchrun starts each rank in a session of its own: a kill
+    of the guard's group alone would miss them."""
     try:
-        child.wait(GRACE_SECONDS)
-    except subprocess.TimeoutExpired:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)
+    except (OSError, AttributeError):
         pass
-    deadline = time.monotonic() + 1.0
-    while time.monotonic() < deadline and _others_in_group():
-        time.sleep(0.05)
+
+
+def _orphaned() -> None:
+    """The parent is gone: stop the group and every descendant, the guard last."""
+    _signal(os.getpgrp(), signal.SIGTERM, group=True)
+    _stop_descendants(GRACE_SECONDS)
     os.killpg(0, signal.SIGKILL)
 
 
-def _others_in_group() -> bool:
-    """Whether a process other than this one is in this process group (Linux /proc)."""
-    me, group = os.getpid(), os.getpgrp()
+def _stop_descendants(grace: float) -> None:
+    """SIGTERM every live descendant, SIGKILL those left after `grace` seconds; reap them."""
+    for pid in _descendants():
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while _descendants() and time.monotonic() < deadline:
+        _reap()
+        time.sleep(0.05)
+    for pid in _descendants():
+        _signal(pid, signal.SIGKILL)
+    _reap()
+
+
+def _procs() -> dict:
+    """pid -> (ppid, state) of every process (Linux /proc)."""
+    out = {}
     for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == me:
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                fields = f.read().rsplit(") ", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == group and fields[0] != "Z":
-            return True
-    return False
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(") ", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            out[int(name)] = (int(fields[1]), fields[0])
+    return out
+
+
+def _descendants(live: bool = True) -> list[int]:
+    procs, found, frontier = _procs(), [], [os.getpid()]
+    while frontier:
+        kids = [pid for pid, (ppid, _) in procs.items() if ppid in frontier]
+        found += kids
+        frontier = kids
+    return [pid for pid in found if not live or procs[pid][1] != "Z"]
+
+
+def _reap(keep: int | None = None) -> None:
+    """Collect exited descendants re-parented to us (never `keep`: Popen waits for that one)."""
+    for pid, (ppid, state) in _procs().items():
+        if ppid == os.getpid() and state == "Z" and pid != keep:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+
+
+def _signal(pid: int, sig: int, group: bool = False) -> None:
+    try:
+        (os.killpg if group else os.kill)(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _exit_like(rc: int) -> int:

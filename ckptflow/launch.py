@@ -36,7 +36,7 @@ def torchrun(cfg, base_uri: str, *, stop_after: int | None = None, on_metrics=No
     """Train in cfg.train.nproc_per_node processes and wait; every new metrics row goes to
     on_metrics(row) while they run. Returns the newest step checkpoint."""
     from ckptflow import checkpointer
-    from ckptflow.train import read_metrics
+    from ckptflow.trainer import read_metrics
 
     train_uri = storage.join(config.run_dir(cfg), "train")
     seen = [max((r.get("step", 0) for r in read_metrics(train_uri)), default=-1)]

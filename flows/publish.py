@@ -11,7 +11,7 @@ import json
 import logging
 
 from ckptflow import report, runfile, storage
-from ckptflow.train import read_metrics
+from ckptflow.trainer import read_metrics
 from tasks.common import artifact_key
 
 log = logging.getLogger(__name__)

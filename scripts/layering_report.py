@@ -143,6 +143,56 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     return sorted(out)
 
 
+def _top_names(tree: ast.Module) -> set[str] | None:
+    """Names a module defines at top level; None when a module __getattr__ makes any name possible
+    (then the string constants it compares with are taken as its names)."""
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+            if node.name == "__getattr__":
+                names |= {c.value for c in ast.walk(node) if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for t in (node.targets if isinstance(node, ast.Assign) else [node.target]):
+                names |= {n.id for n in ast.walk(t) if isinstance(n, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    return names
+
+
+def unresolved(root: Path) -> list[tuple[str, str, int]]:
+    """(importer, what, line) for every import of a project module or name that this tree does not
+    have: a module that was moved or renamed, found only because an older copy is installed."""
+    mods = modules(root)
+    known = set(mods)
+    importers = dict(mods)
+    for extra in ("tests", "bench", "scripts"):     # they import the packages too
+        for path in sorted((root / extra).rglob("*.py")) if (root / extra).is_dir() else []:
+            parts = list(path.relative_to(root).with_suffix("").parts)
+            importers[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    out = []
+    for name, path in importers.items():
+        mine = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(parse(path)):
+            if isinstance(node, ast.Import):
+                out += [(name, a.name, node.lineno) for a in node.names
+                        if a.name.split(".")[0] in PACKAGES and a.name not in known]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    here = mine.split(".")
+                    base = ".".join(here[: len(here) - (node.level - 1)] + ([base] if base else []))
+                if base.split(".")[0] not in PACKAGES:
+                    continue
+                if base not in known:
+                    out.append((name, base, node.lineno))
+                    continue
+                defined = _top_names(parse(mods[base]))
+                out += [(name, f"{base}.{a.name}", node.lineno) for a in node.names
+                        if f"{base}.{a.name}" not in known and a.name != "*" and a.name not in defined]
+    return sorted(out)
+
+
 def forbidden(every: dict[str, list[tuple[str, int]]]) -> list[tuple[str, str, str, int]]:
     """(rule, importer, imported, line) for every import against FORBIDDEN."""
     out = []
@@ -274,6 +324,9 @@ def report(root: Path) -> str:
     strict = cycles(graph(root, strict=True)[0])
     lines.append(f"cycles, strict count (`from P import submodule` as importing P's __init__ too): {len(strict)}")
     lines += [f"  ({len(c)}) " + " ".join(c) for c in strict]
+    missing = unresolved(root)
+    lines.append(f"imports of project modules or names this tree does not have: {len(missing)}")
+    lines += [f"  {src}: {what} (line {line})" for src, what, line in missing]
     lines.append(f"forbidden imports: {len(bad)}")
     lines += [f"  {rule}: {src} -> {dst} (line {line})" for rule, src, dst, line in bad]
     lines.append(f"registries (UPPERCASE name -> function/module/record tables): {len(regs)}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 
-PRELOAD = ["tests.procs", "ckptflow.lease", "ckptflow.gc", "ckptflow.stages.convert", "s3fs"]
+PRELOAD = ["tests.procs", "ckptflow.lease", "ckptflow.collect", "ckptflow.stages.convert", "s3fs"]
 _CTX = None
 
 

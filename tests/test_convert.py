@@ -186,6 +186,19 @@ def test_multimodal_gemma3_reads_its_text_model(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), hf(input_ids=tokens).logits, atol=1e-5, rtol=0)
     assert view.family.NAME == "gemma3" and not any("vision" in k for k in view.items)
+    # The same checkpoint with the in-memory names some re-saves carry (model.language_model.*).
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(tmp_path / "mm" / "model.safetensors"))
+    renamed = {("model." + k.replace("language_model.model.", "language_model.", 1)
+                if k.startswith(("language_model.model.", "vision_tower.", "multi_modal_projector.")) else k): v
+               for k, v in sd.items()}
+    assert any(k.startswith("model.language_model.layers.") for k in renamed)
+    os.makedirs(tmp_path / "mm2")
+    save_file(renamed, str(tmp_path / "mm2" / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "mm2" / "config.json").write_bytes((tmp_path / "mm" / "config.json").read_bytes())
+    with torch.no_grad():
+        torch.testing.assert_close(ckptflow.load(str(tmp_path / "mm2"))[0](tokens), model(tokens), atol=0, rtol=0)
     m = convert.run(str(tmp_path / "mm"), str(tmp_path / "tune"))
     assert m.family == "gemma3" and m.model_args["layer_types"] == text["layer_types"]
     with pytest.raises(CkptError, match="vision tower"):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from ckptflow import gc, manifest, storage
+from ckptflow import collect, manifest, storage
 from ckptflow.formats.registry import open_view
 from tests import procs, seeded
 
@@ -112,7 +112,7 @@ def test_sigkill_while_committing_never_shows_a_half_checkpoint(src, where):
     for name in seen:
         listed = set(manifest.require(storage.join(run, name)).files) | {manifest.NAME}
         leftovers += [storage.join(run, name, f) for f in storage.list_files(storage.join(run, name)) if f not in listed]
-    assert sorted(gc.run(run)["deleted"]) == sorted(leftovers)
+    assert sorted(collect.run(run)["deleted"]) == sorted(leftovers)
     assert state(run) == seen                            # every committed manifest as last seen
     for name in seen:
         assert manifest.verify(storage.join(run, name)) == []

@@ -41,7 +41,7 @@ import os, runpy, sys
 from ckptflow.settings import apply_prefect_defaults
 apply_prefect_defaults()
 import torch, torch._dynamo, matplotlib.backends.backend_agg, flows.finetune
-import ckptflow.seed, ckptflow.train, ckptflow.stages.evaluate, ckptflow.stages.export, ckptflow.stages.merge
+import ckptflow.seed, ckptflow.trainer, ckptflow.stages.evaluate, ckptflow.stages.export, ckptflow.stages.merge
 from tests.browser.harness import wait_until_up
 wait_until_up(os.environ["PREFECT_API_URL"])
 sys.argv = ["ckptflow", *sys.argv[1:]]

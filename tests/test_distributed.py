@@ -7,7 +7,7 @@ import torch
 
 from ckptflow import config, manifest, storage
 from ckptflow.checkpointer import read_dcp_step, read_tensors
-from ckptflow.stages import convert, download
+from ckptflow.stages import convert, download, export
 from ckptflow.stages import train as stage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,6 +50,10 @@ def test_two_processes_save_dcp_and_one_process_resumes(base, tmp_path, method):
     for k in single:
         torch.testing.assert_close(sharded[k], single[k], atol=1e-5, rtol=1e-4)
 
+    # The two-process step exports (every rank's shards read one tensor at a time) to HF that
+    # transformers loads with the one-process step's logits; a LoRA step's PEFT export loads in peft.
+    _exports_match(tmp_path, base, m, one, method)
+
     # One process resumes the two-process run from its DCP step and goes on.
     m6 = stage.run(make_cfg(tmp_path, "dist", f"train.method={method}", "train.steps=6"), base)
     assert m6.step == 6 and m6.format == "tune"
@@ -58,3 +62,26 @@ def test_two_processes_save_dcp_and_one_process_resumes(base, tmp_path, method):
     state = json.loads(storage.read_text(storage.join(m6.uri, "trainer_state.json")))
     saved = json.loads(storage.read_text(storage.join(m.uri, "trainer_state.json")))
     assert state["data"]["index"] == saved["data"]["index"] + 2 * 2
+
+
+def _exports_match(tmp_path, base, two, one, method):
+    import peft
+    import transformers
+
+    x = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(1))
+
+    def logits(model):
+        with torch.no_grad():
+            return model.eval()(x).logits
+
+    export.run(two.uri, str(tmp_path / "two-hf"), format="hf")
+    export.run(one.uri, str(tmp_path / "one-hf"), format="hf")
+    got = logits(transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "two-hf")))
+    want = logits(transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "one-hf")))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    if method == "lora":
+        export.run(two.uri, str(tmp_path / "two-peft"), format="peft")
+        src = os.path.join(os.path.dirname(base), "source")
+        pm = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(src),
+                                            str(tmp_path / "two-peft"))
+        torch.testing.assert_close(logits(pm), got, atol=1e-5, rtol=0)

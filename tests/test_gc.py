@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from ckptflow import commit, gc, manifest, storage
+from ckptflow import collect, commit, manifest, storage
 from ckptflow.errors import CkptError
 from ckptflow.manifest import Manifest
 from tests import procs
@@ -101,10 +101,10 @@ def test_gc_on_s3(s3_server, s3_bucket):
     try:
         run = f"{s3_bucket}/runs/demo"
         make_run(run)
-        got = gc.run(f"{s3_bucket}/runs")                     # a storage root: runs are found by run.json
+        got = collect.run(f"{s3_bucket}/runs")                     # a storage root: runs are found by run.json
         assert sorted(got["deleted"]) == sorted(f"{run}/{g}" for g in GARBAGE)
         assert files_under(run) == sorted(KEPT_FILES)
-        assert gc.run(f"{s3_bucket}/runs")["deleted"] == []
+        assert collect.run(f"{s3_bucket}/runs")["deleted"] == []
     finally:
         storage.set_options(s3_bucket, None)
 
@@ -142,12 +142,12 @@ def test_gc_respects_a_lease_held_below_the_run(tmp_path):
         go.set()
         assert results.get(timeout=60)[0] == "won"
         with pytest.raises(CkptError, match=rf"^{exports}: another process is writing here: export flow"):
-            gc.run(run)
+            collect.run(run)
         assert storage.isdir(f"{run}/exports/old")
     finally:
         release.set()
         writer.join(30)
-    assert f"{run}/exports/old" in gc.run(run)["deleted"]
+    assert f"{run}/exports/old" in collect.run(run)["deleted"]
 
 
 def test_gc_of_a_missing_directory_is_one_clear_error(tmp_path):

@@ -238,8 +238,10 @@ PARENT = textwrap.dedent("""
     import sys, threading, time
     from ckptflow import launch
 
-    def train():      # like a Prefect task in a worker thread: torchrun's launcher with a worker
-        launch.run(["sh", "-c", f"sleep 120 & echo $! > {sys.argv[1]}; wait"], poll=lambda: None, poll_seconds=0.2)
+    def train():      # like a Prefect task in a worker thread: torchrun's launcher with a rank
+        # in a session of its own, as torchrun starts them (a kill of the group misses it)
+        launch.run(["sh", "-c", f"setsid sleep 120 & echo $! > {sys.argv[1]}; wait"], poll=lambda: None,
+                   poll_seconds=0.2)
 
     threading.Thread(target=train, daemon=True).start()
     threading.Thread(target=lambda: None).start()     # a thread that ends (PR_SET_PDEATHSIG's trap)
@@ -259,6 +261,7 @@ def test_a_launched_group_dies_with_its_sigkilled_parent(tmp_path):
         worker = psutil.Process(int(pidfile.read_text()))
         group = [p for p in psutil.Process(parent.pid).children(recursive=True)]
         assert worker in group and len(group) >= 3       # guard, sh, sleep
+        assert os.getsid(worker.pid) == worker.pid != os.getsid(parent.pid)
         time.sleep(1.0)
         assert all(_alive(p) for p in group)             # nothing died with the ended thread
         parent.kill()
@@ -292,3 +295,37 @@ def test_sigkill_of_ckptflow_run_leaves_no_embedded_server(tmp_path):
     finally:
         if run.poll() is None:
             run.kill()
+
+
+@pytest.mark.slow
+def test_killing_a_distributed_run_leaves_no_rank_and_no_server(tmp_path):
+    """`ckptflow run` with torchrun ranks (train.nproc_per_node=2) and its embedded API, its
+    process group SIGKILLed during training: the ranks (another session, under a guard) and the
+    server (another session, under a guard) go too; killpg alone would not reach them."""
+    config = write_config(tmp_path, tmp_path / "runs", "ranks")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / "home"), PREFECT_PROFILES_PATH=str(tmp_path / "profiles.toml"))
+    with open(tmp_path / "console.log", "wb") as out:
+        run = subprocess.Popen([sys.executable, "-m", "ckptflow.cli", "run", str(config), "train.nproc_per_node=2",
+                                "train.steps=40"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 400
+
+        def ranks():
+            return [p for p in psutil.Process(run.pid).children(recursive=True)
+                    if "ckptflow.distributed" in " ".join(p.cmdline())]
+
+        while len(ranks()) < 3:       # torchrun and its two ranks
+            assert run.poll() is None and time.monotonic() < deadline, (tmp_path / "console.log").read_text()[-3000:]
+            time.sleep(0.2)
+        procs = psutil.Process(run.pid).children(recursive=True)
+        sessions = {os.getsid(p.pid) for p in procs if _alive(p)}
+        assert len(sessions - {run.pid}) >= 2     # the guards (and the ranks) have sessions of their own
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+        assert wait_gone(procs, within=15.0) == []
+        print(f"{len(procs)} processes in {len(sessions)} sessions, all gone")
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)

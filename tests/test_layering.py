@@ -17,6 +17,11 @@ def graph():
     return L.graph(ROOT)
 
 
+def test_every_project_import_is_in_this_tree():
+    """A module moved or renamed here must not be found in an older installed copy instead."""
+    assert L.unresolved(ROOT) == []
+
+
 def test_no_import_cycle_among_the_packages(graph):
     edges, _ = graph
     assert L.cycles(edges) == [], "modules that import each other, also through others"

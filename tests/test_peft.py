@@ -237,5 +237,7 @@ def test_convert_of_an_adapter_merges_and_records_it(tmp_path, llama_dir):
     peft_adapter(llama_dir, str(tmp_path / "a2"), seed=2, **VARIANTS["plain"])   # same shapes, other numbers
     first = convert.run(str(tmp_path / "a1"), str(tmp_path / "out"), to="hf")
     assert [s["stage"] for s in first.lineage["stages"]] == ["merge", "convert"]
-    second = convert.run(str(tmp_path / "a2"), str(tmp_path / "out"), to="hf")
+    with pytest.raises(CkptError, match="made from source .*a1.*pass --overwrite"):   # a committed model stays
+        convert.run(str(tmp_path / "a2"), str(tmp_path / "out"), to="hf")
+    second = convert.run(str(tmp_path / "a2"), str(tmp_path / "out"), to="hf", overwrite=True)
     assert second.inputs != first.inputs and second.files != first.files

@@ -187,7 +187,7 @@ def hold_open(uri, ready, release) -> None:
 def test_gc_leaves_a_live_write_alone_and_clears_it_once_its_writer_is_gone(tmp_path):
     import signal
 
-    from ckptflow import gc
+    from ckptflow import collect
 
     run = str(tmp_path / "run")
     storage.put_atomic(f"{run}/run.json", b"{}")
@@ -197,11 +197,11 @@ def test_gc_leaves_a_live_write_alone_and_clears_it_once_its_writer_is_gone(tmp_
     child = procs.start(hold_open, step, ready, release)
     try:
         assert ready.wait(60)
-        r = gc.run(run)
+        r = collect.run(run)
         assert (r["deleted"], r["live"]) == ([], [step])
         assert os.path.exists(f"{step}/half.bin")          # a live write is never deleted
     finally:
         os.kill(child.pid, signal.SIGKILL)
         child.join(30)
-    r = gc.run(run)
+    r = collect.run(run)
     assert (r["deleted"], r["live"]) == ([step], []) and not os.path.exists(step)

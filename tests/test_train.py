@@ -14,7 +14,7 @@ from ckptflow.cli import main
 from ckptflow.errors import CkptError
 from ckptflow.stages import convert, download
 from ckptflow.stages import train as stage
-from ckptflow.train import Schedule, read_metrics
+from ckptflow.trainer import Schedule, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED = "seed://llama?dim=64&n_layers=2"

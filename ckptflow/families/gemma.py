@@ -87,3 +87,38 @@ def hf_config(args: ModelArgs, like: dict | None = None, dtype: str | None = Non
         return _hf.update_config(like, args_from_hf(like), args, dtype=dtype, fields=fields)
     return _hf.new_config(args, model_type="gemma", architecture="GemmaForCausalLM", dtype=dtype, fields=fields,
                           act={"hidden_act": "gelu_pytorch_tanh"})
+
+
+# --- GGUF (llama.cpp), written by ckptflow/formats/gguf.py -----------------------------------
+
+GGUF_ARCH = "gemma"
+TUNE_TO_GGUF = {
+    "tok_embeddings.weight": "token_embd.weight",
+    "layers.{}.sa_norm.scale": "blk.{}.attn_norm.weight",
+    "layers.{}.attn.q_proj.weight": "blk.{}.attn_q.weight",
+    "layers.{}.attn.k_proj.weight": "blk.{}.attn_k.weight",
+    "layers.{}.attn.v_proj.weight": "blk.{}.attn_v.weight",
+    "layers.{}.attn.output_proj.weight": "blk.{}.attn_output.weight",
+    "layers.{}.mlp_norm.scale": "blk.{}.ffn_norm.weight",
+    "layers.{}.mlp.w1.weight": "blk.{}.ffn_gate.weight",
+    "layers.{}.mlp.w2.weight": "blk.{}.ffn_down.weight",
+    "layers.{}.mlp.w3.weight": "blk.{}.ffn_up.weight",
+    "norm.scale": "output_norm.weight",
+}
+# Gemma norms hold w for x * (1 + w); llama.cpp multiplies by the stored weight, so 1 + w is stored.
+GGUF_RULES = {
+    "layers.{}.sa_norm.scale": "add_one",
+    "layers.{}.mlp_norm.scale": "add_one",
+    "layers.{}.sa_scale.scale": "add_one",
+    "layers.{}.mlp_scale.scale": "add_one",
+    "layers.{}.attn.q_norm.scale": "add_one",
+    "layers.{}.attn.k_norm.scale": "add_one",
+    "norm.scale": "add_one",
+}
+
+
+def gguf_metadata(args: ModelArgs) -> list:
+    """llama.cpp's gemma always ties the output head to token_embd and has no biases."""
+    if not args.tie_embeddings or args.qkv_bias or args.attn_out_bias or args.mlp_bias:
+        raise CkptError("gemma GGUF: llama.cpp's gemma has a tied output head and no biases")
+    return []

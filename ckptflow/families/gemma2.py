@@ -117,3 +117,39 @@ def hf_config(args: ModelArgs, like: dict | None = None, dtype: str | None = Non
     return _hf.new_config(args, model_type="gemma2", architecture="Gemma2ForCausalLM", dtype=dtype,
                           fields={**fields(args), "sliding_window": args.extra.get("sliding_window")},
                           extra_keys=EXTRA_KEYS, act={"hidden_activation": "gelu_pytorch_tanh"})
+
+
+# --- GGUF (llama.cpp), written by ckptflow/formats/gguf.py -----------------------------------
+
+GGUF_ARCH = "gemma2"
+TUNE_TO_GGUF = {
+    **_gemma.TUNE_TO_GGUF,
+    "layers.{}.sa_scale.scale": "blk.{}.post_attention_norm.weight",
+    "layers.{}.mlp_scale.scale": "blk.{}.post_ffw_norm.weight",
+}
+GGUF_RULES = _gemma.GGUF_RULES
+
+
+def gguf_window(args: ModelArgs, arch: str) -> list:
+    """Sliding window and its layer pattern (llama.cpp: layer i slides iff i % n < n - 1); llama.cpp
+    scales queries by head_dim ** -0.5 (hidden / heads for 46- and 62-layer models)."""
+    hd = args.n_heads and args.hd
+    implied = (args.dim / args.n_heads) if args.n_layers in (46, 62) else hd
+    if args.attn_scalar not in (None, implied):
+        raise CkptError(f"{arch} GGUF: query_pre_attn_scalar {args.attn_scalar} is not the {implied} llama.cpp uses")
+    kinds = args.layer_types or ["full_attention"] * args.n_layers
+    window = args.extra.get("sliding_window")
+    pattern = next((n for n in range(1, args.n_layers + 2) if kinds == alternating(args.n_layers, n)), None)
+    if window is None or "sliding_attention" not in kinds:
+        pattern = 1
+    if pattern is None:
+        raise CkptError(f"{arch} GGUF: layer_types {kinds} is not a repeating pattern llama.cpp reads")
+    return [("{arch}.attention.sliding_window", "u32", window or 0),
+            ("{arch}.attention.sliding_window_pattern", "u32", pattern)]
+
+
+def gguf_metadata(args: ModelArgs) -> list:
+    _gemma.gguf_metadata(args)
+    caps = [("{arch}.attn_logit_softcapping", "f32", args.attn_softcap or 0.0),
+            ("{arch}.final_logit_softcapping", "f32", args.final_softcap or 0.0)]
+    return gguf_window(args, GGUF_ARCH) + caps

@@ -110,3 +110,27 @@ def hf_config(args: ModelArgs, like: dict | None = None, dtype: str | None = Non
         cfg = copy.deepcopy(cfg)
         write_ropes(cfg, args, v5=isinstance(like.get("rope_parameters"), dict))
     return cfg
+
+
+# --- GGUF (llama.cpp), written by ckptflow/formats/gguf.py -----------------------------------
+
+GGUF_ARCH = "gemma3"
+TUNE_TO_GGUF = {
+    **_gemma2.TUNE_TO_GGUF,
+    "layers.{}.attn.q_norm.scale": "blk.{}.attn_q_norm.weight",
+    "layers.{}.attn.k_norm.scale": "blk.{}.attn_k_norm.weight",
+}
+GGUF_RULES = _gemma.GGUF_RULES
+
+
+def gguf_metadata(args: ModelArgs) -> list:
+    """The sliding layers' RoPE base; llama.cpp has no attention soft-cap for gemma3."""
+    _gemma.gguf_metadata(args)
+    if args.attn_softcap or args.rope_local_scaling or args.rope_scaling:
+        raise CkptError("gemma3 GGUF: attention soft-capping and RoPE scaling are not exported yet")
+    out = _gemma2.gguf_window(args, GGUF_ARCH)
+    if args.rope_local_theta is not None:
+        out.append(("{arch}.rope.freq_base_swa", "f32", args.rope_local_theta))
+    if args.final_softcap:
+        out.append(("{arch}.final_logit_softcapping", "f32", args.final_softcap))
+    return out

@@ -59,3 +59,11 @@ HF_WRITE_REFUSED = ("gemma3: ckptflow reads only the text model of a multimodal 
 
 def hf_config(args: ModelArgs, like: dict | None = None, dtype: str | None = None) -> dict:
     raise CkptError(HF_WRITE_REFUSED)
+
+
+# --- GGUF (llama.cpp): the text model, as gemma3_text (the vision tower is not exported) ------
+
+GGUF_ARCH = _gemma3.GGUF_ARCH
+TUNE_TO_GGUF = _gemma3.TUNE_TO_GGUF
+GGUF_RULES = _gemma3.GGUF_RULES
+gguf_metadata = _gemma3.gguf_metadata

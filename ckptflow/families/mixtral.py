@@ -72,3 +72,36 @@ def hf_config(args: ModelArgs, like: dict | None = None, dtype: str | None = Non
     fields["sliding_window"] = args.extra.get("sliding_window")
     return _hf.new_config(args, model_type="mixtral", architecture="MixtralForCausalLM", dtype=dtype,
                           fields=fields, extra_keys=EXTRA_KEYS)
+
+
+# --- GGUF (llama.cpp): upstream writes Mixtral as the llama architecture with experts ---------
+
+GGUF_ARCH = "llama"
+TUNE_TO_GGUF = {
+    "tok_embeddings.weight": "token_embd.weight",
+    "layers.{}.sa_norm.scale": "blk.{}.attn_norm.weight",
+    "layers.{}.attn.q_proj.weight": "blk.{}.attn_q.weight",
+    "layers.{}.attn.k_proj.weight": "blk.{}.attn_k.weight",
+    "layers.{}.attn.v_proj.weight": "blk.{}.attn_v.weight",
+    "layers.{}.attn.output_proj.weight": "blk.{}.attn_output.weight",
+    "layers.{}.mlp_norm.scale": "blk.{}.ffn_norm.weight",
+    "layers.{}.mlp.router.weight": "blk.{}.ffn_gate_inp.weight",
+    "norm.scale": "output_norm.weight",
+    "output.weight": "output.weight",
+}
+# Each layer's experts stacked into one [experts, rows, cols] tensor.
+GGUF_EXPERTS = {
+    "blk.{}.ffn_gate_exps.weight": "layers.{}.mlp.experts.{}.w1.weight",
+    "blk.{}.ffn_down_exps.weight": "layers.{}.mlp.experts.{}.w2.weight",
+    "blk.{}.ffn_up_exps.weight": "layers.{}.mlp.experts.{}.w3.weight",
+}
+# Tune keeps HF's rotate-half q/k rows; llama.cpp's llama architecture rotates Meta's order.
+GGUF_RULES = {"layers.{}.attn.q_proj.weight": "meta_rows_q", "layers.{}.attn.k_proj.weight": "meta_rows_k"}
+
+
+def gguf_metadata(args: ModelArgs) -> list:
+    """llama.cpp's llama runs Mixtral without its sliding window: a model that has one is refused."""
+    if args.extra.get("sliding_window"):
+        raise CkptError(f"mixtral GGUF: llama.cpp's llama architecture has no sliding window "
+                        f"({args.extra['sliding_window']})")
+    return [("{arch}.expert_count", "u32", args.n_experts), ("{arch}.expert_used_count", "u32", args.n_active_experts)]

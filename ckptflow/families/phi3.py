@@ -107,3 +107,29 @@ def hf_config(args: ModelArgs, like: dict | None = None, dtype: str | None = Non
         fields["original_max_position_embeddings"] = scaling["original_max_position_embeddings"]
     return _hf.new_config(args, model_type="phi3", architecture="Phi3ForCausalLM", dtype=dtype,
                           fields=fields, extra_keys=EXTRA_KEYS, head_dim=False)
+
+
+# --- GGUF (llama.cpp), written by ckptflow/formats/gguf.py -----------------------------------
+
+GGUF_ARCH = "phi3"
+TUNE_TO_GGUF = {
+    "tok_embeddings.weight": "token_embd.weight",
+    "layers.{}.sa_norm.scale": "blk.{}.attn_norm.weight",
+    "layers.{}.attn.output_proj.weight": "blk.{}.attn_output.weight",
+    "layers.{}.mlp_norm.scale": "blk.{}.ffn_norm.weight",
+    "layers.{}.mlp.w2.weight": "blk.{}.ffn_down.weight",
+    "norm.scale": "output_norm.weight",
+    "output.weight": "output.weight",
+}
+# llama.cpp's phi3 keeps HF's fused projections: [q; k; v] and ffn_up = [gate; up].
+GGUF_FUSED = {
+    "blk.{}.attn_qkv.weight": ("layers.{}.attn.q_proj.weight", "layers.{}.attn.k_proj.weight",
+                               "layers.{}.attn.v_proj.weight"),
+    "blk.{}.ffn_up.weight": ("layers.{}.mlp.w1.weight", "layers.{}.mlp.w3.weight"),
+}
+
+
+def gguf_metadata(args: ModelArgs) -> list:
+    """The window is written as upstream writes it (0: none); llama.cpp runs Phi-3 without it (it
+    warns), so past the window its logits differ from transformers'."""
+    return [("{arch}.attention.sliding_window", "u32", args.extra.get("sliding_window") or 0)]

@@ -68,3 +68,29 @@ def hf_config(args: ModelArgs, like: dict | None = None, dtype: str | None = Non
         return _hf.update_config(like, args_from_hf(like), args, dtype=dtype, fields=fields)
     fields.update(use_sliding_window=False, sliding_window=None)
     return _hf.new_config(args, model_type="qwen3", architecture="Qwen3ForCausalLM", dtype=dtype, fields=fields)
+
+
+# --- GGUF (llama.cpp), written by ckptflow/formats/gguf.py -----------------------------------
+
+GGUF_ARCH = "qwen3"
+# q/k rows (and the per-head norms) in HF's rotate-half order: llama.cpp rotates qwen3 NEOX-style.
+TUNE_TO_GGUF = {
+    "tok_embeddings.weight": "token_embd.weight",
+    "layers.{}.sa_norm.scale": "blk.{}.attn_norm.weight",
+    "layers.{}.attn.q_proj.weight": "blk.{}.attn_q.weight",
+    "layers.{}.attn.q_proj.bias": "blk.{}.attn_q.bias",
+    "layers.{}.attn.k_proj.weight": "blk.{}.attn_k.weight",
+    "layers.{}.attn.k_proj.bias": "blk.{}.attn_k.bias",
+    "layers.{}.attn.v_proj.weight": "blk.{}.attn_v.weight",
+    "layers.{}.attn.v_proj.bias": "blk.{}.attn_v.bias",
+    "layers.{}.attn.output_proj.weight": "blk.{}.attn_output.weight",
+    "layers.{}.attn.output_proj.bias": "blk.{}.attn_output.bias",
+    "layers.{}.attn.q_norm.scale": "blk.{}.attn_q_norm.weight",
+    "layers.{}.attn.k_norm.scale": "blk.{}.attn_k_norm.weight",
+    "layers.{}.mlp_norm.scale": "blk.{}.ffn_norm.weight",
+    "layers.{}.mlp.w1.weight": "blk.{}.ffn_gate.weight",
+    "layers.{}.mlp.w2.weight": "blk.{}.ffn_down.weight",
+    "layers.{}.mlp.w3.weight": "blk.{}.ffn_up.weight",
+    "norm.scale": "output_norm.weight",
+    "output.weight": "output.weight",
+}

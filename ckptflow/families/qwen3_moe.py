@@ -110,3 +110,37 @@ def hf_config(args: ModelArgs, like: dict | None = None, dtype: str | None = Non
               "sliding_window": None}
     return _hf.new_config(args, model_type="qwen3_moe", architecture="Qwen3MoeForCausalLM", dtype=dtype,
                           fields=fields)
+
+
+# --- GGUF (llama.cpp), written by ckptflow/formats/gguf.py -----------------------------------
+
+GGUF_ARCH = "qwen3moe"
+TUNE_TO_GGUF = {
+    "tok_embeddings.weight": "token_embd.weight",
+    "layers.{}.sa_norm.scale": "blk.{}.attn_norm.weight",
+    "layers.{}.attn.q_proj.weight": "blk.{}.attn_q.weight",
+    "layers.{}.attn.k_proj.weight": "blk.{}.attn_k.weight",
+    "layers.{}.attn.v_proj.weight": "blk.{}.attn_v.weight",
+    "layers.{}.attn.output_proj.weight": "blk.{}.attn_output.weight",
+    "layers.{}.attn.q_norm.scale": "blk.{}.attn_q_norm.weight",
+    "layers.{}.attn.k_norm.scale": "blk.{}.attn_k_norm.weight",
+    "layers.{}.mlp_norm.scale": "blk.{}.ffn_norm.weight",
+    "layers.{}.mlp.router.weight": "blk.{}.ffn_gate_inp.weight",
+    "norm.scale": "output_norm.weight",
+    "output.weight": "output.weight",
+}
+# Each layer's experts stacked into one [experts, rows, cols] tensor.
+GGUF_EXPERTS = {
+    "blk.{}.ffn_gate_exps.weight": "layers.{}.mlp.experts.{}.w1.weight",
+    "blk.{}.ffn_down_exps.weight": "layers.{}.mlp.experts.{}.w2.weight",
+    "blk.{}.ffn_up_exps.weight": "layers.{}.mlp.experts.{}.w3.weight",
+}
+
+
+def gguf_metadata(args: ModelArgs) -> list:
+    """llama.cpp's qwen3moe has experts in every layer and always renormalises the top-k weights."""
+    if args.dense_layers or not args.norm_topk_prob:
+        raise CkptError("qwen3_moe GGUF: llama.cpp's qwen3moe needs experts in every layer (mlp_only_layers "
+                        f"{args.dense_layers}) and norm_topk_prob true ({args.norm_topk_prob})")
+    return [("{arch}.expert_count", "u32", args.n_experts), ("{arch}.expert_used_count", "u32", args.n_active_experts),
+            ("{arch}.expert_feed_forward_length", "u32", args.expert_dim)]

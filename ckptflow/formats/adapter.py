@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 
 from ckptflow import manifest, storage
 from ckptflow.errors import CkptError
-from ckptflow.formats import st
 from ckptflow.formats.view import Item, View, cast, tensor_bytes
 from ckptflow.formats.view import tensor as view_tensor
 from ckptflow.lineage import source_ref
@@ -187,13 +186,15 @@ def step_bases(m: Manifest) -> list:
 
 
 def from_step(uri: str, m: Manifest, bv: View) -> Adapter:
-    """The adapter of a LoRA step checkpoint: model.safetensors in tune names, extra.lora settings."""
+    """The adapter of a LoRA step checkpoint (model.safetensors in tune names, or the "model"
+    entries of the DCP step several processes wrote), with its extra.lora settings."""
+    from ckptflow.formats import step
+
     lora = m.extra.get("lora")
     if not lora:
         raise CkptError(f"{uri}: step {m.step} is a full fine-tune checkpoint, not a LoRA adapter")
-    path = storage.join(uri, "model.safetensors")
-    items = [Item(t.name, t.dtype, t.shape, info=t) for t in st.read_header(path)[1]]
-    ad = from_items(uri, items, lora, bv, "tune", where=path)
+    items = list(step.weights(uri, m).values())
+    ad = from_items(uri, items, lora, bv, "tune", where=step.where(uri, m))
     ad.step, ad.manifest = m.step, m
     return ad
 

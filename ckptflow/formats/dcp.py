@@ -201,6 +201,25 @@ def open_view(uri: str, *, model_config: str | None = None, rope_scaling_factor:
     return View(uri, "dcp", family, args, items, original, assets, manifest=m, partition=partition, notes=notes)
 
 
+def step_items(uri: str, root: str = "model") -> dict[str, Item]:
+    """The tensors a ckptflow trainer saved under `root` ("model": the trained weights) in DCP
+    step `uri`, keyed by their names under it (tune names), each read alone when asked."""
+    uri = storage.normalize(uri)
+    md = read_metadata(uri)
+    tensors, _ = tensors_of(md)
+    check_files(uri, md)
+    reader = storage_reader(uri, md)
+    prefix = root + "."
+    items = {}
+    for fqn, meta in tensors.items():
+        if fqn.startswith(prefix):
+            key = fqn[len(prefix):]
+            items[key] = Item(key, st.code_of(meta[1], uri, fqn), meta[0], load=_loader(reader, fqn, meta, uri))
+    if not items:
+        raise CkptError(f"{uri}: DCP step checkpoint holds no tensors under {root!r}")
+    return items
+
+
 def _arch(uri: str, model_config: str | None, tensors: dict, factor):
     from ckptflow.formats import arch
 
@@ -211,22 +230,32 @@ def _arch(uri: str, model_config: str | None, tensors: dict, factor):
     return arch.load(model_config, vocab_size=emb[0] if emb else None, rope_scaling_factor=factor)
 
 
-def _loader(reader, fqn: str, meta):
+def check_files(uri: str, md) -> None:
+    """Every shard file the metadata points into is there (a missing rank's file is named before
+    anything is read or written)."""
+    have = set(storage.listdir(uri))
+    for info in md.storage_data.values():
+        name = str(getattr(info, "relative_path", ""))
+        if name and name not in have:
+            raise CkptError(f"{storage.join(uri, name)}: missing (DCP metadata {METADATA} points into it)")
+
+
+def _loader(reader, fqn: str, meta, where: str | None = None):
     shape, dtype = meta
 
     def load():
-        return load_tensor(reader, fqn, shape, dtype)
+        return load_tensor(reader, fqn, shape, dtype, where)
     return load
 
 
-def load_tensor(reader, fqn: str, shape, dtype):
+def load_tensor(reader, fqn: str, shape, dtype, where: str | None = None):
     """One whole tensor (all its saved chunks) into a new tensor; nothing else is read."""
     import torch
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
     t = torch.empty(shape, dtype=dtype)
-    with _quiet(), _checked(fqn):
+    with _quiet(), _checked(f"{where}: tensor {fqn!r}" if where else fqn):
         dcp.load({fqn: t}, storage_reader=reader, planner=DefaultLoadPlanner(allow_partial_load=True), no_dist=True)
     return t
 
@@ -321,6 +350,8 @@ def _checked(uri: str):
         failures = getattr(e, "failures", {}) or {}
         first = next(iter(failures.values()), e)
         inner = getattr(first, "exception", first)
+        if isinstance(inner, tuple) and inner and isinstance(inner[0], BaseException):
+            inner = inner[0]          # torch >= 2.6 keeps (exception, traceback summary) per rank
         raise CkptError(f"{uri}: {type(inner).__name__}: {str(inner).strip().splitlines()[-1] if str(inner).strip() else ''}") from e
 
 

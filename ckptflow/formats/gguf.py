@@ -59,6 +59,7 @@ class Tensor:
     sources: list[Item] = field(default_factory=list)
     rule: str | None = None
     data: object | None = None      # a float32 numpy array
+    stack: bool = False             # sources stacked on a new first dim (experts), not concatenated
 
     @property
     def nbytes(self) -> int:
@@ -69,9 +70,9 @@ class Tensor:
 
 
 def qtype_for(name: str, shape: list, dtype: str) -> str:
-    """llama.cpp's converter rules: 1-D tensors, norms and biases stay float32; Q8_0 needs rows
-    that are whole blocks of 32 (else F16, as upstream falls back)."""
-    if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
+    """llama.cpp's converter rules: 1-D tensors, norms, biases and MoE routers stay float32; Q8_0
+    needs rows that are whole blocks of 32 (else F16, as upstream falls back)."""
+    if len(shape) <= 1 or name.endswith(("_norm.weight", "ffn_gate_inp.weight")) or not name.endswith(".weight"):
         return "F32"
     if dtype == "q8_0":
         return "Q8_0" if shape[-1] % Q8_BLOCK == 0 else "F16"
@@ -80,29 +81,36 @@ def qtype_for(name: str, shape: list, dtype: str) -> str:
 
 def plan(view, dtype: str) -> list[Tensor]:
     """Every GGUF tensor in the order llama.cpp's converter writes them (generated ones first).
-    A family's GGUF_FUSED ({GGUF template: (tune templates, ...)}) stacks tune tensors on dim 0."""
+    A family's GGUF_FUSED ({GGUF template: (tune templates, ...)}) stacks tune tensors on rows;
+    GGUF_EXPERTS ({GGUF template: tune template with the expert index second}) stacks a layer's
+    experts into one 3-D tensor."""
     fam, args = view.family, view.args
     table = families.table(fam, "TUNE_TO_GGUF")
     fused = {part: (name, parts) for name, parts in getattr(fam, "GGUF_FUSED", {}).items() for part in parts}
+    experts = {tune: name for name, tune in getattr(fam, "GGUF_EXPERTS", {}).items()}
     rules = getattr(fam, "GGUF_RULES", {})
     out = [Tensor(n, list(d.shape), "F32", data=d) for n, d in extra_tensors(args).items()]
     done: set[str] = set()
     for key, it in view.items.items():
         template = families.template_of(key)
         index = [p for p, t in zip(key.split("."), template.split(".")) if t == "{}"]
-        if template in fused:
+        if template in experts:
+            name = experts[template].format(index[0])
+            items = [view.items[template.format(index[0], e)] for e in range(args.n_experts)]
+            t = Tensor(name, [len(items), *items[0].shape], "", items, stack=True)
+        elif template in fused:
             name, parts = fused[template]
-            if name.format(*index) in done:
-                continue
+            name = name.format(*index)
             items = [view.items[p.format(*index)] for p in parts]
-            shape = [sum(i.shape[0] for i in items), *items[0].shape[1:]]
-            t = Tensor(name.format(*index), shape, "", items, rules.get(template))
+            t = Tensor(name, [sum(i.shape[0] for i in items), *items[0].shape[1:]], "", items, rules.get(template))
         else:
             if template not in table:
                 raise families.UnknownKeyError(key, fam.NAME, "the GGUF table (TUNE_TO_GGUF)")
             if table[template] is None:
                 continue
             t = Tensor(table[template].format(*index), list(it.shape), "", [it], rules.get(template))
+        if t.name in done:
+            continue
         t.qtype = qtype_for(t.name, t.shape, dtype)
         done.add(t.name)
         out.append(t)
@@ -111,10 +119,13 @@ def plan(view, dtype: str) -> list[Tensor]:
 
 def extra_tensors(args) -> dict:
     """Generated tensors: llama3 RoPE scaling becomes `rope_freqs.weight`, the factors llama.cpp
-    divides each frequency by (the upstream converter's formula)."""
+    divides each frequency by (the upstream converter's formula); LongRoPE its two factor lists."""
     import numpy as np
 
     rs = args.rope_scaling or {}
+    if rs.get("rope_type") == "longrope":        # Phi-3: llama.cpp picks long or short by context size
+        return {"rope_factors_long.weight": np.array(rs["long_factor"], dtype=np.float32),
+                "rope_factors_short.weight": np.array(rs["short_factor"], dtype=np.float32)}
     if rs.get("rope_type") != "llama3":
         return {}
     dim, base = args.hd, args.rope_theta
@@ -138,14 +149,17 @@ def extra_tensors(args) -> dict:
 
 RULES = {
     # gemma's norms hold w and compute x * (1 + w); llama.cpp computes x * w
-    "add_one": lambda t: t + 1.0,
+    "add_one": lambda t, a: t.float() + 1.0,
+    # HF rotate-half q/k rows into the Meta order llama.cpp's `llama` architecture rotates (Mixtral)
+    "meta_rows_q": lambda t, a: families.permute_hf_to_tune(t, a.n_heads),
+    "meta_rows_k": lambda t, a: families.permute_hf_to_tune(t, a.kv_heads),
 }
 
 
 CHUNK_BYTES = 16 * 2**20     # float32 bytes converted at a time: memory stays at the source tensor
 
 
-def tensor_chunks(t: Tensor, handles: dict):
+def tensor_chunks(t: Tensor, handles: dict, args=None):
     """The bytes of one tensor in its GGUF type, in pieces: source bytes as they are when nothing
     changes, else the source tensor (one copy) cast or quantized a block of rows at a time."""
     import torch
@@ -160,16 +174,15 @@ def tensor_chunks(t: Tensor, handles: dict):
         yield from st.iter_tensor_chunks(it.info, src)
         return
     parts = [source_tensor(i, handles) for i in t.sources]
-    x = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    x = torch.stack(parts) if t.stack else parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
     del parts
+    if t.rule is not None:
+        x = RULES[t.rule](x, args)
     rows = x.shape[0] if x.dim() > 1 else 1
     step = max(1, CHUNK_BYTES // max(1, x.numel() // rows * 4))
     flat = x if x.dim() > 1 else x.reshape(1, -1)
     for r in range(0, rows, step):
-        piece = flat[r:r + step]
-        if t.rule is not None:
-            piece = RULES[t.rule](piece.float())
-        yield encode(piece, t.qtype)
+        yield encode(flat[r:r + step], t.qtype)
 
 
 def source_tensor(it: Item, handles: dict):
@@ -223,7 +236,7 @@ def hparams(view, name: str, dtype: str) -> list[tuple[str, str, object]]:
         (f"{arch}.feed_forward_length", "u32", a.hidden_dim), (f"{arch}.attention.head_count", "u32", a.n_heads),
         (f"{arch}.attention.head_count_kv", "u32", a.kv_heads),
         (f"{arch}.attention.layer_norm_rms_epsilon", "f32", a.norm_eps),
-        (f"{arch}.rope.freq_base", "f32", a.rope_theta), (f"{arch}.rope.dimension_count", "u32", a.hd),
+        (f"{arch}.rope.freq_base", "f32", a.rope_theta), (f"{arch}.rope.dimension_count", "u32", getattr(a, "rotary_dim", a.hd)),
     ]
     if a.head_dim is not None:
         kv += [(f"{arch}.attention.key_length", "u32", a.hd), (f"{arch}.attention.value_length", "u32", a.hd)]
@@ -240,7 +253,13 @@ def rope_scaling(a, arch: str, where: str) -> list:
         return []
     if kind == "linear":
         return [(f"{arch}.rope.scaling.type", "str", "linear"), (f"{arch}.rope.scaling.factor", "f32", rs["factor"])]
-    raise CkptError(f"{where}: RoPE scaling {kind!r} has no GGUF export yet (default, linear, llama3)")
+    if kind == "longrope":     # transformers' attention factor: sqrt(1 + ln(scale) / ln(original context))
+        orig = rs["original_max_position_embeddings"]
+        scale = a.max_seq_len / orig
+        attn = rs.get("attention_factor") or (math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1 else 1.0)
+        return [(f"{arch}.rope.scaling.attn_factor", "f32", attn),
+                (f"{arch}.rope.scaling.original_context_length", "u32", orig)]
+    raise CkptError(f"{where}: RoPE scaling {kind!r} has no GGUF export yet (default, linear, llama3, longrope)")
 
 
 def add(writer, key: str, typ: str, value) -> None:
@@ -274,7 +293,8 @@ class Prepared:
     """Everything about the file but the tensor data: checked before anything is written."""
     dtype: str
     tensors: list[Tensor]
-    vocab: object           # gguf_tokens.Vocab
+    vocab: object           # gguf_vocab.Vocab
+    kv: list                # (key, type, value): the architecture's metadata
 
     @property
     def nbytes(self) -> int:
@@ -287,7 +307,7 @@ def prepare(view, dtype: str | None) -> Prepared:
     if not hasattr(view.family, "GGUF_ARCH"):
         raise CkptError(f"{view.uri}: family {view.family.NAME!r} has no GGUF table yet")
     dtype = dtype_name(dtype, view)
-    return Prepared(dtype, plan(view, dtype), gguf_vocab.read(view))
+    return Prepared(dtype, plan(view, dtype), gguf_vocab.read(view), hparams(view, model_name(view), dtype))
 
 
 def write_view(view, out, *, dtype: str | None = None, out_dtype: str | None = None, max_shard=None,
@@ -301,7 +321,7 @@ def write_view(view, out, *, dtype: str | None = None, out_dtype: str | None = N
 
     p = prepared or prepare(view, dtype or out_dtype)
     writer = GGUFWriter(None, view.family.GGUF_ARCH)
-    for key, typ, value in hparams(view, model_name(view), p.dtype) + p.vocab.metadata():
+    for key, typ, value in p.kv + p.vocab.metadata():
         add(writer, key, typ, value)
     for t in p.tensors:
         writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes, GGMLQuantizationType[t.qtype])
@@ -316,7 +336,7 @@ def write_view(view, out, *, dtype: str | None = None, out_dtype: str | None = N
             for t in p.tensors:
                 writer.write_padding(sink, sink.tell())
                 start = sink.tell()
-                for data in tensor_chunks(t, handles):
+                for data in tensor_chunks(t, handles, view.args):
                     sink.write(data)
                 if sink.tell() - start != t.nbytes:
                     raise CkptError(f"GGUF tensor {t.name!r}: produced {sink.tell() - start} bytes, expected {t.nbytes}")

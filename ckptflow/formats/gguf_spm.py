@@ -11,7 +11,6 @@ import struct
 
 from ckptflow import storage
 from ckptflow.errors import CkptError
-from ckptflow.formats.gguf_tokens import Vocab, looks_special
 
 # field numbers of sentencepiece_model.proto
 MODEL_PIECES, MODEL_TRAINER, MODEL_NORMALIZER = 1, 2, 3
@@ -99,9 +98,14 @@ def check(trainer: dict, norm: dict, where: str) -> bool:
     return bool(norm.get(NORM_ADD_DUMMY_PREFIX, 1))
 
 
-def read(uri: str, n_vocab: int, tokenizer_config: dict):
-    """The Vocab of a SentencePiece tokenizer.model, padded to n_vocab, with the added tokens of
-    tokenizer_config.json (as the upstream converter reads them)."""
+def looks_special(text: str) -> bool:
+    """Added tokens that upstream marks CONTROL although the tokenizer files do not say special."""
+    return (text.startswith("<|") and text.endswith("|>")) or text in ("<pad>", "<mask>")
+
+
+def read(uri: str, n_vocab: int, tokenizer_config: dict) -> tuple[list[str], list[float], list[int], bool]:
+    """(tokens, scores, types, add_space_prefix) of a SentencePiece tokenizer.model, padded to
+    n_vocab, with the added tokens of tokenizer_config.json (as the upstream converter reads them)."""
     pieces, trainer, norm = read_model(uri)
     prefix = check(trainer, norm, uri)
     if len(pieces) > n_vocab:
@@ -115,4 +119,4 @@ def read(uri: str, n_vocab: int, tokenizer_config: dict):
             continue
         tokens[i], scores[i] = tok["content"], -1000.0
         types[i] = CONTROL if tok.get("special") or looks_special(tok["content"]) else USER_DEFINED
-    return Vocab("llama", "default", tokens, types, scores=scores, add_space_prefix=prefix)
+    return tokens, scores, types, prefix

@@ -13,11 +13,10 @@ generation_config.json and config.json, first found wins, as transformers reads 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 
 from ckptflow import storage
 from ckptflow.errors import CkptError
-from ckptflow.formats import gguf_spm
-from ckptflow.formats.gguf_tokens import Vocab, looks_special
 
 # The split regexes of tokenizer.json, as llama.cpp names the pre-tokenizers that implement them.
 REGEXES = {
@@ -44,11 +43,49 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 CONFIGS = ("tokenizer_config.json", "generation_config.json", "config.json")
 
 
+@dataclass
+class Vocab:
+    model: str                              # "gpt2" (byte-level BPE) | "llama" (SentencePiece)
+    pre: str | None
+    tokens: list[str]
+    types: list[int]
+    merges: list[str] = field(default_factory=list)
+    scores: list[float] | None = None
+    special: dict[str, int] = field(default_factory=dict)     # bos/eos/unk/pad -> id
+    add_bos: bool | None = None
+    add_eos: bool | None = None
+    add_space_prefix: bool | None = None
+    chat_template: str | None = None
+
+    def metadata(self) -> list[tuple[str, str, object]]:
+        kv = [("tokenizer.ggml.model", "str", self.model)]
+        if self.pre:
+            kv.append(("tokenizer.ggml.pre", "str", self.pre))
+        kv += [("tokenizer.ggml.tokens", "arr", self.tokens), ("tokenizer.ggml.token_type", "arr", self.types)]
+        if self.scores is not None:
+            kv.append(("tokenizer.ggml.scores", "arr", self.scores))
+        if self.merges:
+            kv.append(("tokenizer.ggml.merges", "arr", self.merges))
+        names = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id", "pad": "padding_token_id"}
+        kv += [(f"tokenizer.ggml.{names[k]}", "u32", v) for k, v in self.special.items()]
+        for key, value in (("add_bos_token", self.add_bos), ("add_eos_token", self.add_eos),
+                           ("add_space_prefix", self.add_space_prefix)):
+            if value is not None:
+                kv.append((f"tokenizer.ggml.{key}", "bool", value))
+        if self.chat_template:
+            kv.append(("tokenizer.chat_template", "str", self.chat_template))
+        return kv
+
+
 def read(view) -> Vocab:
     """The tokenizer of a View, from its assets."""
+    from ckptflow.formats import gguf_spm
+
     assets, n = view.assets, view.args.vocab_size
     if "tokenizer.model" in assets and ("tokenizer.json" not in assets or gguf_spm.is_spm(assets["tokenizer.model"])):
-        vocab = gguf_spm.read(assets["tokenizer.model"], n, _json_asset(assets, "tokenizer_config.json"))
+        tokens, scores, types, prefix = gguf_spm.read(assets["tokenizer.model"], n,
+                                                      _json_asset(assets, "tokenizer_config.json"))
+        vocab = Vocab("llama", "default", tokens, types, scores=scores, add_space_prefix=prefix)
     elif "tokenizer.json" in assets:
         vocab = read_bpe(assets["tokenizer.json"], n)
     else:
@@ -120,9 +157,11 @@ def pre_tokenizer(tj: dict, where: str) -> str:
 
 def token_list(tj: dict, n_vocab: int, where: str) -> tuple[list[str], list[int]]:
     """Tokens and their types by id, padded to the embedding's rows with [PAD{i}] (UNUSED)."""
+    from ckptflow.formats import gguf_spm
+
     by_id: dict[int, tuple[str, int]] = {i: (t, NORMAL) for t, i in (tj["model"].get("vocab") or {}).items()}
     for a in tj.get("added_tokens") or []:
-        kind = CONTROL if a.get("special") or looks_special(a["content"]) else USER_DEFINED
+        kind = CONTROL if a.get("special") or gguf_spm.looks_special(a["content"]) else USER_DEFINED
         by_id[int(a["id"])] = (a["content"], kind)
     if by_id and max(by_id) >= n_vocab:
         raise CkptError(f"{where}: token id {max(by_id)} does not fit the model's vocab_size {n_vocab}")

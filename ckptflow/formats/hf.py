@@ -235,12 +235,14 @@ def _split(it: Item, parts: tuple[str, ...], args, where: str, out_dtype: str | 
     return split_rows(it, list(parts), _fused.check_rows(args, it.name, it.shape, parts, where), out_dtype)
 
 
-def _fuse(hf_key: str, parts: tuple[str, ...], tune_items: dict[str, Item], item) -> Item:
-    """One HF tensor from its tune parts, concatenated on dim 0 when written."""
+def _fuse(hf_key: str, parts: tuple[str, ...], tune_items: dict[str, Item], out_dtype: str | None) -> Item:
+    """One HF tensor from its tune parts (no permute: fused families keep HF's rows), concatenated
+    on dim 0 when written."""
     missing = [p for p in parts if p not in tune_items]
     if missing:
         raise CkptError(f"tune checkpoint lacks {missing[0]!r} (part of HF {hf_key!r})")
-    items = [item(p, tune_items[p]) for p in parts]
+    items = [Item(t.name, t.dtype, t.shape, info=t.info, load=t.load, permute=t.permute, out_dtype=out_dtype)
+             for t in (tune_items[p] for p in parts)]
     dtypes = {i.final_dtype for i in items}
     if len(dtypes) != 1:
         raise CkptError(f"cannot fuse {hf_key!r}: its parts {list(parts)} have dtypes {sorted(dtypes)}")
@@ -264,8 +266,6 @@ def hf_plan(tune_items: dict[str, Item], family, args, original: dict | None,
     """(HF files, same_partition). Reproduces the original partition, key order and metadata
     unless max_shard asks for a new one or the model did not come from HF."""
     def item(hf_key: str, t: Item) -> Item:
-        if _fused.fused_key(family, hf_key) is not None:    # a part of a fused tensor: no permute
-            return Item(t.name, t.dtype, t.shape, info=t.info, load=t.load, permute=t.permute, out_dtype=out_dtype)
         _, qk = families.hf_key_to_tune(family, hf_key)
         permute = ("to_hf", args.n_heads if qk == "q" else args.kv_heads) if qk and family.ROPE_INTERLEAVED else None
         if t.permute is not None and permute is not None:   # to_tune then to_hf: the identity
@@ -281,7 +281,7 @@ def hf_plan(tune_items: dict[str, Item], family, args, original: dict | None,
             for key in f["keys"]:
                 parts = _fused.parts_of(family, key)
                 if parts is not None:
-                    items.append(_fuse(key, parts, tune_items, item))
+                    items.append(_fuse(key, parts, tune_items, out_dtype))
                     continue
                 tkey, _ = families.hf_key_to_tune(family, key)
                 if tkey is None:
@@ -296,7 +296,7 @@ def hf_plan(tune_items: dict[str, Item], family, args, original: dict | None,
         fused = _fused.fused_key(family, tkey)
         if fused is not None:
             if fused[1] == 0:   # the first part brings the whole fused tensor
-                items.append(_fuse(fused[0], _fused.parts_of(family, fused[0]), tune_items, item))
+                items.append(_fuse(fused[0], _fused.parts_of(family, fused[0]), tune_items, out_dtype))
             continue
         hf_key, _ = families.tune_key_to_hf(family, tkey)
         items.append(item(hf_key, t))

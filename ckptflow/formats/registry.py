@@ -30,12 +30,19 @@ def _open_tune(uri: str, *, base: str | View | None = None, **_) -> View:
     return tune.open_view(uri)
 
 
+def _open_dcp(uri: str, *, base: str | View | None = None, **opts) -> View:
+    m = manifest.read(uri)
+    if m is not None and m.kind == "train_state" and m.extra.get("lora"):
+        return _open_adapter_view(uri, base=base)    # a LoRA step of several processes: the adapter's shards
+    return dcp.open_view(uri, **opts)
+
+
 FORMATS: dict[str, Format] = {f.name: f for f in (
     Format("hf", sniff=hf.is_hf, open=hf.open_view, write=hf.write_view, describe=hf.describe),
     Format("tune", open=_open_tune, write=tune.write_view),
     Format("peft", sniff=peft.is_peft, open=_open_adapter_view, write=peft.write_view, describe=peft.describe),
     Format("meta", sniff=meta.is_meta, open=meta.open_view, write=meta.write_view, describe=meta.describe),
-    Format("dcp", sniff=dcp.is_dcp, open=dcp.open_view, write=dcp.write_view, describe=dcp.describe),
+    Format("dcp", sniff=dcp.is_dcp, open=_open_dcp, write=dcp.write_view, describe=dcp.describe),
     Format("torchtune", sniff=torchtune.is_torchtune, open=torchtune.open_view, describe=torchtune.describe,
            claims=("hf", "peft")),
     Format("litgpt", sniff=litgpt.is_litgpt, open=litgpt.open_view, describe=litgpt.describe),

@@ -181,7 +181,7 @@ def benchmark(job: Job, source, harness, scratch: str) -> tuple[dict, dict]:
     import shutil
 
     from ckptflow import benchmarks
-    from ckptflow.train import pick_device
+    from ckptflow.trainer import pick_device
 
     s = job.settings
     device = str(pick_device(job.device, "--device"))

@@ -156,15 +156,13 @@ def from_step(uri: str, m: Manifest, base: str | None, run: str | None) -> Sourc
 
 
 def full_step_view(uri: str, m: Manifest, bv: View) -> View:
-    """A full fine-tune step: its weights, with the base's family, config, tokenizer and layout."""
+    """A full fine-tune step (one process's or several processes' DCP): its weights, with the
+    base's family, config, tokenizer and layout."""
     from ckptflow.formats.tune import expected_shapes
 
-    names = [e["name"] for e in m.extra.get("layout", [])] or ["model.safetensors"]
-    found: dict[str, Item] = {}
-    for name in names:
-        path = storage.join(uri, name)
-        for t in st.read_header(path)[1]:
-            found[t.name] = Item(t.name, t.dtype, t.shape, info=t)
+    from ckptflow.formats import step
+
+    found = step.weights(uri, m)      # one process's safetensors, or the DCP shards of several
     want = expected_shapes(bv.args)
     for key, it in found.items():
         if key not in want or list(it.shape) != want[key]:

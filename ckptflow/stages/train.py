@@ -53,21 +53,21 @@ def run(cfg: config.RunConfig, base_uri: str | None = None, *, stop_after: int |
 def train_here(cfg: config.RunConfig, base_uri: str, *, stop_after: int | None = None, on_metrics=None,
                trainer_cls=None) -> Manifest | None:
     """Train in this process (one rank of several when trainer_cls is distributed.DistTrainer)."""
-    from ckptflow import train
+    from ckptflow.trainer import Trainer, check_resume, process_settings, resume_point
 
     base = manifest.require(base_uri)
     train_uri = storage.join(config.run_dir(cfg), "train")
-    point = train.resume_point(cfg, train_uri)
+    point = resume_point(cfg, train_uri)
     if point is not None:
-        train.check_resume(point, cfg, base)
+        check_resume(point, cfg, base)
     until = min(stop_after or cfg.train.steps, cfg.train.steps)
     if point is None:
         log.info("%s: no committed step checkpoint; training from step 0 to %d", train_uri, until)
     if point is not None and point.step >= until:
         log.info("%s: already at step %d (asked for %d); nothing to train", point.uri, point.step, until)
         return point
-    with train.process_settings(cfg.train):
-        trainer = (trainer_cls or train.Trainer)(cfg, base_uri, on_metrics=on_metrics)
+    with process_settings(cfg.train):
+        trainer = (trainer_cls or Trainer)(cfg, base_uri, on_metrics=on_metrics)
         if point is not None:
             trainer.resume(point, cfg.checkpoint.exclude_from_loading)
         last = trainer.fit(until)

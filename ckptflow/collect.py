@@ -27,7 +27,7 @@ from ckptflow.errors import CkptError
 log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
-# A run's stage directories (DESIGN.md "Run layout"); "*" = every child of that directory.
+# A run's stage directories (docs/design.md "Run layout"); "*" = every child of that directory.
 STAGE_DIRS = ("source", "base", "merged", "export", "eval", "train/step-*", "exports/*")
 STEP_RE = re.compile(r"step-\d+$")
 TMP_RE = re.compile(re.escape(storage.TMP_INFIX) + r"[0-9a-f]{8}$")

@@ -1,0 +1,170 @@
+"""DCP step checkpoints (what several training processes write) read back for merge, export
+(hf, peft, original, gguf), generate and evaluate, one tensor at a time.
+
+The default tests write the DCP step in this one process, with the trainer's own code:
+distributed.DistTrainer (FSDP2, torch.distributed.checkpoint) under a gloo group of one rank, so
+key names, manifest and trainer_state.json are the trainer's. tests/test_distributed.py runs the
+real two-process job (slow)."""
+import contextlib
+import os
+import shutil
+
+import peft as peft_lib
+import pytest
+import torch
+import transformers
+
+from ckptflow import api, checkpointer, cli, config, generate, lora, manifest, storage
+from ckptflow.errors import CkptError
+from ckptflow.stages import convert, download, evaluate, export, merge
+from ckptflow.stages import train as stage
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SEED = "seed://llama?dim=64&n_layers=2"
+DEMO = os.path.join(ROOT, "deployments", "data", "demo.jsonl")
+LORA = ["train.method=lora", "train.lora.rank=4", "train.lora.alpha=8",
+        "train.lora.targets=[q_proj,v_proj,w1,output]"]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dcp-base")
+    download.run(SEED, str(d / "source"))
+    return convert.run(str(d / "source"), str(d / "base")).uri
+
+
+def make_cfg(storage_dir, run_id: str, *overrides: str) -> config.RunConfig:
+    d = {"run_id": run_id, "storage": str(storage_dir), "model": {"source": SEED}, "data": {"train": DEMO},
+         "train": {"method": "full", "steps": 2, "batch_size": 2, "seq_len": 32, "lr": 1e-2, "threads": 1,
+                   "device": "cpu"},
+         "checkpoint": {"every_steps": 2, "keep_last": None, "async": False}}
+    for o in overrides:
+        config.apply_override(d, o)
+    return config.validate(d)
+
+
+@contextlib.contextmanager
+def one_rank(tmp_path):
+    """A torch.distributed group of one process (gloo), as torchrun would give rank 0."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def dcp_run(tmp_path, base, run_id: str, *overrides: str) -> str:
+    """A run whose step 2 is a DCP step written by DistTrainer."""
+    from ckptflow.distributed import DistTrainer
+
+    cfg = make_cfg(tmp_path, run_id, *overrides)
+    with one_rank(tmp_path):
+        m = stage.train_here(cfg, base, trainer_cls=DistTrainer)
+    assert (m.format, m.kind, m.step) == ("dcp", "train_state", 2)
+    assert {".metadata", "__0_0.distcp", "trainer_state.json"} <= set(m.files)
+    return config.run_dir(cfg)
+
+
+def own_model(base: str, step_uri: str):
+    """ckptflow's model at a DCP step, loaded by the trainer's resume path (dcp.load_state of the
+    whole state), not by the per-tensor reader under test."""
+    model, _ = api.load(base)
+    m = manifest.require(step_uri)
+    if m.extra.get("lora"):
+        lora.apply_lora(model, lora.LoraConfig.from_dict(m.extra["lora"]))
+        trainable = lora.lora_state_dict(model)
+    else:
+        trainable = model.state_dict()
+    weights, _ = checkpointer.read_dcp_step(step_uri, trainable, with_optimizer=False)
+    res = model.load_state_dict(weights, strict=False)
+    assert not res.unexpected_keys and (m.extra.get("lora") or not res.missing_keys)
+    return model.eval()
+
+
+def hf_logits(path, x):
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        return model(x).logits
+
+
+def tokens():
+    return torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, base):
+    return dcp_run(tmp_path_factory.mktemp("dcp-full"), base, "full")
+
+
+def test_a_full_dcp_step_exports_to_hf_original_and_gguf(tmp_path, base, full_run):
+    run = full_run
+    step = os.path.join(run, "train", "step-000002")
+    hf = str(tmp_path / "hf")
+    assert cli.main(["export", run, hf, "--format", "hf"]) == 0
+    x = tokens()
+    with torch.no_grad():
+        want = own_model(base, step)(x)
+        before = api.load(base)[0].eval()(x)
+    got = hf_logits(hf, x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert (got - before).abs().max() > 1e-3                      # the trained weights, not the base
+    m = manifest.require(hf)
+    assert (m.kind, m.format, m.step) == ("export", "hf", 2)
+    assert [s["stage"] for s in m.lineage["stages"]][-2:] == ["train", "export"]
+    assert {"tokenizer.json", "config.json"} <= set(os.listdir(hf))   # the base's assets came along
+
+    orig = export.run(step, str(tmp_path / "orig"), format="original")
+    assert orig.format == "hf"
+    torch.testing.assert_close(hf_logits(str(tmp_path / "orig"), x), got, atol=0, rtol=0)
+
+    g = export.run(run, str(tmp_path / "gguf"), format="gguf", dtype="f32")
+    gguf_files = [n for n in g.files if n.endswith(".gguf")]
+    assert len(gguf_files) == 1 and g.step == 2
+    from gguf import GGUFReader
+
+    reader = GGUFReader(os.path.join(str(tmp_path / "gguf"), gguf_files[0]))
+    emb = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    trained = checkpointer.read_dcp_step(step, {"tok_embeddings.weight": torch.empty(512, 64)}, False)[0]
+    assert torch.equal(torch.from_numpy(emb.data.copy()).reshape(512, 64), trained["tok_embeddings.weight"])
+
+    out = generate.run(run, "hello", max_new_tokens=4, device="cpu")
+    assert out["step"] == 2
+
+
+def test_a_lora_dcp_step_merges_and_exports_peft_that_peft_loads(tmp_path, base):
+    run = dcp_run(tmp_path, base, "lora", *LORA)
+    step = os.path.join(run, "train", "step-000002")
+    x = tokens()
+    with torch.no_grad():
+        want = own_model(base, step)(x)
+
+    merged = merge.run(step, "-", str(tmp_path / "merged"))
+    assert merged.format == "tune" and merged.extra["merged"]["fingerprint"].startswith("lora:")
+    export.run(str(tmp_path / "merged"), str(tmp_path / "merged-hf"), format="hf")
+    export.run(run, str(tmp_path / "hf"), format="hf")
+    got = hf_logits(str(tmp_path / "hf"), x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(hf_logits(str(tmp_path / "merged-hf"), x), got, atol=0, rtol=0)
+
+    export.run(run, str(tmp_path / "peft"), format="peft")
+    src = storage.join(os.path.dirname(base), "source")
+    pm = peft_lib.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(src),
+                                           str(tmp_path / "peft")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(pm(x).logits, got, atol=1e-5, rtol=0)
+    assert (got - hf_logits(src, x)).abs().max() > 1e-3            # the adapter moved the logits
+
+    res = evaluate.run(run, data=DEMO, prompts=["hello"], max_new_tokens=2, batch_size=2, seq_len=32,
+                       max_batches=1, device="cpu")
+    assert res.step == 2 and res.kind
+
+
+def test_a_dcp_step_missing_a_shard_is_one_clear_error(tmp_path, full_run):
+    step = str(tmp_path / "step-000002")
+    shutil.copytree(os.path.join(full_run, "train", "step-000002"), step)
+    os.remove(os.path.join(step, "__0_0.distcp"))
+    with pytest.raises(CkptError, match=r"step-000002/__0_0.distcp: missing"):
+        export.run(step, str(tmp_path / "hf"), format="hf")
+    assert not os.path.exists(tmp_path / "hf")
