@@ -64,6 +64,26 @@ class DistTrainer(Trainer):
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
         super().__init__(cfg, base_uri, run_uri, **kw)
+        self.is_main = self.rank == self._committer()
+
+    def _committer(self) -> int:
+        """The rank that commits steps and writes metrics: local rank 0 of node rank 0, whose
+        launcher holds the run's lease (the global rank 0 on one node; on several, torchrun's
+        rendezvous may give global rank 0 to another node, ckptflow.launch)."""
+        import torch
+        import torch.distributed as dist
+
+        from ckptflow.launch import NODE_RANK_ENV
+
+        lead = os.environ.get(NODE_RANK_ENV, "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+        first = torch.tensor([self.rank if lead else self.world], dtype=torch.int64, device=self._comm_device())
+        leads = torch.tensor([int(lead)], dtype=torch.int64, device=self._comm_device())
+        dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        dist.all_reduce(leads)
+        if int(leads) != 1:
+            raise RuntimeError(f"{int(leads)} processes have node rank 0 and local rank 0; "
+                               "give exactly one node --node-rank 0")
+        return int(first)
 
     def _pick_device(self):
         import torch
