@@ -29,7 +29,7 @@ from ckptflow.commit import Output
 from ckptflow.manifest import Manifest
 from ckptflow.trainer import MODEL, OPTIMIZER, STATE, Trainer, rng_state
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ckptflow.distributed")   # also when run as __main__ by torchrun
 
 
 def main(argv: list[str]) -> int:
@@ -38,6 +38,10 @@ def main(argv: list[str]) -> int:
     import torch.distributed as dist
 
     path, base_uri, stop_after = argv
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format=f"rank {os.environ.get('RANK', '?')} %(levelname)s %(name)s: %(message)s")
+    level = os.environ.get("CKPTFLOW_LOG", "WARNING").upper()
+    logging.getLogger("ckptflow").setLevel(getattr(logging, level, logging.WARNING))
     with open(path) as f:
         cfg = config.validate(json.load(f), path)
     config.apply_storage_options(cfg)
@@ -62,6 +66,8 @@ class DistTrainer(Trainer):
         self.is_main = self.rank == 0
         super().__init__(cfg, base_uri, run_uri, **kw)
         self.is_main = self.rank == self._committer()
+        if self.is_main:
+            log.info("rank %d of %d commits the steps (node rank 0, local rank 0)", self.rank, self.world)
 
     def _committer(self) -> int:
         """The rank that commits steps and writes metrics: local rank 0 of node rank 0, whose

@@ -102,23 +102,56 @@ def _train(cfg_path, *args, node_rank: int = 0) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True)
 
 
-def _finish(procs, timeout: float = 600) -> None:
+def _finish(procs, timeout: float = 600) -> list[str]:
+    outs = []
     for p in procs:
         out, _ = p.communicate(timeout=timeout)
         assert p.returncode == 0, out[-4000:]
+        outs.append(out)
+    return outs
+
+
+def _wait_for_torchrun(node_rank: int, timeout: float = 120) -> None:
+    """Until this test's torchrun for `node_rank` runs (its rendezvous process then has the lower pid)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"torch.distributed.run" in cmd and f"--node-rank={node_rank}".encode() in cmd:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"no torchrun for node rank {node_rank} after {timeout}s")
+
+
+def _committer(out: str) -> int | None:
+    found = re.search(r"rank (\d+) of 2 commits the steps", out)
+    return int(found.group(1)) if found else None
 
 
 @pytest.mark.slow
 def test_two_nodes_on_loopback_then_one_process_resumes(tmp_path):
     two = tmp_path / "two.yaml"
     two.write_text(yaml.safe_dump(run_dict(tmp_path, "nodes", nnodes=2, rdzv_endpoint=f"127.0.0.1:{free_port()}")))
-    t0 = time.perf_counter()
-    _finish([_train(two, node_rank=0), _train(two, node_rank=1)])
-    two_nodes_s = time.perf_counter() - t0
-
-    # The same 4 steps on one node with 2 processes (torchrun --standalone), timed the same way.
     one = tmp_path / "one.yaml"
     one.write_text(yaml.safe_dump(run_dict(tmp_path, "node", nproc_per_node=2)))
+    for path in (two, one):             # the bases first, so that both timings are of the training only
+        stage.prepare_base(config.load_config(str(path)))
+
+    # Node 1 starts first: the rendezvous sorts nodes by host and pid, so global rank 0 goes to
+    # node 1, and the rank that commits (under node 0's lease) must be node 0's, global rank 1.
+    t0 = time.perf_counter()
+    node1 = _train(two, node_rank=1)
+    _wait_for_torchrun(1)
+    node0 = _train(two, node_rank=0)
+    out1, out0 = _finish([node1, node0])
+    two_nodes_s = time.perf_counter() - t0
+    assert _committer(out0) == 1 and _committer(out1) is None, out0[-3000:]
+
+    # The same 4 steps on one node with 2 processes (torchrun --standalone), timed the same way.
     t0 = time.perf_counter()
     _finish([_train(one)])
     one_node_s = time.perf_counter() - t0
