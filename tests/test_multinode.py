@@ -45,7 +45,8 @@ def test_one_node_is_standalone_several_use_c10d_hosted_by_node_0():
     args = rendezvous_args(2, 1, "trainer-0:29400", "my-run")
     assert args[:5] == ["--nnodes=2", "--node-rank=1", "--rdzv-backend=c10d", "--rdzv-endpoint=trainer-0:29400",
                         "--rdzv-id=my-run"]
-    assert "--rdzv-conf=is_host=0" in args and "--rdzv-conf=is_host=1" in rendezvous_args(2, 0, "h:1", "r")
+    conf = "join_timeout=3600,read_timeout=3600"      # node 0 may be downloading the base meanwhile
+    assert f"--rdzv-conf=is_host=0,{conf}" in args and f"--rdzv-conf=is_host=1,{conf}" in rendezvous_args(2, 0, "h:1", "r")
     cmd = torchrun_command(1, "/tmp/c.json", "/base", 0, nnodes=2, node_rank=0, endpoint="h:1", run_id="r")
     assert "--standalone" not in cmd and cmd[-4:] == ["ckptflow.distributed", "/tmp/c.json", "/base", "0"]
 
@@ -73,23 +74,30 @@ def test_node_rank_out_of_range_exits_2_and_writes_nothing(tmp_path):
     assert not (tmp_path / "store").exists()
 
 
-def test_a_node_above_0_takes_no_lease_and_waits_for_node_0s_base(tmp_path, monkeypatch):
-    """Node 0's launcher holds the run's lease; node 1 must not ask for it (it would be refused
-    as a second writer), and it waits for the base node 0 prepares before starting torchrun."""
+def test_a_node_above_0_takes_no_lease(tmp_path, monkeypatch):
+    """Node 0's launcher (another process) holds the run's lease; node 1 must not ask for it (it
+    would be refused as a second writer): it starts torchrun at once, its ranks wait at the
+    rendezvous. A second node 0 is refused as a second writer."""
     from ckptflow import launch
+    from tests import procs
 
     cfg = config.validate(run_dict(tmp_path, "r", nnodes=2, rdzv_endpoint="127.0.0.1:1"))
     run = config.run_dir(cfg)
     started = []
     monkeypatch.setattr(launch, "torchrun", lambda c, base, **kw: started.append((base, kw)) or "trained")
-    monkeypatch.setattr(stage, "BASE_WAIT_SECONDS", 0.3)
-    with lease.hold(run, owner="node 0's launcher"):
-        with pytest.raises(CkptError, match="node 0 did not prepare the base model within"):
-            stage.join(cfg, None, 1, poll_seconds=0.05)
-        assert started == []
-        storage.makedirs(storage.join(run, "base"))
-        manifest.write(storage.join(run, "base"), manifest.Manifest(kind="model", format="tune", family="llama"))
+    ctx = procs.context()
+    go, release, results = ctx.Event(), ctx.Event(), ctx.Queue()
+    node0 = procs.start(procs.lease_writer, run, "node 0's launcher", {}, go, release, results)
+    try:
+        assert results.get(timeout=60)[0] == "ready"
+        go.set()
+        assert results.get(timeout=60)[:2] == ("won", "node 0's launcher")
         assert stage.run(cfg, node_rank=1) == "trained"     # no "another process is writing this run"
+        with pytest.raises(CkptError, match="another process is writing this run: node 0's launcher"):
+            stage.run(cfg, node_rank=0)
+    finally:
+        release.set()
+        node0.join(30)
     assert started == [(storage.join(run, "base"), {"stop_after": None, "on_metrics": None, "node_rank": 1})]
 
 
