@@ -32,7 +32,7 @@ from ckptflow.commit import Output
 from ckptflow.manifest import Manifest
 from ckptflow.trainer import MODEL, OPTIMIZER, STATE, Trainer, rng_state
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ckptflow.distributed")   # also when run as __main__ by torchrun
 
 
 def main(argv: list[str]) -> int:
@@ -41,13 +41,21 @@ def main(argv: list[str]) -> int:
     import torch.distributed as dist
 
     path, base_uri, stop_after = argv
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format=f"rank {os.environ.get('RANK', '?')} %(levelname)s %(name)s: %(message)s")
+    level = os.environ.get("CKPTFLOW_LOG", "WARNING").upper()
+    logging.getLogger("ckptflow").setLevel(getattr(logging, level, logging.WARNING))
     with open(path) as f:
         cfg = config.validate(json.load(f), path)
     config.apply_storage_options(cfg)
     cuda = torch.cuda.is_available() and cfg.train.device != "cpu"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if cuda else "gloo")
     try:
         from ckptflow.stages import train as stage
+
+        base_uri = _from_committer(base_uri)   # other nodes train from the base node 0 prepared
 
         stage.train_here(cfg, base_uri, stop_after=int(stop_after) or None, trainer_cls=DistTrainer)
     finally:
@@ -65,6 +73,8 @@ class DistTrainer(Trainer):
         self.is_main = self.rank == 0
         super().__init__(cfg, base_uri, run_uri, **kw)
         self.is_main = self.rank == self._committer()
+        if self.is_main:
+            log.info("rank %d of %d commits the steps (node rank 0, local rank 0)", self.rank, self.world)
 
     def _committer(self) -> int:
         """The rank that commits steps and writes metrics: local rank 0 of node rank 0, whose
@@ -73,9 +83,7 @@ class DistTrainer(Trainer):
         import torch
         import torch.distributed as dist
 
-        from ckptflow.launch import NODE_RANK_ENV
-
-        lead = os.environ.get(NODE_RANK_ENV, "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+        lead = _is_lead()
         first = torch.tensor([self.rank if lead else self.world], dtype=torch.int64, device=self._comm_device())
         leads = torch.tensor([int(lead)], dtype=torch.int64, device=self._comm_device())
         dist.all_reduce(first, op=dist.ReduceOp.MIN)
@@ -268,6 +276,22 @@ class DistTrainer(Trainer):
                 nested.setdefault(name, {})[field] = t
             set_optimizer_state_dict(self.model, self.optimizer, {"state": nested, "param_groups": groups},
                                      options=StateDictOptions(full_state_dict=True))
+
+
+def _is_lead() -> bool:
+    """Local rank 0 of node rank 0 (ckptflow.launch tells each rank its node's --node-rank)."""
+    from ckptflow.launch import NODE_RANK_ENV
+
+    return os.environ.get(NODE_RANK_ENV, "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def _from_committer(value: str) -> str:
+    """`value` as node 0's local rank 0 has it, on every rank."""
+    import torch.distributed as dist
+
+    got = [None] * dist.get_world_size()
+    dist.all_gather_object(got, value if _is_lead() else None)
+    return next((v for v in got if v is not None), value)
 
 
 def _rank_rng() -> dict:

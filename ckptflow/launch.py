@@ -14,10 +14,11 @@ Several nodes (train.nnodes: N, train.rdzv_endpoint: HOST:PORT): `ckptflow train
 --node-rank R` on each machine runs torchrun with the c10d rendezvous (--nnodes N --node-rank R
 --rdzv-backend c10d --rdzv-endpoint HOST:PORT --rdzv-id RUN_ID) instead of --standalone. Node 0
 hosts the rendezvous store (is_host=1: HOST may be a Service in front of it, not its host name);
-the others only connect. torchrun numbers the processes in the order the rendezvous sorts the
-nodes, not by --node-rank, so every rank is told its node's rank (NODE_RANK_ENV) and the
-rank with node rank 0 and local rank 0 commits (ckptflow.distributed): it is the one whose
-launcher holds the run's writer lease.
+the others only connect, waiting up to RDZV_TIMEOUT for it (node 0 may first be downloading and
+converting the base, which its ranks then hand to the other nodes' ranks). torchrun numbers the
+processes in the order the rendezvous sorts the nodes, not by --node-rank, so every rank is told
+its node's rank (NODE_RANK_ENV) and the rank with node rank 0 and local rank 0 commits
+(ckptflow.distributed): it is the one whose launcher holds the run's writer lease.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 GRACE_SECONDS = 10.0
 NODE_RANK_ENV = "CKPTFLOW_NODE_RANK"   # the --node-rank of the launcher that started a rank
+RDZV_TIMEOUT = 3600   # s: nodes wait this long for each other (node 0 may be downloading the base)
 _PROCS: dict = {}   # process group id -> Popen of the launches alive in this process
 
 
@@ -92,7 +94,8 @@ def rendezvous_args(nnodes: int, node_rank: int, endpoint: str | None, run_id: s
     if nnodes == 1:
         return ["--standalone"]
     return [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
-            f"--rdzv-id={run_id}", f"--rdzv-conf=is_host={int(node_rank == 0)}", "--max-restarts=0"]
+            f"--rdzv-id={run_id}", f"--rdzv-conf=is_host={int(node_rank == 0)},join_timeout={RDZV_TIMEOUT},"
+            f"read_timeout={RDZV_TIMEOUT}", "--max-restarts=0"]
 
 
 def run(cmd: list[str], *, poll, poll_seconds: float = 2.0, env: dict | None = None) -> int:

@@ -45,7 +45,8 @@ def test_one_node_is_standalone_several_use_c10d_hosted_by_node_0():
     args = rendezvous_args(2, 1, "trainer-0:29400", "my-run")
     assert args[:5] == ["--nnodes=2", "--node-rank=1", "--rdzv-backend=c10d", "--rdzv-endpoint=trainer-0:29400",
                         "--rdzv-id=my-run"]
-    assert "--rdzv-conf=is_host=0" in args and "--rdzv-conf=is_host=1" in rendezvous_args(2, 0, "h:1", "r")
+    conf = "join_timeout=3600,read_timeout=3600"      # node 0 may be downloading the base meanwhile
+    assert f"--rdzv-conf=is_host=0,{conf}" in args and f"--rdzv-conf=is_host=1,{conf}" in rendezvous_args(2, 0, "h:1", "r")
     cmd = torchrun_command(1, "/tmp/c.json", "/base", 0, nnodes=2, node_rank=0, endpoint="h:1", run_id="r")
     assert "--standalone" not in cmd and cmd[-4:] == ["ckptflow.distributed", "/tmp/c.json", "/base", "0"]
 
@@ -73,23 +74,30 @@ def test_node_rank_out_of_range_exits_2_and_writes_nothing(tmp_path):
     assert not (tmp_path / "store").exists()
 
 
-def test_a_node_above_0_takes_no_lease_and_waits_for_node_0s_base(tmp_path, monkeypatch):
-    """Node 0's launcher holds the run's lease; node 1 must not ask for it (it would be refused
-    as a second writer), and it waits for the base node 0 prepares before starting torchrun."""
+def test_a_node_above_0_takes_no_lease(tmp_path, monkeypatch):
+    """Node 0's launcher (another process) holds the run's lease; node 1 must not ask for it (it
+    would be refused as a second writer): it starts torchrun at once, its ranks wait at the
+    rendezvous. A second node 0 is refused as a second writer."""
     from ckptflow import launch
+    from tests import procs
 
     cfg = config.validate(run_dict(tmp_path, "r", nnodes=2, rdzv_endpoint="127.0.0.1:1"))
     run = config.run_dir(cfg)
     started = []
     monkeypatch.setattr(launch, "torchrun", lambda c, base, **kw: started.append((base, kw)) or "trained")
-    monkeypatch.setattr(stage, "BASE_WAIT_SECONDS", 0.3)
-    with lease.hold(run, owner="node 0's launcher"):
-        with pytest.raises(CkptError, match="node 0 did not prepare the base model within"):
-            stage.join(cfg, None, 1, poll_seconds=0.05)
-        assert started == []
-        storage.makedirs(storage.join(run, "base"))
-        manifest.write(storage.join(run, "base"), manifest.Manifest(kind="model", format="tune", family="llama"))
+    ctx = procs.context()
+    go, release, results = ctx.Event(), ctx.Event(), ctx.Queue()
+    node0 = procs.start(procs.lease_writer, run, "node 0's launcher", {}, go, release, results)
+    try:
+        assert results.get(timeout=60)[0] == "ready"
+        go.set()
+        assert results.get(timeout=60)[:2] == ("won", "node 0's launcher")
         assert stage.run(cfg, node_rank=1) == "trained"     # no "another process is writing this run"
+        with pytest.raises(CkptError, match="another process is writing this run: node 0's launcher"):
+            stage.run(cfg, node_rank=0)
+    finally:
+        release.set()
+        node0.join(30)
     assert started == [(storage.join(run, "base"), {"stop_after": None, "on_metrics": None, "node_rank": 1})]
 
 
@@ -102,23 +110,56 @@ def _train(cfg_path, *args, node_rank: int = 0) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True)
 
 
-def _finish(procs, timeout: float = 600) -> None:
+def _finish(procs, timeout: float = 600) -> list[str]:
+    outs = []
     for p in procs:
         out, _ = p.communicate(timeout=timeout)
         assert p.returncode == 0, out[-4000:]
+        outs.append(out)
+    return outs
+
+
+def _wait_for_torchrun(node_rank: int, timeout: float = 120) -> None:
+    """Until this test's torchrun for `node_rank` runs (its rendezvous process then has the lower pid)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read().split(b"\0")
+            except OSError:
+                continue
+            if b"torch.distributed.run" in cmd and f"--node-rank={node_rank}".encode() in cmd:
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"no torchrun for node rank {node_rank} after {timeout}s")
+
+
+def _committer(out: str) -> int | None:
+    found = re.search(r"rank (\d+) of 2 commits the steps", out)
+    return int(found.group(1)) if found else None
 
 
 @pytest.mark.slow
 def test_two_nodes_on_loopback_then_one_process_resumes(tmp_path):
     two = tmp_path / "two.yaml"
     two.write_text(yaml.safe_dump(run_dict(tmp_path, "nodes", nnodes=2, rdzv_endpoint=f"127.0.0.1:{free_port()}")))
-    t0 = time.perf_counter()
-    _finish([_train(two, node_rank=0), _train(two, node_rank=1)])
-    two_nodes_s = time.perf_counter() - t0
-
-    # The same 4 steps on one node with 2 processes (torchrun --standalone), timed the same way.
     one = tmp_path / "one.yaml"
     one.write_text(yaml.safe_dump(run_dict(tmp_path, "node", nproc_per_node=2)))
+    for path in (two, one):             # the bases first, so that both timings are of the training only
+        stage.prepare_base(config.load_config(str(path)))
+
+    # Node 1 starts first: the rendezvous sorts nodes by host and pid, so global rank 0 goes to
+    # node 1, and the rank that commits (under node 0's lease) must be node 0's, global rank 1.
+    t0 = time.perf_counter()
+    node1 = _train(two, node_rank=1)
+    _wait_for_torchrun(1)
+    node0 = _train(two, node_rank=0)
+    out1, out0 = _finish([node1, node0])
+    two_nodes_s = time.perf_counter() - t0
+    assert _committer(out0) == 1 and _committer(out1) is None, out0[-3000:]
+
+    # The same 4 steps on one node with 2 processes (torchrun --standalone), timed the same way.
     t0 = time.perf_counter()
     _finish([_train(one)])
     one_node_s = time.perf_counter() - t0

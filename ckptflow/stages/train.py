@@ -10,15 +10,12 @@ step is an error, never a silent fresh start). Metrics go to `{run}/train/metric
 from __future__ import annotations
 
 import logging
-import time
 
 from ckptflow import config, manifest, storage
 from ckptflow.errors import CkptError
 from ckptflow.manifest import Manifest
 
 log = logging.getLogger(__name__)
-
-BASE_WAIT_SECONDS = 3600.0   # a node > 0 waits this long for node 0 to download and convert the base
 
 
 def prepare_base(cfg: config.RunConfig) -> str:
@@ -63,22 +60,15 @@ def check_node_rank(cfg: config.RunConfig, node_rank: int) -> None:
 
 
 def join(cfg: config.RunConfig, base_uri: str | None, node_rank: int, *, stop_after: int | None = None,
-         on_metrics=None, poll_seconds: float = 2.0) -> Manifest:
+         on_metrics=None) -> Manifest:
     """Node `node_rank` > 0 of a several-node run. Node 0's launcher holds the run's writer lease
-    and prepares the base; this node takes no lease (it would be refused as a second writer):
-    it waits for the base, then its ranks join node 0's rendezvous and write only their DCP
-    shard files into the step directories node 0's committing rank claims (ckptflow.distributed)."""
+    and prepares the base; this node takes no lease (it would be refused as a second writer).
+    Its torchrun waits at node 0's rendezvous; its ranks then take the base from node 0's and
+    write only their DCP shard files into the step directories node 0's committing rank claims
+    (ckptflow.distributed)."""
     from ckptflow import launch
 
     base_uri = storage.normalize(base_uri) if base_uri else storage.join(config.run_dir(cfg), "base")
-    if manifest.read(base_uri) is None:
-        log.info("%s: waiting for node 0 to prepare the base model", base_uri)
-        deadline = time.monotonic() + BASE_WAIT_SECONDS
-        while manifest.read(base_uri) is None:
-            if time.monotonic() > deadline:
-                raise CkptError(f"{base_uri}: node 0 did not prepare the base model within {BASE_WAIT_SECONDS:.0f}s; "
-                                "start `ckptflow train CONFIG --node-rank 0` on node 0")
-            time.sleep(poll_seconds)
     return launch.torchrun(cfg, base_uri, stop_after=stop_after, on_metrics=on_metrics, node_rank=node_rank)
 
 
