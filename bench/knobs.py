@@ -47,7 +47,7 @@ def make_base(a) -> str:
     from ckptflow.stages import convert, download
 
     source = (f"seed://llama?dim={a.dim}&n_layers={a.layers}&n_heads={a.heads}&n_kv_heads={a.heads}"
-              f"&vocab_size={a.vocab}")
+              f"&pad_vocab={a.vocab}")   # the seed tokenizer is ~1k tokens: pad the embedding and head
     tag = f"d{a.dim}-l{a.layers}-v{a.vocab}"
     src = download.run(source, os.path.join(a.dir, tag, "source"))
     return convert.run(src.uri, os.path.join(a.dir, tag, "base")).uri
