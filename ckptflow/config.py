@@ -92,6 +92,21 @@ class TrainConfig(_Strict):
     eval_every: int | None = Field(None, ge=1, description="held-out loss every N steps; default: at each checkpoint")
     threads: int | None = Field(None, ge=1, description="torch CPU threads; null keeps torch's default")
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms(True) for the run")
+    activation_checkpointing: bool = Field(False, description="recompute each decoder layer in the backward pass "
+                                                              "instead of keeping its activations (less memory, ~1/3 "
+                                                              "more compute)")
+    loss_chunk: int | None = Field(None, ge=1, description="output projection + cross-entropy N tokens at a time, "
+                                                           "recomputed in the backward: a large vocabulary's logits "
+                                                           "never exist whole; null: all at once")
+    compile: bool = Field(False, description="torch.compile each decoder layer (the first steps pay the compile)")
+
+    @field_validator("loss_chunk")
+    @classmethod
+    def _chunk_without_teacher(cls, v, info):
+        distill = info.data.get("distill")
+        if v is not None and distill is not None and distill.teacher is not None:
+            raise ValueError("not supported with train.distill.teacher (distillation needs both models' full logits)")
+        return v
 
     @field_validator("rdzv_endpoint")
     @classmethod

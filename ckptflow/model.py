@@ -23,6 +23,7 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from ckptflow.errors import CkptError
@@ -342,6 +343,9 @@ class Transformer(nn.Module):
                            for i in range(args.n_layers)]
         self._window = [args.extra.get("sliding_window") if args.is_sliding(i) else None
                         for i in range(args.n_layers)]
+        # train.activation_checkpointing: recompute each decoder layer in the backward pass
+        # instead of keeping its activations (torch.utils.checkpoint, non-reentrant).
+        self.checkpoint_layers = False
 
     @classmethod
     def from_state_dict(cls, args: ModelArgs, sd: dict, *, device=None, dtype=None) -> "Transformer":
@@ -368,18 +372,40 @@ class Transformer(nn.Module):
         w = self.tok_embeddings.weight
         return KVCache(self.args, batch, max_len, device or w.device, dtype or w.dtype)
 
-    def forward(self, tokens: torch.Tensor, *, input_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits [B, T, vocab] in float32 for tokens at positions input_pos .. input_pos+T-1."""
+    def forward(self, tokens: torch.Tensor, *, input_pos: int = 0, cache: KVCache | None = None,
+                labels: torch.Tensor | None = None, loss_chunk: int | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab] in float32 for tokens at positions input_pos .. input_pos+T-1.
+
+        With `labels` [B, T] instead: the summed token cross-entropy (labels of -100 skipped),
+        computed `loss_chunk` tokens at a time (None: all at once) with each chunk's output
+        projection recomputed in the backward pass, so a large vocabulary's logits never exist
+        whole: at most one chunk's [loss_chunk, vocab] lives at a time, forward or backward.
+        Inside forward (not a separate method) so FSDP's hooks gather the head's weights."""
+        h = self.hidden(tokens, input_pos=input_pos, cache=cache)
+        if labels is None:
+            return self.head(h)
+        return chunked_cross_entropy(self.head, h.flatten(0, 1), labels.flatten(), loss_chunk)
+
+    def hidden(self, tokens: torch.Tensor, *, input_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
+        """The final norm's output [B, T, dim]: everything but the output projection."""
         T = tokens.shape[1]
         h = self.tok_embeddings(tokens)
         if self.args.embed_scale:  # HF: sqrt(dim) as a float32 tensor, cast to the activation dtype
             h = h * torch.tensor(self.args.dim ** 0.5).to(h.dtype)
         ropes = {kind: self._rope(kind, input_pos, T, h.device) for kind in set(self._rope_kind) - {None}}
         masks = {w: self._mask(w, input_pos, T, cache is not None, h.device) for w in set(self._window)}
+        recompute = self.checkpoint_layers and self.training and cache is None and torch.is_grad_enabled()
         for i, layer in enumerate(self.layers):
             cos, sin = ropes.get(self._rope_kind[i], (None, None))
-            h = layer(h, cos, sin, masks[self._window[i]], cache, input_pos)
-        h = self.norm(h)
+            if recompute:
+                h = torch.utils.checkpoint.checkpoint(layer, h, cos, sin, masks[self._window[i]], None, input_pos,
+                                                      use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, masks[self._window[i]], cache, input_pos)
+        return self.norm(h)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits in float32 from the final hidden states (tied or own output weight, soft-cap)."""
         logits = self.output(h) if self.output is not None else F.linear(h, self.tok_embeddings.weight)
         if self.args.final_softcap is not None:
             logits = torch.tanh(logits / self.args.final_softcap) * self.args.final_softcap
@@ -409,6 +435,28 @@ class Transformer(nn.Module):
         if window is not None:
             allowed &= (q_pos - k_pos) < window
         return allowed
+
+
+IGNORE = -100   # labels skipped by the loss (ckptflow.data.IGNORE)
+
+
+def chunked_cross_entropy(head, h: torch.Tensor, labels: torch.Tensor, chunk: int | None) -> torch.Tensor:
+    """sum over tokens of cross_entropy(head(h), labels), h [N, dim], labels [N]; `chunk` tokens at a
+    time, each chunk checkpointed (its logits are recomputed in the backward pass, then freed)."""
+    if not chunk or chunk >= h.shape[0]:
+        return _ce_sum(head, h, labels)
+    total = h.new_zeros((), dtype=torch.float32)
+    for start in range(0, h.shape[0], chunk):
+        hc, lc = h[start:start + chunk], labels[start:start + chunk]
+        if torch.is_grad_enabled() and hc.requires_grad:
+            total = total + torch.utils.checkpoint.checkpoint(_ce_sum, head, hc, lc, use_reentrant=False)
+        else:
+            total = total + _ce_sum(head, hc, lc)
+    return total
+
+
+def _ce_sum(head, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(h).float(), labels, ignore_index=IGNORE, reduction="sum")
 
 
 def check_state_dict(model: nn.Module, sd: dict) -> None:

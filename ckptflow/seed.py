@@ -5,6 +5,12 @@ byte-level BPE trained with the `tokenizers` library on text shipped in the pack
 URI gives the same bytes on every machine.
 
     seed://llama?dim=64&n_layers=2&n_heads=4&n_kv_heads=2&hidden_dim=176&vocab_size=512&seed=0
+
+The tokenizer learns at most ~1k tokens from the shipped text, so `vocab_size` is a ceiling; a
+benchmark that needs a real vocabulary's embedding and output sizes gives `pad_vocab=128256`
+(embedding rows beyond the tokenizer's, as many HF models have). `rope=llama3` adds Llama 3.1/3.2
+RoPE scaling (`rope_factor`, default 32 as in Llama 3.2; low/high frequency factors 1 and 4,
+original context 8192).
 """
 from __future__ import annotations
 
@@ -22,9 +28,12 @@ log = logging.getLogger(__name__)
 CORPUS = os.path.join(os.path.dirname(__file__), "data", "seed_corpus.txt")
 SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>"]
 DEFAULTS = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 512, "seed": 0,
-            "dtype": "float32", "tie": None, "max_seq_len": 512, "rope_theta": 10000.0}
+            "dtype": "float32", "tie": None, "max_seq_len": 512, "rope_theta": 10000.0, "rope": "default",
+            "rope_factor": 32.0}
 INTS = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seed", "hidden_dim", "max_seq_len", "head_dim",
-        "n_experts", "n_active_experts", "moe_hidden_dim"}   # the last three: MoE families only
+        "n_experts", "n_active_experts", "moe_hidden_dim", "pad_vocab"}   # MoE families only: the three before pad_vocab
+FLOATS = {"rope_theta", "rope_factor"}
+ROPES = ("default", "llama3")
 
 
 def parse(uri: str) -> tuple[str, dict]:
@@ -36,9 +45,11 @@ def parse(uri: str) -> tuple[str, dict]:
         if k not in DEFAULTS and k not in INTS:
             raise CkptError(f"{uri}: unknown seed option {k!r} (known: {', '.join(sorted(set(DEFAULTS) | INTS))})")
         try:
-            opts[k] = int(v) if k in INTS else float(v) if k == "rope_theta" else v
+            opts[k] = int(v) if k in INTS else float(v) if k in FLOATS else v
         except ValueError:
             raise CkptError(f"{uri}: option {k}={v!r} is not a number") from None
+    if opts["rope"] not in ROPES:
+        raise CkptError(f"{uri}: rope={opts['rope']!r} is not one of {', '.join(ROPES)}")
     families.get(parts.netloc)
     return parts.netloc, opts
 
@@ -58,7 +69,15 @@ def model_args(family_name: str, o: dict) -> ModelArgs:
         kw.update(over)
     if o["tie"] is not None:
         kw["tie_embeddings"] = o["tie"] in ("1", "true", "True")
+    if o.get("rope", "default") == "llama3":
+        kw["rope_scaling"] = {"rope_type": "llama3", "factor": o.get("rope_factor", 32.0), "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     return ModelArgs(**kw)
+
+
+def model_vocab(o: dict, tokens: int) -> int:
+    """The embedding rows: the tokenizer's size, or pad_vocab when that is larger."""
+    return max(tokens, o.get("pad_vocab") or 0)
 
 
 def _ffn(dim: int) -> int:
@@ -120,7 +139,7 @@ def describe(uri: str):
 
     family_name, o = parse(uri)
     _, vocab = tokenizer_files(o["vocab_size"])
-    args = model_args(family_name, dict(o, vocab_size=vocab))
+    args = model_args(family_name, dict(o, vocab_size=model_vocab(o, vocab)))
     return Detection("hf", uri, family_name, o["dtype"], args.num_params(), list(FILES),
                      {"seed": "generated on download (ckptflow download SOURCE DST); nothing is stored at this URI",
                       "model_args": args.to_dict()})
@@ -134,7 +153,7 @@ def write(uri: str, out) -> "object":
     family_name, o = parse(uri)
     fam = families.get(family_name)
     tok_files, vocab = tokenizer_files(o["vocab_size"])
-    o["vocab_size"] = vocab
+    o["vocab_size"] = model_vocab(o, vocab)
     args = model_args(family_name, o)
     from ckptflow.families import _fused
 

@@ -151,6 +151,15 @@ def lora_config(cfg):
     return LoraConfig.from_dict(cfg.train.lora.model_dump())
 
 
+def apply_knobs(model, tcfg) -> None:
+    """train.activation_checkpointing and train.compile (per decoder layer, in place: the module
+    names and the state dict stay as they are, so checkpoints do not change)."""
+    model.checkpoint_layers = tcfg.activation_checkpointing
+    if tcfg.compile:
+        for layer in model.layers:
+            layer.compile()
+
+
 def build_model(base_uri: str, lora_cfg, *, device, seed: int, full_sd: dict | None = None):
     """The model in train mode: float32 trainable weights; a LoRA base keeps its dtype on CUDA."""
     import torch
@@ -223,6 +232,7 @@ class Trainer:
         self.lora = lora_config(cfg)
         self.on_metrics = on_metrics
         self.model = self._build_model(full_sd)
+        apply_knobs(self.model, tc)
         groups, self.names = param_groups(self.model, tc.weight_decay)
         self.optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
         self.teacher = load_teacher(tc.distill.teacher, self.model.args, self.device) if tc.distill.teacher else None
@@ -283,10 +293,7 @@ class Trainer:
         total, aux_total = 0.0, None
         for tokens, labels in micro:
             tokens, labels = self._to_device(tokens), self._to_device(labels)
-            with torch.autocast(device_type=self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                logits = self.model(tokens)
-                teacher = self._teacher_logits(tokens)
-            loss = self._loss_sum(logits, labels, teacher) / targets
+            loss = self._forward_loss(tokens, labels) / targets
             total += float(loss.detach())
             aux = model_aux_loss(self.model)
             if aux is not None:     # MoE: + coef * router load-balancing loss, as transformers adds it
@@ -307,6 +314,17 @@ class Trainer:
         if aux_total is not None:
             row["aux_loss"] = self._all_sum(aux_total) / self.world
         return row
+
+    def _forward_loss(self, tokens, labels):
+        """The micro-batch's summed loss; train.loss_chunk: the model computes it chunk by chunk."""
+        import torch
+
+        with torch.autocast(device_type=self.device.type, dtype=self.amp, enabled=self.amp is not None):
+            if self.cfg.train.loss_chunk:
+                return self.model(tokens, labels=labels, loss_chunk=self.cfg.train.loss_chunk)
+            logits = self.model(tokens)
+            teacher = self._teacher_logits(tokens)
+        return self._loss_sum(logits, labels, teacher)
 
     def _teacher_logits(self, tokens):
         if self.teacher is None:
