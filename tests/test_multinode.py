@@ -217,3 +217,15 @@ def test_the_readme_multi_node_section_fits_together():
     assert "--node-rank $((JOB_COMPLETION_INDEX + 1))" in job["spec"]["template"]["spec"]["containers"][0]["command"][-1]
     template = json.loads(open(os.path.join(ROOT, "deployments", "k8s-gpu-job-template.json")).read())
     assert template["job_configuration"]["job_manifest"]["spec"]["template"]["metadata"]["labels"] == "{{ labels }}"
+
+
+def test_the_train_task_keys_node_0_like_a_one_node_run_and_other_nodes_apart(tmp_path):
+    import inspect
+
+    from tasks.train import _train_params, train
+
+    assert inspect.signature(train.fn).parameters["node_rank"].default == 0
+    cfg = config.validate(run_dict(tmp_path, "r", nnodes=2, rdzv_endpoint="127.0.0.1:1"))
+    one = _train_params({"config": cfg, "base_uri": "b"})
+    assert _train_params({"config": cfg, "base_uri": "b", "node_rank": 0}) == one
+    assert _train_params({"config": cfg, "base_uri": "b", "node_rank": 1}) == {**one, "node_rank": 1}
