@@ -47,11 +47,12 @@ def test_one_node_is_standalone_several_use_c10d_hosted_by_node_0(monkeypatch):
     assert args[:5] == ["--nnodes=2", "--node-rank=1", "--rdzv-backend=c10d", "--rdzv-endpoint=trainer-0:29400",
                         "--rdzv-id=my-run"]
     conf = "join_timeout=3600,read_timeout=3600"      # node 0 may be downloading the base meanwhile
-    assert f"--rdzv-conf=is_host=0,{conf}" in args and f"--rdzv-conf=is_host=1,{conf}" in rendezvous_args(2, 0, "h:1", "r")
+    assert f"--rdzv-conf=is_host=0,{conf}" in args
+    assert f"--rdzv-conf=is_host=1,{conf}" in rendezvous_args(2, 0, "h:1", "r")
     assert not [a for a in args if a.startswith("--local-addr")]
     monkeypatch.delenv("PET_LOCAL_ADDR")
     assert rendezvous_args(2, 0, "127.0.0.1:29400", "r")[-1] == "--local-addr=127.0.0.1"   # the route to node 0
-    cmd = torchrun_command(1, "/tmp/c.json", "/base", 0, nnodes=2, node_rank=0, endpoint="h:1", run_id="r")
+    cmd = torchrun_command(1, "/tmp/c.json", "/base", 0, nnodes=2, node_rank=0, endpoint="127.0.0.1:1", run_id="r")
     assert "--standalone" not in cmd and cmd[-4:] == ["ckptflow.distributed", "/tmp/c.json", "/base", "0"]
 
 
@@ -214,7 +215,8 @@ def test_the_readme_multi_node_section_fits_together():
     service, job = yaml.safe_load_all(blocks[2])
     assert service["spec"]["selector"].items() <= deployment["work_pool"]["job_variables"]["labels"].items()
     assert service["spec"]["ports"][0]["port"] == 29400
-    assert "--node-rank $((JOB_COMPLETION_INDEX + 1))" in job["spec"]["template"]["spec"]["containers"][0]["command"][-1]
+    command = job["spec"]["template"]["spec"]["containers"][0]["command"][-1]
+    assert "ckptflow train /config/big-run.yaml --node-rank $((JOB_COMPLETION_INDEX + 1))" in command
     template = json.loads(open(os.path.join(ROOT, "deployments", "k8s-gpu-job-template.json")).read())
     assert template["job_configuration"]["job_manifest"]["spec"]["template"]["metadata"]["labels"] == "{{ labels }}"
 
