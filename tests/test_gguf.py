@@ -378,3 +378,25 @@ def test_gemma3_linear_rope_on_full_layers_exports(tmp_path):
     c_ids, c_logits, c_gen = cpp_side(export_gguf(src, str(tmp_path / "f32"), "f32"))
     diff = float(np.abs(c_logits - logits).max())
     assert c_ids == ids and diff < 5e-3 and c_gen == gen, f"gemma3 linear RoPE: max logit diff {diff}"
+
+
+def test_a_phi3_name_over_a_vocabulary_without_phi3_tokens_loads(tmp_path):
+    """llama.cpp looks up "<unk>", "<s>", "</s>", "<|endoftext|>" for any model whose general.name
+    says phi3 and fails to load the file without them (Phi-4-mini's vocabulary, a custom one): a run
+    or directory called "my-phi3-run" must not make the export unloadable."""
+    from gguf import GGUFReader
+
+    tj = train_tokenizer("gpt2")
+    src = str(tmp_path / "my-phi3-run")
+    m = hfmodels.model("phi3", vocab_size=len(tj["model"]["vocab"]), initializer_range=0.08, sliding_window=None)
+    m.save_pretrained(src)
+    with open(os.path.join(src, "tokenizer.json"), "w") as f:
+        json.dump(tj, f)
+    with open(os.path.join(src, "tokenizer_config.json"), "w") as f:
+        json.dump(tokenizer_config("gpt2"), f)
+    path = export_gguf(src, str(tmp_path / "f32"), "f32")
+    field = GGUFReader(path).fields["general.name"]
+    assert bytes(field.parts[field.data[0]]).decode() == "my-phi_3-run"
+    ids, logits, _ = hf_side(src)
+    c_ids, c_logits, _ = cpp_side(path)
+    assert c_ids == ids and float(np.abs(c_logits - logits).max()) < 5e-3

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 
 from ckptflow import families, storage
@@ -307,7 +308,22 @@ def prepare(view, dtype: str | None) -> Prepared:
     if not hasattr(view.family, "GGUF_ARCH"):
         raise CkptError(f"{view.uri}: family {view.family.NAME!r} has no GGUF table yet")
     dtype = dtype_name(dtype, view)
-    return Prepared(dtype, plan(view, dtype), gguf_vocab.read(view), hparams(view, model_name(view), dtype))
+    vocab = gguf_vocab.read(view)
+    return Prepared(dtype, plan(view, dtype), vocab, hparams(view, loadable_name(model_name(view), view, vocab), dtype))
+
+
+# llama.cpp sets attributes of these tokens (token_to_id.at: it fails to load the file without
+# them) for any model whose general.name contains "phi3" or "phi-3", whatever its architecture
+PHI3_NAME_TOKENS = ("<unk>", "<s>", "</s>", "<|endoftext|>")
+
+
+def loadable_name(name: str, view, vocab) -> str:
+    """The name as is, unless it would make llama.cpp refuse the file: a "phi3" in a run or directory
+    name over a vocabulary without Phi-3's special tokens (e.g. Phi-4-mini's) becomes "phi_3"."""
+    have = set(vocab.tokens)
+    if all(t in have for t in PHI3_NAME_TOKENS):
+        return name
+    return re.sub("phi-?3", "phi_3", name, flags=re.IGNORECASE)
 
 
 def write_view(view, out, *, dtype: str | None = None, out_dtype: str | None = None, max_shard=None,
