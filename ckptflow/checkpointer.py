@@ -11,6 +11,11 @@ background thread that writes `step-000050/` through commit.Output: files hashed
 ckptflow.json last. Training goes on during the write. With async off the same write happens
 in the caller. Retention runs after each commit and only ever deletes steps older than the one
 just committed, so a crash at any moment leaves the newest committed step intact.
+
+The writer runs at the training thread's priority. It once ran at nice 10 to yield the CPU,
+but training waits for it at the next save anyway: on a busy CPU host the starved writer (and
+the hasher threads it starts) wrote at a third of the synchronous speed and async saves cost
+more than synchronous ones (bench/checkpoint.py, issue 16).
 """
 from __future__ import annotations
 
@@ -243,8 +248,6 @@ class Checkpointer:
 
     def _write(self, uri: str, step: int, snap: dict, bodies: dict, m: Manifest, rec: dict) -> Manifest:
         t0 = time.perf_counter()
-        if self._pool is not None:
-            _lower_priority()
         clear_our_leftovers(uri, set(snap) | set(bodies))
         with Output(uri, overwrite=True) as out:   # a same-numbered step of an abandoned branch is replaced
             for name, sd in snap.items():
@@ -260,13 +263,26 @@ class Checkpointer:
             self.on_commit(committed)
         return committed
 
-    def record(self, step: int, m: Manifest | None, rec: dict) -> None:
-        """A save made elsewhere (every rank writing DCP shards) counts for cadence and `last`."""
+    def submit(self, step: int, finish, rec: dict) -> None:
+        """A save made elsewhere (every rank writing DCP shards): `finish()` waits for its write
+        and commits it (returning the manifest, or None on ranks that do not commit). It runs in
+        the background thread when saves are asynchronous, else here; the caller has waited for
+        the previous save (`wait`) before starting this one. It counts for cadence and `last`."""
         self.stats.append(rec)
         self.saved_steps.add(step)
         self._last_save = time.monotonic()
+        if self._pool is not None:
+            self._future = self._pool.submit(self._finish, finish, rec)
+        else:
+            self._finish(finish, rec)
+
+    def _finish(self, finish, rec: dict) -> Manifest | None:
+        t0 = time.perf_counter()
+        m = finish()
+        rec["write_s"] = time.perf_counter() - t0 + rec.get("write_s", 0.0)
         if m is not None:
             self.last = m
+        return m
 
 
 def clear_our_leftovers(uri: str, ours: set[str]) -> None:
@@ -287,20 +303,6 @@ def retain(train_uri: str, cfg, newest: int) -> None:
     for s in plan_retention(list(steps), newest, keep_last=cfg.keep_last, keep_every=cfg.keep_every, pin=cfg.pin):
         log.info("%s: deleted by retention (keep_last=%s)", steps[s], cfg.keep_last)
         delete_step(steps[s])
-
-
-def _lower_priority() -> None:
-    """The writer thread (and the hasher threads it starts, which inherit it) yields the CPU to
-    training: on a busy host a save then takes longer instead of slowing every step."""
-    import os
-    import threading
-
-    try:
-        tid = threading.get_native_id()
-        if os.getpriority(os.PRIO_PROCESS, tid) < 10:
-            os.setpriority(os.PRIO_PROCESS, tid, 10)
-    except (AttributeError, OSError):   # not Linux, or not allowed: keep the default priority
-        pass
 
 
 def _to_cpu(tensors: dict[str, dict]) -> dict[str, dict]:

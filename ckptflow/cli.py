@@ -220,6 +220,7 @@ def train(config: str = typer.Argument(..., help="run config YAML (any fsspec UR
           overrides: Optional[list[str]] = typer.Argument(None, help="dotted KEY=VALUE overrides, e.g. train.steps=100"),
           stop_after: Optional[int] = typer.Option(None, "--stop-after", help="stop (with a checkpoint) at this step"),
           wait: bool = typer.Option(False, "--wait", help="when another process is writing the run, wait for it"),
+          node_rank: int = typer.Option(0, "--node-rank", help="this machine's rank, 0..train.nnodes-1 (several nodes)"),
           as_json: bool = JSON):
     """Train (full or LoRA) with step checkpoints; resumes from the newest committed step."""
     from ckptflow import config as cfg_mod
@@ -227,7 +228,7 @@ def train(config: str = typer.Argument(..., help="run config YAML (any fsspec UR
 
     cfg = cfg_mod.load_config(config, overrides or [])
     m = stage.run(cfg, stop_after=stop_after, on_metrics=_train_progress(cfg.train.steps),
-                  wait=wait_s(wait))
+                  wait=wait_s(wait), node_rank=node_rank)
     s = manifest_summary(m)
     emit(s, as_json, f"{m.uri}: step {m.step} ({cfg.train.method}), {s['num_files']} files, {s['size_bytes']} bytes")
 

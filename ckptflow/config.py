@@ -14,7 +14,7 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
 from ckptflow import credentials, storage
 from ckptflow.errors import CkptError
@@ -85,6 +85,8 @@ class TrainConfig(_Strict):
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
     packed: bool = Field(False, description="pack examples into full rows instead of padding each one")
     nproc_per_node: int = Field(1, ge=1, description="processes; >1 launches torchrun with FSDP2 and DCP checkpoints")
+    nnodes: int = Field(1, ge=1, description="machines; >1: `ckptflow train CONFIG --node-rank R` on each (c10d rendezvous)")
+    rdzv_endpoint: str | None = Field(None, description="HOST:PORT of node 0's rendezvous; needed when nnodes > 1")
     device: str = Field("auto", description="auto (cuda when present), cpu, cuda, cuda:N")
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto: bf16 autocast on CUDA, float32 on CPU")
     eval_every: int | None = Field(None, ge=1, description="held-out loss every N steps; default: at each checkpoint")
@@ -105,6 +107,22 @@ class TrainConfig(_Strict):
         if v is not None and distill is not None and distill.teacher is not None:
             raise ValueError("not supported with train.distill.teacher (distillation needs both models' full logits)")
         return v
+
+    @field_validator("rdzv_endpoint")
+    @classmethod
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("expected HOST:PORT (node 0's address and a free port, e.g. trainer-0:29400)")
+        return v
+
+    @model_validator(mode="after")
+    def _rendezvous(self):
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"nnodes: {self.nnodes} needs train.rdzv_endpoint (HOST:PORT of node 0's rendezvous)")
+        return self
 
 
 class CheckpointConfig(_Strict):

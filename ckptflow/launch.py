@@ -9,6 +9,16 @@ what a Prefect task started when its flow run is cancelled or crashes (docs/desi
 finetune flow's on_cancellation / on_crashed hooks (tasks.launch.kill_hook) call kill_all() for
 every group still registered here, as a backstop for a flow process that is being torn down.
 Each rank runs ckptflow.distributed (its `main`).
+
+Several nodes (train.nnodes: N, train.rdzv_endpoint: HOST:PORT): `ckptflow train CONFIG
+--node-rank R` on each machine runs torchrun with the c10d rendezvous (--nnodes N --node-rank R
+--rdzv-backend c10d --rdzv-endpoint HOST:PORT --rdzv-id RUN_ID) instead of --standalone. Node 0
+hosts the rendezvous store (is_host=1: HOST may be a Service in front of it, not its host name);
+the others only connect, waiting up to RDZV_TIMEOUT for it (node 0 may first be downloading and
+converting the base, which its ranks then hand to the other nodes' ranks). torchrun numbers the
+processes in the order the rendezvous sorts the nodes, not by --node-rank, so every rank is told
+its node's rank (NODE_RANK_ENV) and the rank with node rank 0 and local rank 0 commits
+(ckptflow.distributed): it is the one whose launcher holds the run's writer lease.
 """
 from __future__ import annotations
 
@@ -28,13 +38,16 @@ from ckptflow.manifest import Manifest
 log = logging.getLogger(__name__)
 
 GRACE_SECONDS = 10.0
+NODE_RANK_ENV = "CKPTFLOW_NODE_RANK"   # the --node-rank of the launcher that started a rank
+RDZV_TIMEOUT = 3600   # s: nodes wait this long for each other (node 0 may be downloading the base)
 _PROCS: dict = {}   # process group id -> Popen of the launches alive in this process
 
 
 def torchrun(cfg, base_uri: str, *, stop_after: int | None = None, on_metrics=None,
-             poll_seconds: float = 2.0) -> Manifest:
-    """Train in cfg.train.nproc_per_node processes and wait; every new metrics row goes to
-    on_metrics(row) while they run. Returns the newest step checkpoint."""
+             poll_seconds: float = 2.0, node_rank: int = 0) -> Manifest:
+    """Train in cfg.train.nproc_per_node processes (on each of cfg.train.nnodes machines, this
+    one being `node_rank`) and wait; every new metrics row goes to on_metrics(row) while they
+    run. Returns the newest step checkpoint."""
     from ckptflow import checkpointer
     from ckptflow.trainer import read_metrics
 
@@ -51,13 +64,16 @@ def torchrun(cfg, base_uri: str, *, stop_after: int | None = None, on_metrics=No
     fd, path = tempfile.mkstemp(prefix="ckptflow-run-", suffix=".json")   # 0600: may hold storage_options
     with os.fdopen(fd, "w") as f:
         json.dump(config.to_dict(cfg, credentials=True), f)
-    nproc = cfg.train.nproc_per_node
+    nproc, tc = cfg.train.nproc_per_node, cfg.train
+    cmd = torchrun_command(nproc, path, base_uri, stop_after or 0, nnodes=tc.nnodes, node_rank=node_rank,
+                           endpoint=tc.rdzv_endpoint, run_id=cfg.run_id)
     try:
-        code = run(torchrun_command(nproc, path, base_uri, stop_after or 0), poll=poll, poll_seconds=poll_seconds)
+        code = run(cmd, poll=poll, poll_seconds=poll_seconds, env={**os.environ, NODE_RANK_ENV: str(node_rank)})
     finally:
         os.unlink(path)
     if code != 0:
-        raise RuntimeError(f"torchrun with {nproc} processes exited with status {code}; "
+        where = f" on node {node_rank} of {tc.nnodes}" if tc.nnodes > 1 else ""
+        raise RuntimeError(f"torchrun with {nproc} processes{where} exited with status {code}; "
                            "a retry resumes from the newest step")
     until = min(stop_after or cfg.train.steps, cfg.train.steps)
     m = checkpointer.latest(train_uri, verify=False)
@@ -66,10 +82,20 @@ def torchrun(cfg, base_uri: str, *, stop_after: int | None = None, on_metrics=No
     return m
 
 
-def torchrun_command(nproc: int, config_json: str, base_uri: str, stop_after: int = 0) -> list[str]:
+def torchrun_command(nproc: int, config_json: str, base_uri: str, stop_after: int = 0, *, nnodes: int = 1,
+                     node_rank: int = 0, endpoint: str | None = None, run_id: str = "ckptflow") -> list[str]:
     """The ranks torchrun starts: ckptflow.distributed's main CONFIG.json BASE STOP_AFTER."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "ckptflow.distributed", config_json, base_uri, str(stop_after)]
+    return [sys.executable, "-m", "torch.distributed.run", *rendezvous_args(nnodes, node_rank, endpoint, run_id),
+            f"--nproc_per_node={nproc}", "-m", "ckptflow.distributed", config_json, base_uri, str(stop_after)]
+
+
+def rendezvous_args(nnodes: int, node_rank: int, endpoint: str | None, run_id: str) -> list[str]:
+    """--standalone on one node; the c10d rendezvous at `endpoint`, hosted by node 0, on several."""
+    if nnodes == 1:
+        return ["--standalone"]
+    return [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
+            f"--rdzv-id={run_id}", f"--rdzv-conf=is_host={int(node_rank == 0)},join_timeout={RDZV_TIMEOUT},"
+            f"read_timeout={RDZV_TIMEOUT}", "--max-restarts=0"]
 
 
 def run(cmd: list[str], *, poll, poll_seconds: float = 2.0, env: dict | None = None) -> int:

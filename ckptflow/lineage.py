@@ -28,12 +28,13 @@ def dtype_code(dtype: str | None) -> str | None:
 
 def source_ref(view) -> dict:
     """How an output names its input view: the manifest fingerprint, or for a foreign directory a
-    fingerprint of its file names and sizes (cheap, and changes when any file is replaced)."""
+    fingerprint of its file names, sizes and modification stamps (no data read; two models of the
+    same shape, or a file rewritten in place, differ by their stamps)."""
     if view.manifest is not None:
         return manifest.input_ref(view.manifest)
     h = hashlib.sha256()
     for name in storage.list_files(view.uri):
-        h.update(f"{name}\0{storage.size(storage.join(view.uri, name))}\n".encode())
+        h.update(f"{name}\0{storage.stamp(storage.join(view.uri, name))}\n".encode())
     return {"uri": view.uri, "fingerprint": "files:" + h.hexdigest()}
 
 

@@ -167,6 +167,19 @@ def size(uri: str) -> int:
         raise CkptError(f"{uri}: no such file") from e
 
 
+def stamp(uri: str) -> str:
+    """What changes when a file is rewritten in place, without reading it: size and modification
+    time locally (ns), size and ETag (or last-modified) on object stores. Equal stamps mean "same
+    file, untouched"; a copy gets another stamp, which only costs a re-conversion."""
+    got = info(uri)
+    if got is None:
+        raise CkptError(f"{uri}: no such file")
+    if is_local(uri):
+        return f"{got.get('size')}:{os.stat(local_path(uri)).st_mtime_ns}"
+    tag = got.get("ETag") or got.get("etag") or got.get("LastModified") or got.get("mtime") or ""
+    return f"{got.get('size')}:{tag}"
+
+
 def listdir(uri: str) -> list[str]:
     """Names (not paths) directly under `uri`; [] when it does not exist."""
     fs, path = _fresh(uri)

@@ -28,17 +28,17 @@ LOG_LINES = 20         # loss lines per training, besides one per eval and per c
 def _train_params(params: dict) -> dict:
     cfg = config_mod.to_dict(params["config"])
     cfg.pop("export"), cfg.pop("eval"), cfg.pop("storage_options")
-    return {"config": cfg, "base_uri": params["base_uri"]}
+    return {"config": cfg, "base_uri": params["base_uri"], "node_rank": params.get("node_rank", 0)}
 
 
 @task(name="train", cache_key_fn=common.stage_key("base_uri", view=_train_params), result_serializer="json",
       **common.retry_options())
-def train(config: RunConfig, base_uri: str) -> dict:
+def train(config: RunConfig, base_uri: str, node_rank: int = 0) -> dict:
     from ckptflow.stages import train as stage
 
     watch = Watch(config)
     with gpu_slot(watch.logger), watch:
-        m = stage.run(config, base_uri, on_metrics=watch.metrics)
+        m = stage.run(config, base_uri, on_metrics=watch.metrics, node_rank=node_rank)
     return common.record(m)
 
 

@@ -49,6 +49,24 @@ def test_a_different_input_is_named(tmp_path, src, capsys):
     assert rc == 2 and err.count("\n") == 1 and f"made from source {src} (" in err and f"not {other} (" in err, err
 
 
+def test_a_model_of_the_same_shape_in_the_same_place_is_not_taken_for_the_first(tmp_path, capsys):
+    """A foreign source is fingerprinted without reading its data: names, sizes and modification
+    stamps. Another model of the same shape saved over the first must not be answered with the
+    first one's conversion."""
+    import time
+
+    path = str(tmp_path / "src")
+    hfmodels.save("llama", path, seed=1)
+    dst = tmp_path / "dst"
+    assert ckptflow(capsys, "convert", path, dst) == (0, "")
+    time.sleep(0.01)
+    hfmodels.save("llama", path, seed=2)                               # same names, same sizes
+    rc, err = ckptflow(capsys, "convert", path, dst)
+    assert rc == 2 and "--overwrite" in err, err
+    assert ckptflow(capsys, "convert", path, dst, "--overwrite") == (0, "")
+    assert manifest.verify(str(dst)) == []
+
+
 @pytest.mark.parametrize("verb", ["export", "merge", "evaluate"])
 def test_other_stages_refuse_to_replace_what_another_stage_committed(tmp_path, src, capsys, verb):
     tune = str(tmp_path / "tune")

@@ -48,6 +48,7 @@ def one_rank(tmp_path):
     """A torch.distributed group of one process (gloo), as torchrun would give rank 0."""
     import torch.distributed as dist
 
+    tmp_path.mkdir(parents=True, exist_ok=True)
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
         yield
@@ -168,3 +169,96 @@ def test_a_dcp_step_missing_a_shard_is_one_clear_error(tmp_path, full_run):
     with pytest.raises(CkptError, match=r"step-000002/__0_0.distcp: missing"):
         export.run(step, str(tmp_path / "hf"), format="hf")
     assert not os.path.exists(tmp_path / "hf")
+
+
+def _dcp_state(step_uri: str, trainable: dict) -> dict:
+    weights, optim = checkpointer.read_dcp_step(step_uri, trainable, with_optimizer=True)
+    return {**{f"model.{k}": v for k, v in weights.items()}, **{f"optimizer.{k}": v for k, v in optim.items()}}
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_async_dcp_saves_resume_bit_exactly(tmp_path, base, method, monkeypatch):
+    """checkpoint.async: DCP stages the shards and writes them in a thread (collectives on a gloo
+    group of their own); stopping at step 2 and resuming gives step 4 bit for bit."""
+    from ckptflow.distributed import DistTrainer
+    from ckptflow.formats import dcp
+
+    calls = []
+    real = dcp.save_state_async
+    monkeypatch.setattr(dcp, "save_state_async", lambda *a, **kw: calls.append(a[1]) or real(*a, **kw))
+
+    over = ["train.steps=4", "checkpoint.async=true", *(LORA if method == "lora" else [])]
+    whole = make_cfg(tmp_path, "whole", *over)
+    with one_rank(tmp_path / "a"):
+        m4 = stage.train_here(whole, base, trainer_cls=DistTrainer)
+    assert (m4.format, m4.step) == ("dcp", 4) and manifest.verify(m4.uri) == []
+    assert [os.path.basename(u) for u in calls] == ["step-000002", "step-000004"]
+    assert manifest.verify(os.path.join(config.run_dir(whole), "train", "step-000002")) == []
+
+    parts = make_cfg(tmp_path, "parts", *over)
+    with one_rank(tmp_path / "b"):
+        assert stage.train_here(parts, base, stop_after=2, trainer_cls=DistTrainer).step == 2
+    with one_rank(tmp_path / "c"):
+        r4 = stage.train_here(parts, base, trainer_cls=DistTrainer)
+    assert r4.step == 4
+
+    model, _ = api.load(base)
+    if method == "lora":
+        lora.apply_lora(model, lora.LoraConfig.from_dict(m4.extra["lora"]))
+        trainable = lora.lora_state_dict(model)
+    else:
+        trainable = model.state_dict()
+    a, b = _dcp_state(m4.uri, trainable), _dcp_state(r4.uri, trainable)
+    assert a.keys() == b.keys() and len(a) > 3 * len(trainable) - 1
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    sa = storage.read_json(storage.join(m4.uri, "trainer_state.json"))
+    sb = storage.read_json(storage.join(r4.uri, "trainer_state.json"))
+    assert sa == sb
+
+
+@pytest.fixture
+def s3(s3_server, s3_bucket):
+    storage.set_options(s3_bucket, s3_server.storage_options)
+    yield s3_bucket
+    storage.set_options(s3_bucket, None)
+
+
+def test_dcp_steps_go_straight_to_s3_and_commit_last(tmp_path, base, s3, full_run, monkeypatch):
+    """Every rank's shards and .metadata are uploaded through ckptflow.storage (no local copy),
+    hashed as written, and ckptflow.json is the last object of the step; the step reads back
+    (export) and equals the same run saved locally, bit for bit."""
+    from ckptflow.distributed import DistTrainer
+
+    writes = []
+    real_writer, real_put = storage.HashingWriter.__init__, storage.put_atomic
+
+    def hashing_writer(self, uri):
+        writes.append(uri)
+        real_writer(self, uri)
+
+    def put_atomic(uri, data, **kw):
+        writes.append(uri)
+        return real_put(uri, data, **kw)
+    monkeypatch.setattr(storage.HashingWriter, "__init__", hashing_writer)
+    monkeypatch.setattr(storage, "put_atomic", put_atomic)
+
+    cfg = make_cfg(f"{s3}/runs", "full", "checkpoint.async=true")
+    with one_rank(tmp_path / "rank"):
+        m = stage.train_here(cfg, base, trainer_cls=DistTrainer)
+    step = f"{s3}/runs/full/train/step-000002"
+    assert (m.uri, m.format) == (step, "dcp")
+    assert manifest.verify(step) == []                               # sizes and sha256 of every object
+    assert {".metadata", "__0_0.distcp", "trainer_state.json"} <= set(m.files)
+    mine = [u[len(step) + 1:] for u in writes if u.startswith(step + "/")]
+    assert {"__0_0.distcp", ".metadata"} <= set(mine) and mine[-1] == "ckptflow.json"
+    assert not any(os.path.exists(os.path.join(tmp_path, n)) for n in ("runs", "full"))
+
+    local = os.path.join(full_run, "train", "step-000002")
+    model, _ = api.load(base)
+    a, b = _dcp_state(step, model.state_dict()), _dcp_state(local, model.state_dict())
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    export.run(f"{s3}/runs/full", str(tmp_path / "hf"), format="hf")
+    x = tokens()
+    torch.testing.assert_close(hf_logits(str(tmp_path / "hf"), x), own_model(base, local)(x).detach(), atol=1e-5, rtol=0)

@@ -85,3 +85,23 @@ def _exports_match(tmp_path, base, two, one, method):
         pm = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(src),
                                             str(tmp_path / "two-peft"))
         torch.testing.assert_close(logits(pm), got, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_two_process_async_saves_resume_bit_exactly(base, tmp_path):
+    """checkpoint.async (the default): stopped at step 2 and resumed, 2 processes reach the same
+    step 4 as without the stop, bit for bit (weights, AdamW state, trainer state)."""
+    whole = stage.run(make_cfg(tmp_path, "whole", "train.nproc_per_node=2", "checkpoint.async=true"), base)
+    parts = make_cfg(tmp_path, "parts", "train.nproc_per_node=2", "checkpoint.async=true")
+    assert stage.run(parts, base, stop_after=2).step == 2
+    again = stage.run(parts, base)
+    assert (whole.step, again.step) == (4, 4)
+    single = read_tensors(stage.run(make_cfg(tmp_path, "ref", "train.steps=1"), base).uri, "model.safetensors")
+    a, oa = read_dcp_step(whole.uri, single, with_optimizer=True)
+    b, ob = read_dcp_step(again.uri, single, with_optimizer=True)
+    for k in single:
+        assert torch.equal(a[k], b[k]), k
+    for k in oa:
+        assert torch.equal(oa[k], ob[k]), k
+    sa, sb = (json.loads(storage.read_text(storage.join(m.uri, "trainer_state.json"))) for m in (whole, again))
+    assert sa == sb

@@ -360,3 +360,21 @@ def test_what_llama_cpp_cannot_compute_is_refused_before_writing(tmp_path):
     with pytest.raises(CkptError, match="query_pre_attn_scalar 24"):
         export.run(src, str(tmp_path / "out"), format="gguf")
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_gemma3_linear_rope_on_full_layers_exports(tmp_path):
+    """Gemma 3 4B/12B/27B scale the full layers' RoPE linearly (factor 8); llama.cpp applies
+    rope.scaling.* to those layers only, as transformers does, so it is exported, not refused."""
+    tj = train_tokenizer("gpt2")
+    src = str(tmp_path / "g3")
+    m = hfmodels.model("gemma3_text", vocab_size=len(tj["model"]["vocab"]), query_pre_attn_scalar=16,
+                       initializer_range=0.08, rope_parameters=hfmodels.GEMMA3_ROPE)   # full: linear, factor 8
+    m.save_pretrained(src)
+    with open(os.path.join(src, "tokenizer.json"), "w") as f:
+        json.dump(tj, f)
+    with open(os.path.join(src, "tokenizer_config.json"), "w") as f:
+        json.dump(tokenizer_config("gpt2"), f)
+    ids, logits, gen = hf_side(src)
+    c_ids, c_logits, c_gen = cpp_side(export_gguf(src, str(tmp_path / "f32"), "f32"))
+    diff = float(np.abs(c_logits - logits).max())
+    assert c_ids == ids and diff < 5e-3 and c_gen == gen, f"gemma3 linear RoPE: max logit diff {diff}"

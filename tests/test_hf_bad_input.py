@@ -205,3 +205,16 @@ def test_fused_rows_and_missing_experts_name_the_key(tmp_path, family):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("ckptflow: error:") and repr(needle) in lines[0], r.stderr
     assert not (dst / "ckptflow.json").exists()
+
+
+@pytest.mark.parametrize("fmt", ["hf", "gguf"])
+def test_config_against_tensors_is_refused_by_every_export(tmp_path, fmt):
+    """Not only convert to tune: an HF -> HF or HF -> GGUF export of a checkpoint whose config.json
+    disagrees with its tensors used to commit a broken output with exit 0."""
+    src = hfmodels.save("qwen3", str(tmp_path / "src"))
+    edit_config(src, hidden_size=96)
+    r = cli("export", src, str(tmp_path / "dst"), "--format", fmt)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model.safetensors: tensor '" in lines[0] and "hidden_size = 96" in lines[0], lines
+    assert not (tmp_path / "dst").exists()

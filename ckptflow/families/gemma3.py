@@ -126,8 +126,10 @@ GGUF_RULES = _gemma.GGUF_RULES
 def gguf_metadata(args: ModelArgs) -> list:
     """The sliding layers' RoPE base; llama.cpp has no attention soft-cap for gemma3."""
     _gemma.gguf_metadata(args)
-    if args.attn_softcap or args.rope_local_scaling or args.rope_scaling:
-        raise CkptError("gemma3 GGUF: attention soft-capping and RoPE scaling are not exported yet")
+    if args.attn_softcap:
+        raise CkptError("gemma3 GGUF: attn_logit_softcapping: llama.cpp has no attention soft-cap for gemma3")
+    if args.rope_local_scaling:     # llama.cpp scales only the full layers' RoPE (Gemma 3 4B+: linear 8)
+        raise CkptError("gemma3 GGUF: RoPE scaling on the sliding layers is not exported (llama.cpp has none)")
     out = _gemma2.gguf_window(args, GGUF_ARCH)
     if args.rope_local_theta is not None:
         out.append(("{arch}.rope.freq_base_swa", "f32", args.rope_local_theta))

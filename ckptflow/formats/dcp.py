@@ -18,6 +18,7 @@ under torch.distributed (DTensor shards reshard on load; docs/formats.md).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -92,16 +93,15 @@ def read_metadata(uri: str):
 
 
 def storage_reader(uri: str, md=None):
-    """A DCP StorageReader for any fsspec URI whose metadata comes from read_metadata (cached:
-    dcp.load asks for it on every call)."""
+    """A DCP StorageReader for any URI (object stores through ckptflow.storage: its retries and
+    storage options) whose metadata comes from read_metadata (cached: dcp.load asks for it on
+    every call)."""
     from torch.distributed.checkpoint import FileSystemReader
 
     if storage.is_local(uri):
         reader = FileSystemReader(storage.local_path(uri))
     else:
-        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
-
-        reader = FsspecReader(uri, **storage.options_for(uri))
+        reader = _storage_classes()[1](uri)
     md = md if md is not None else read_metadata(uri)
 
     def cached(*_, **__):
@@ -326,17 +326,146 @@ class _HashingFS:
 
 
 def storage_writer(uri: str, *, thread_count: int = 1):
-    """A DCP StorageWriter for any fsspec URI that hashes what it writes (`.fs.digests`)."""
+    """A DCP StorageWriter for any URI that hashes what it writes (`.fs.digests`). Local files
+    are written by DCP's own writer (fsynced); on object stores every file goes through
+    ckptflow.storage (spooled, uploaded whole on close, retried), so DCP shards go straight to S3."""
     from torch.distributed.checkpoint import FileSystemWriter
 
     if storage.is_local(uri):
         writer = FileSystemWriter(storage.local_path(uri), thread_count=thread_count, overwrite=True)
-    else:
-        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+        writer.fs = _HashingFS(writer.fs, writer.path)
+        return writer
+    return _storage_classes()[0](uri, thread_count)
 
-        writer = FsspecWriter(uri, thread_count=thread_count, overwrite=True, **storage.options_for(uri))
-    writer.fs = _HashingFS(writer.fs, writer.path)
-    return writer
+
+class _WriteStream:
+    """A DCP output file on an object store: storage.HashingWriter, with the tell() DCP asks for."""
+
+    def __init__(self, writer):
+        self._w, self._n, self.digest = writer, 0, None
+
+    def write(self, data) -> int:
+        n = self._w.write(data)
+        self._n += n
+        return n
+
+    def tell(self) -> int:
+        return self._n
+
+    def flush(self) -> None:
+        pass
+
+    def writable(self) -> bool:
+        return True
+
+    def close(self) -> None:          # DCP closes the stream itself, then leaves the context
+        if self.digest is None:
+            self.digest = self._w.close()
+
+
+class _ReadStream:
+    """A DCP input file on an object store (storage.open_read), with the readinto DCP's views use."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def read(self, n: int = -1) -> bytes:
+        return self._f.read(n)
+
+    def readinto(self, b) -> int:
+        data = self._f.read(len(b))
+        memoryview(b).cast("B")[:len(data)] = data
+        return len(data)
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        return self._f.seek(pos, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+
+@functools.cache
+def _storage_classes():
+    """(writer class, reader class): DCP's file system writer and reader over ckptflow.storage.
+    Built on first use so that importing this module never imports torch."""
+    from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+    from torch.distributed.checkpoint.filesystem import FileSystemBase
+
+    class StorageFS(FileSystemBase):
+        def __init__(self, root: str):
+            self.root, self.digests = storage.normalize(root), {}
+
+        def _name(self, path) -> str:
+            return str(path)[len(self.root) + 1:]
+
+        @contextmanager
+        def create_stream(self, path, mode):
+            if "w" not in mode:
+                with storage.open_read(str(path)) as f:
+                    yield _ReadStream(f)
+                return
+            with storage.HashingWriter(str(path)) as w:
+                stream = _WriteStream(w)
+                yield stream
+                stream.close()
+            self.digests[self._name(path)] = stream.digest
+
+        def concat_path(self, path, suffix):
+            return storage.join(str(path), suffix)
+
+        def init_path(self, path, **_):
+            return storage.normalize(str(path))
+
+        def rename(self, path, new_path) -> None:       # only `.metadata.tmp` -> `.metadata`
+            storage.put_atomic(str(new_path), storage.read_bytes(str(path)))
+            storage.remove(str(path))
+            if self._name(path) in self.digests:
+                self.digests[self._name(new_path)] = self.digests.pop(self._name(path))
+
+        def mkdir(self, path) -> None:
+            storage.makedirs(str(path))
+
+        @classmethod
+        def validate_checkpoint_id(cls, checkpoint_id) -> bool:
+            return "://" in str(checkpoint_id)
+
+        def exists(self, path) -> bool:
+            return storage.exists(str(path))
+
+        def rm_file(self, path) -> None:
+            storage.remove(str(path))
+
+        def ls(self, path) -> list[str]:
+            return [storage.join(str(path), n) for n in storage.listdir(str(path))]
+
+    class StorageWriter(FileSystemWriter):
+        def __init__(self, uri: str, thread_count: int = 1):
+            # sync_files off: DCP would fsync a local file; storage uploads each file whole on close
+            super().__init__(uri, sync_files=False, thread_count=thread_count, overwrite=True)
+            self.fs = StorageFS(uri)
+            self.path = self.fs.init_path(uri)
+
+        @classmethod
+        def validate_checkpoint_id(cls, checkpoint_id) -> bool:
+            return StorageFS.validate_checkpoint_id(checkpoint_id)
+
+    class StorageReader(FileSystemReader):
+        def __init__(self, uri: str):
+            super().__init__(uri)
+            self.fs = StorageFS(uri)
+            self.path = self.fs.init_path(uri)
+
+        @classmethod
+        def validate_checkpoint_id(cls, checkpoint_id) -> bool:
+            return StorageFS.validate_checkpoint_id(checkpoint_id)
+
+    return StorageWriter, StorageReader
 
 
 @contextmanager
@@ -381,14 +510,44 @@ def save_state(state_dict: dict, uri: str, *, process_group=None, thread_count: 
         digests = dcp.save_state({"model": model_sd, "optimizer": optim_sd, "step": step}, uri)
         out.files.update(digests); out.commit(manifest)     # rank 0
     """
-    import torch.distributed as dist
     import torch.distributed.checkpoint as tdcp
 
     uri = storage.normalize(uri)
     writer = storage_writer(uri, thread_count=thread_count)
     with _quiet():
         tdcp.save(state_dict, storage_writer=writer, process_group=process_group, no_dist=not _distributed())
-    digests = dict(writer.fs.digests)
+    return _gather_digests(writer.fs.digests, process_group)
+
+
+def save_state_async(state_dict: dict, uri: str, *, process_group=None, thread_count: int = 1):
+    """save_state in two halves: this returns once every tensor is copied into CPU memory (DCP's
+    staging), the files are written by a thread DCP starts; the returned `finish()` waits for
+    them and returns what save_state returns. Under torch.distributed give a gloo
+    `process_group` of its own: DCP's collectives then run in that thread beside training's.
+
+        finish = dcp.save_state_async(sd, uri, process_group=side)   # training goes on
+        out.files.update(finish()); out.commit(manifest)             # later, rank 0
+    """
+    import torch.distributed.checkpoint as tdcp
+
+    uri = storage.normalize(uri)
+    writer = storage_writer(uri, thread_count=thread_count)
+    with _quiet():
+        fut = tdcp.async_save(state_dict, storage_writer=writer, process_group=process_group,
+                              no_dist=not _distributed())
+
+    def finish() -> dict:
+        with _quiet(), _checked(uri):
+            fut.result()
+        return _gather_digests(writer.fs.digests, process_group)
+    return finish
+
+
+def _gather_digests(mine: dict, process_group) -> dict:
+    """Every rank's {file: digest} (each rank hashed the files it wrote)."""
+    import torch.distributed as dist
+
+    digests = dict(mine)
     if _distributed():
         gathered = [None] * dist.get_world_size(process_group)
         dist.all_gather_object(gathered, digests, group=process_group)

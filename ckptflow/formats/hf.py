@@ -209,11 +209,28 @@ def tune_plan(src: Source, out_dtype: str | None = None, max_shard: int | None =
             items.append(Item(tkey, it.dtype, it.shape, info=it.info, load=it.load, permute=permute, out_dtype=out_dtype))
         original_files.append({"name": f, "keys": keys, "metadata": src.metadata[f]})
         per_file.append(items)
+    _check_shapes(src, per_file)
     _check_complete(src, {it.name for items in per_file for it in items})
     plans = _tune_partition(per_file, max_shard)
     original = {"format": "hf", "weights": src.weights, "files": original_files, "index": src.index,
                 "config": src.config, "assets": src.assets}
     return plans, original
+
+
+def _check_shapes(src: Source, per_file: list[list[Item]]) -> None:
+    """A config field that disagrees with a tensor (hidden_size 96 against 64-wide tensors): one error
+    naming the file, the HF and tune keys and the field, before any format is written (GGUF, HF too)."""
+    from ckptflow.formats.tune import _blame, expected_shapes
+
+    want = expected_shapes(src.args)
+    for f, items in zip(src.files, per_file):
+        for it in items:
+            w = want.get(it.name)
+            if w is not None and list(it.shape) != w:
+                fused = _fused.fused_key(src.family, it.name)
+                hf_key = fused[0] if fused else families.tune_key_to_hf(src.family, it.name)[0]
+                raise CkptError(f"{storage.join(src.uri, f)}: tensor {hf_key!r} ({it.name!r}) has shape "
+                                f"{list(it.shape)} but the config implies {w}{_blame(src.args, w, list(it.shape))}")
 
 
 def _check_complete(src: Source, have: set[str]) -> None:

@@ -31,7 +31,7 @@ def prepare_base(cfg: config.RunConfig) -> str:
 
 
 def run(cfg: config.RunConfig, base_uri: str | None = None, *, stop_after: int | None = None,
-        on_metrics=None, wait: float = 0.0) -> Manifest:
+        on_metrics=None, wait: float = 0.0, node_rank: int = 0) -> Manifest:
     """Train to train.steps (or to step `stop_after`); returns the last step checkpoint's manifest.
 
     `on_metrics(row)` receives every metrics row: step, loss, eval_loss, lr, tokens_per_s, checkpoint.
@@ -41,13 +41,35 @@ def run(cfg: config.RunConfig, base_uri: str | None = None, *, stop_after: int |
     from ckptflow import lease
 
     config.apply_storage_options(cfg)
+    check_node_rank(cfg, node_rank)
+    if node_rank > 0:
+        return join(cfg, base_uri, node_rank, stop_after=stop_after, on_metrics=on_metrics)
     with lease.hold(config.run_dir(cfg), owner=lease.default_owner(), wait=wait):
         base_uri = storage.normalize(base_uri) if base_uri else prepare_base(cfg)
-        if cfg.train.nproc_per_node > 1:    # torchrun, its ranks in their own process group
+        if cfg.train.nproc_per_node > 1 or cfg.train.nnodes > 1:   # torchrun, ranks in their own process group
             from ckptflow import launch
 
             return launch.torchrun(cfg, base_uri, stop_after=stop_after, on_metrics=on_metrics)
         return train_here(cfg, base_uri, stop_after=stop_after, on_metrics=on_metrics)
+
+
+def check_node_rank(cfg: config.RunConfig, node_rank: int) -> None:
+    if not 0 <= node_rank < cfg.train.nnodes:
+        raise CkptError(f"--node-rank {node_rank}: the run config has train.nnodes: {cfg.train.nnodes}, "
+                        f"so node ranks go from 0 to {cfg.train.nnodes - 1}")
+
+
+def join(cfg: config.RunConfig, base_uri: str | None, node_rank: int, *, stop_after: int | None = None,
+         on_metrics=None) -> Manifest:
+    """Node `node_rank` > 0 of a several-node run. Node 0's launcher holds the run's writer lease
+    and prepares the base; this node takes no lease (it would be refused as a second writer).
+    Its torchrun waits at node 0's rendezvous; its ranks then take the base from node 0's and
+    write only their DCP shard files into the step directories node 0's committing rank claims
+    (ckptflow.distributed)."""
+    from ckptflow import launch
+
+    base_uri = storage.normalize(base_uri) if base_uri else storage.join(config.run_dir(cfg), "base")
+    return launch.torchrun(cfg, base_uri, stop_after=stop_after, on_metrics=on_metrics, node_rank=node_rank)
 
 
 def train_here(cfg: config.RunConfig, base_uri: str, *, stop_after: int | None = None, on_metrics=None,
