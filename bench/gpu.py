@@ -160,6 +160,15 @@ def make_model(a, root: str) -> tuple[str, str]:
 
 # ---- ckptflow ---------------------------------------------------------------------------------
 
+def training_data(a, root: str) -> str:
+    """The demo corpus (~8k tokens) repeated until an epoch holds several full batches."""
+    lines = open(DATA).read().splitlines(keepends=True)
+    path = os.path.join(root, "train.jsonl")
+    with open(path, "w") as f:
+        f.writelines(lines * (1 + 2 * a.batch_size * a.seq_len // 4000))
+    return path
+
+
 def ckptflow_run(a, device, base: str, root: str, method: str, knobs: bool) -> dict:
     from ckptflow import config
     from ckptflow.trainer import Trainer
@@ -170,7 +179,7 @@ def ckptflow_run(a, device, base: str, root: str, method: str, knobs: bool) -> d
     if knobs:
         train.update(activation_checkpointing=True, loss_chunk=4096 if not a.tiny else 16)
     cfg = config.validate({"run_id": f"gpu-{method}{'-knobs' if knobs else ''}", "storage": os.path.join(root, "runs"),
-                           "model": {"source": base}, "data": {"train": DATA}, "train": train,
+                           "model": {"source": base}, "data": {"train": training_data(a, root)}, "train": train,
                            "checkpoint": {"every_steps": None, "keep_last": 1, "async": True}})
     reset_peak(device)
     trainer = Trainer(cfg, base)
