@@ -1,6 +1,7 @@
 """What the memory and speed knobs buy: tokens/s and peak RSS with each one off and on, same run.
 
     .venv/bin/python bench/knobs.py                       # 128k vocabulary, dim 256, 8 layers, 1024 tokens
+    .venv/bin/python bench/knobs.py --compile             # also train.compile (minutes of compiling on CPU)
     .venv/bin/python bench/knobs.py --modes off,chunk --steps 2 --layers 2    # quick look
 
 One base model (seed://llama with a Llama-3 sized vocabulary of 128,256 tokens), then one fresh
@@ -8,8 +9,9 @@ process per mode, so each peak RSS (VmHWM) is that mode's alone:
   off      no knob
   ac       train.activation_checkpointing: true
   chunk    train.loss_chunk: N (default 256 tokens)
-  compile  train.compile: true (the timed steps come after two warm-up steps that compile)
-  all      the three together
+  both     activation checkpointing + loss_chunk
+  compile  train.compile: true (the timed steps come after two warm-up steps that compile); --compile
+  all      the three together; --compile
 Every process trains the same steps on the same data from the same weights, so the losses must
 agree (the table prints each mode's largest relative loss difference from `off`). tokens/s is
 over the timed steps only (after --warmup steps); peak RSS is over the timed steps too (VmHWM
@@ -30,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = {"off": {}, "ac": {"activation_checkpointing": True}, "chunk": {"loss_chunk": None},
-         "compile": {"compile": True},
+         "both": {"activation_checkpointing": True, "loss_chunk": None}, "compile": {"compile": True},
          "all": {"activation_checkpointing": True, "loss_chunk": None, "compile": True}}
 
 
@@ -46,7 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--chunk", type=int, default=256, help="train.loss_chunk for the chunk and all modes")
     p.add_argument("--steps", type=int, default=3, help="timed steps per mode")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (compile modes: at least 2)")
-    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
+    p.add_argument("--modes", default=None, help=f"comma-separated, from {', '.join(MODES)} "
+                                                  "(default: off,ac,chunk,both; with --compile also compile,all)")
+    p.add_argument("--compile", action="store_true", help="also the compile and all modes")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--dir", default="/tmp/ckptflow-bench-knobs")
     p.add_argument("--json", dest="json_out", default=None)
@@ -116,12 +120,12 @@ def run_mode(a, base_uri: str, mode: str) -> dict:
     return got
 
 
-def report(a, results: dict) -> dict:
+def report(a, results: dict, load: tuple) -> dict:
     ref = results.get("off")
     logits_gb = a.batch_size * a.seq_len * a.vocab * 4 / 1e9
     print(f"\nseed://llama vocab {a.vocab}, dim {a.dim}, {a.layers} layers, {a.batch_size} x {a.seq_len} tokens per step, "
           f"{a.method} fine-tune, float32 on CPU; one [tokens, vocab] float32 logits tensor = {logits_gb:.2f} GB; "
-          f"loss_chunk {a.chunk}; {a.steps} timed steps per mode\n")
+          f"loss_chunk {a.chunk}; {a.steps} timed steps per mode; load average {load[0]:.2f}/{load[1]:.2f}\n")
     print(f"{'mode':10}{'tokens/s':>10}{'vs off':>9}{'peak RSS (GB)':>15}{'vs off':>10}{'process peak':>14}"
           f"{'max loss diff':>16}")
     for mode, r in results.items():
@@ -139,7 +143,8 @@ def report(a, results: dict) -> dict:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+    default = "off,ac,chunk,both" + (",compile,all" if a.compile else "")
+    modes = [m.strip() for m in (a.modes or default).split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
     if bad:
         print(f"--modes: unknown mode {bad[0]!r} (choose from {', '.join(MODES)})", file=sys.stderr)
@@ -147,12 +152,13 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     base_uri = make_base(a)
     print(f"base model ready in {time.perf_counter() - t:.1f}s: {base_uri}", flush=True)
+    load = os.getloadavg()[0]
     results = {}
     for mode in modes:
         results[mode] = run_mode(a, base_uri, mode)
         r = results[mode]
         print(f"{mode}: {r['tokens_per_s']:.0f} tokens/s, peak RSS {r['peak_rss'] / 1e9:.2f} GB", flush=True)
-    report(a, results)
+    report(a, results, (load, os.getloadavg()[0]))
     if a.json_out:
         with open(a.json_out, "w") as f:
             json.dump({"args": vars(a), "results": results}, f, indent=1)

@@ -18,7 +18,9 @@ the others only connect, waiting up to RDZV_TIMEOUT for it (node 0 may first be 
 converting the base, which its ranks then hand to the other nodes' ranks). torchrun numbers the
 processes in the order the rendezvous sorts the nodes, not by --node-rank, so every rank is told
 its node's rank (NODE_RANK_ENV) and the rank with node rank 0 and local rank 0 commits
-(ckptflow.distributed): it is the one whose launcher holds the run's writer lease.
+(ckptflow.distributed): it is the one whose launcher holds the run's writer lease. Each node
+announces its address on the route to HOST (route_to), not its host name, unless PET_LOCAL_ADDR
+(torchrun's --local-addr) says otherwise.
 """
 from __future__ import annotations
 
@@ -93,9 +95,25 @@ def rendezvous_args(nnodes: int, node_rank: int, endpoint: str | None, run_id: s
     """--standalone on one node; the c10d rendezvous at `endpoint`, hosted by node 0, on several."""
     if nnodes == 1:
         return ["--standalone"]
+    addr = [] if "PET_LOCAL_ADDR" in os.environ else [f"--local-addr={a}" for a in [route_to(endpoint)] if a]
     return [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}",
             f"--rdzv-id={run_id}", f"--rdzv-conf=is_host={int(node_rank == 0)},join_timeout={RDZV_TIMEOUT},"
-            f"read_timeout={RDZV_TIMEOUT}", "--max-restarts=0"]
+            f"read_timeout={RDZV_TIMEOUT}", "--max-restarts=0", *addr]
+
+
+def route_to(endpoint: str) -> str | None:
+    """This machine's address on the route to `endpoint` (HOST:PORT), which the other nodes reach
+    too: torchrun otherwise announces its host name, which pods and many clusters cannot resolve.
+    None when HOST does not resolve (torchrun then uses the host name). PET_LOCAL_ADDR overrides."""
+    import socket
+
+    host, _, port = endpoint.rpartition(":")
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((host.strip("[]"), int(port)))    # UDP: picks the route, sends nothing
+            return s.getsockname()[0]
+    except OSError:
+        return None
 
 
 def run(cmd: list[str], *, poll, poll_seconds: float = 2.0, env: dict | None = None) -> int:

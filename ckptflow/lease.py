@@ -48,6 +48,10 @@ from ckptflow.errors import CkptError
 
 log = logging.getLogger(__name__)
 
+# Jitter draws from its own generator: the global `random` belongs to training, whose Python RNG
+# state is checkpointed; a retry or lease wait must not move it (resume would differ).
+_JITTER = random.Random()
+
 NAME = ".ckptflow-lease"
 ENV = "CKPTFLOW_LEASES"      # {URI: lease id} held by the process that started this one
 TTL = float(os.environ.get("CKPTFLOW_LEASE_TTL", "60"))
@@ -341,7 +345,7 @@ def _try_once(lz: Lease) -> dict | None:
         if time.monotonic() - t0 <= lz.settle / 2:
             break
         log.info("%s: lease round took %.2fs (> settle/2); going round again", lz.uri, time.monotonic() - t0)
-        time.sleep(random.uniform(0, lz.settle))
+        time.sleep(_JITTER.uniform(0, lz.settle))
     else:
         raise CkptError(f"{lz.uri}: storage too slow to take the lease safely (read+write > {lz.settle / 2:.2f}s "
                         f"{SLOW_ROUNDS} times); raise CKPTFLOW_LEASE_SETTLE for every writer of this run")

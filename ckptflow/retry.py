@@ -41,6 +41,10 @@ from ckptflow.errors import CkptError, TransientError, first_line
 
 log = logging.getLogger(__name__)
 
+# Jitter draws from its own generator: the global `random` belongs to training, whose Python RNG
+# state is checkpointed; a retry or lease wait must not move it (resume would differ).
+_JITTER = random.Random()
+
 ATTEMPTS = int(os.environ.get("CKPTFLOW_RETRY_ATTEMPTS", "6"))
 BASE_DELAY = float(os.environ.get("CKPTFLOW_RETRY_BASE_DELAY", "0.1"))
 MAX_DELAY = 10.0
@@ -124,7 +128,7 @@ def is_transient(exc: BaseException) -> bool:
 
 def delay(attempt: int) -> float:
     """Full-jitter exponential backoff: uniform(0, min(cap, base * 2**attempt))."""
-    return random.uniform(0, min(MAX_DELAY, BASE_DELAY * 2 ** attempt))
+    return _JITTER.uniform(0, min(MAX_DELAY, BASE_DELAY * 2 ** attempt))
 
 
 def call(fn, *args, uri: str = "", what: str = "", attempts: int | None = None, **kwargs):

@@ -28,7 +28,8 @@ LOG_LINES = 20         # loss lines per training, besides one per eval and per c
 def _train_params(params: dict) -> dict:
     cfg = config_mod.to_dict(params["config"])
     cfg.pop("export"), cfg.pop("eval"), cfg.pop("storage_options")
-    return {"config": cfg, "base_uri": params["base_uri"], "node_rank": params.get("node_rank", 0)}
+    rank = params.get("node_rank") or 0     # node 0's key is that of a one-node run
+    return {"config": cfg, "base_uri": params["base_uri"], **({"node_rank": rank} if rank else {})}
 
 
 @task(name="train", cache_key_fn=common.stage_key("base_uri", view=_train_params), result_serializer="json",

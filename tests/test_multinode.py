@@ -40,14 +40,19 @@ def free_port() -> int:
 
 # ---- cheap: the command, the config, the node ranks ------------------------------------------------
 
-def test_one_node_is_standalone_several_use_c10d_hosted_by_node_0():
+def test_one_node_is_standalone_several_use_c10d_hosted_by_node_0(monkeypatch):
+    monkeypatch.setenv("PET_LOCAL_ADDR", "10.0.0.7")      # the user's (torchrun's own variable) wins
     assert rendezvous_args(1, 0, None, "r") == ["--standalone"]
     args = rendezvous_args(2, 1, "trainer-0:29400", "my-run")
     assert args[:5] == ["--nnodes=2", "--node-rank=1", "--rdzv-backend=c10d", "--rdzv-endpoint=trainer-0:29400",
                         "--rdzv-id=my-run"]
     conf = "join_timeout=3600,read_timeout=3600"      # node 0 may be downloading the base meanwhile
-    assert f"--rdzv-conf=is_host=0,{conf}" in args and f"--rdzv-conf=is_host=1,{conf}" in rendezvous_args(2, 0, "h:1", "r")
-    cmd = torchrun_command(1, "/tmp/c.json", "/base", 0, nnodes=2, node_rank=0, endpoint="h:1", run_id="r")
+    assert f"--rdzv-conf=is_host=0,{conf}" in args
+    assert f"--rdzv-conf=is_host=1,{conf}" in rendezvous_args(2, 0, "h:1", "r")
+    assert not [a for a in args if a.startswith("--local-addr")]
+    monkeypatch.delenv("PET_LOCAL_ADDR")
+    assert rendezvous_args(2, 0, "127.0.0.1:29400", "r")[-1] == "--local-addr=127.0.0.1"   # the route to node 0
+    cmd = torchrun_command(1, "/tmp/c.json", "/base", 0, nnodes=2, node_rank=0, endpoint="127.0.0.1:1", run_id="r")
     assert "--standalone" not in cmd and cmd[-4:] == ["ckptflow.distributed", "/tmp/c.json", "/base", "0"]
 
 
@@ -194,3 +199,35 @@ def test_two_nodes_on_loopback_then_one_process_resumes(tmp_path):
     state = json.loads(storage.read_text(storage.join(m6.uri, "trainer_state.json")))
     saved = json.loads(storage.read_text(storage.join(m.uri, "trainer_state.json")))
     assert state["step"] == 6 and state["data"]["index"] == saved["data"]["index"] + 2 * 2
+
+
+def test_the_readme_multi_node_section_fits_together():
+    """The README's several-node config validates; its Service selects the labels that the GPU
+    pool's job template now puts on node 0's pod; the other nodes' Job runs --node-rank 1 .. N-1."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        section = f.read().split("### Several nodes", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```yaml\n(.*?)```", section, re.S)
+    cfg = yaml.safe_load(blocks[0])
+    cfg.update(model={"source": SEED}, data={"train": DEMO})
+    train = config.validate(cfg).train
+    assert (train.nnodes, train.rdzv_endpoint) == (2, "node0.cluster:29400")
+    deployment = yaml.safe_load(blocks[1])[0]
+    service, job = yaml.safe_load_all(blocks[2])
+    assert service["spec"]["selector"].items() <= deployment["work_pool"]["job_variables"]["labels"].items()
+    assert service["spec"]["ports"][0]["port"] == 29400
+    command = job["spec"]["template"]["spec"]["containers"][0]["command"][-1]
+    assert "ckptflow train /config/big-run.yaml --node-rank $((JOB_COMPLETION_INDEX + 1))" in command
+    template = json.loads(open(os.path.join(ROOT, "deployments", "k8s-gpu-job-template.json")).read())
+    assert template["job_configuration"]["job_manifest"]["spec"]["template"]["metadata"]["labels"] == "{{ labels }}"
+
+
+def test_the_train_task_keys_node_0_like_a_one_node_run_and_other_nodes_apart(tmp_path):
+    import inspect
+
+    from tasks.train import _train_params, train
+
+    assert inspect.signature(train.fn).parameters["node_rank"].default == 0
+    cfg = config.validate(run_dict(tmp_path, "r", nnodes=2, rdzv_endpoint="127.0.0.1:1"))
+    one = _train_params({"config": cfg, "base_uri": "b"})
+    assert _train_params({"config": cfg, "base_uri": "b", "node_rank": 0}) == one
+    assert _train_params({"config": cfg, "base_uri": "b", "node_rank": 1}) == {**one, "node_rank": 1}

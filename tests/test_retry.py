@@ -234,3 +234,19 @@ def test_backoff_is_full_jitter_and_capped():
     for attempt in range(12):
         for _ in range(50):
             assert 0 <= retry.delay(attempt) <= min(retry.MAX_DELAY, retry.BASE_DELAY * 2 ** attempt)
+
+
+def test_backoff_jitter_leaves_the_global_random_state_alone():
+    """Training checkpoints Python's global RNG; a retry (or a slow lease round) in the same process
+    must not draw from it, or a resumed run's trainer_state differs from an uninterrupted one's
+    (seen under load: only trainer_state.json's RNG differed after a kill and resume)."""
+    import random
+
+    from ckptflow import lease
+
+    random.seed(1234)
+    before = random.getstate()
+    for attempt in range(5):
+        retry.delay(attempt)
+    lease._JITTER.uniform(0, 1)
+    assert random.getstate() == before
