@@ -155,3 +155,21 @@ def test_compile_leaves_loss_and_gradients_unchanged():
     on = loss_and_grads(model, tokens, labels)
     assert_same(off, on, atol=2e-5, rtol=1e-4)     # fused kernels reorder float32 sums
     assert list(model.state_dict()) == list(tiny(MODELS["llama"], lora=True).state_dict())
+
+
+@pytest.mark.slow   # two torchrun processes (gloo)
+def test_two_processes_with_knobs_train_like_one_without(tmp_path):
+    """FSDP2 wraps each layer; the layer checkpoint and the chunked loss run inside its hooks."""
+    from ckptflow.checkpointer import read_dcp_step, read_tensors
+    from tests import test_distributed as td
+
+    d = tmp_path / "base"
+    from ckptflow.stages import convert, download
+    download.run(td.SEED, str(d / "source"))
+    fam_base = convert.run(str(d / "source"), str(d / "base")).uri
+    two = stage.run(td.make_cfg(tmp_path, "dist", "train.nproc_per_node=2", *KNOBS), fam_base)
+    one = stage.run(td.make_cfg(tmp_path, "single", "train.batch_size=4"), fam_base)
+    single = read_tensors(one.uri, "model.safetensors")
+    sharded, _ = read_dcp_step(two.uri, single, with_optimizer=False)
+    for k in single:
+        torch.testing.assert_close(sharded[k], single[k], atol=1e-5, rtol=1e-4)
