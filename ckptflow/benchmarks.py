@@ -222,7 +222,12 @@ def offline():
     import datasets.config as dc
     import huggingface_hub.constants as hc
 
-    saved_env = {k: os.environ.get(k) for k in OFFLINE_ENV}
+    saved_env = {k: os.environ.get(k) for k in (*OFFLINE_ENV, "DISABLE_MULTIPROC")}
+    # lm-eval bootstraps stderrs in a forked multiprocessing pool: forking a threaded torch/Prefect
+    # process is unsafe, and the pool's workers inherit Prefect's SIGTERM handler, so they print a
+    # TerminationSignal traceback when the pool closes. Its single-process path draws the same
+    # replicates (random.Random(i) per chunk, as the pool does).
+    os.environ.setdefault("DISABLE_MULTIPROC", "1")
     flags = [(hc, "HF_HUB_OFFLINE"), (dc, "HF_HUB_OFFLINE"), (dc, "HF_DATASETS_OFFLINE")]
     saved_flags = [getattr(mod, name) for mod, name in flags]
     for k in OFFLINE_ENV:

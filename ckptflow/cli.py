@@ -293,8 +293,24 @@ def run(config: str = typer.Argument(..., help="run config YAML (any fsspec URI)
     with prefect_api():     # PREFECT_API_URL, else an embedded server that dies with this process
         from flows.finetune import finetune
 
-        out = finetune(cfg)
+        try:
+            out = finetune(cfg)
+        finally:
+            _flush_prefect()
     emit(out, as_json, f"run: {out['run']}\nsummary: {out['summary']}\nexport: {out['export']}")
+
+
+def _flush_prefect() -> None:
+    """Send the run's last log lines and events while its API is still up: at interpreter exit
+    Prefect would send them to an embedded server already stopped ("Error logging to API")."""
+    try:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)
+        EventsWorker.drain_all(timeout=10)
+    except Exception:  # noqa: BLE001 - best effort: the run itself is done either way
+        logging.getLogger(__name__).debug("flushing Prefect's log and event workers failed", exc_info=True)
 
 
 @app.command()

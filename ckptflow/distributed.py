@@ -157,8 +157,7 @@ class DistTrainer(Trainer):
         if self.is_main:
             checkpointer.clear_our_leftovers(uri, {STATE})
             out = Output(uri, overwrite=True)
-            _, py = rng_state()
-            state = _json({**self._trainer_state(), "rng": {"python": py["python"], "ranks": ranks}})
+            state = _json({**self._trainer_state(), "rng": {"ranks": ranks}})
             m = self._dcp_manifest()
         dist.barrier()                    # the step directory is ours before any rank writes into it
         sd = {"model": model_sd, "optimizer": optim}

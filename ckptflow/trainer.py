@@ -10,13 +10,16 @@ cosine schedule that is a pure function of the step. On CUDA: bf16 autocast, pin
 batches, CUDA RNG in the checkpoint. On CPU everything is float32, and training that resumes
 from a checkpoint is bit-identical to training that never stopped: every piece of state that
 shapes the next step (weights, AdamW moments and step counts, schedule offset, data position,
-Python and torch RNG) is saved, and nothing else is random.
+torch RNG) is saved, and nothing else is random. Python's global `random` is seeded at the start
+but is not state: training draws nothing from it (the data order has its own seeded generator),
+and other threads of the process (Prefect's services, retries) draw from it at moments no resume
+can reproduce, which would make trainer_state.json differ for no effect on training.
 
 A step checkpoint (see checkpointer.py) holds:
   model.safetensors      full weights (tune names) or only the adapter (LoRA, torchtune names)
   optimizer.safetensors  AdamW state keyed "{parameter name}.{exp_avg|exp_avg_sq|step}"
   rng.safetensors        torch CPU RNG state (and "cuda.{i}" per device)
-  trainer_state.json     step, tokens seen, schedule, data position, Python RNG, loss
+  trainer_state.json     step, tokens seen, schedule, data position, loss
 No pickle anywhere.
 """
 from __future__ import annotations
@@ -109,8 +112,7 @@ def rng_state() -> tuple[dict, dict]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"cuda.{i}"] = s
-    version, internal, gauss = random.getstate()
-    return tensors, {"python": [version, list(internal), gauss]}
+    return tensors, {}
 
 
 def set_rng_state(tensors: dict, js: dict) -> None:
@@ -123,8 +125,9 @@ def set_rng_state(tensors: dict, js: dict) -> None:
             log.warning("checkpoint has %d CUDA RNG states, this machine %d devices", len(cuda), torch.cuda.device_count())
         for i, s in enumerate(cuda[: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(s, i)
-    version, internal, gauss = js["python"]
-    random.setstate((version, tuple(internal), gauss))
+    if "python" in js:      # checkpoints written before the global Python RNG stopped being state
+        version, internal, gauss = js["python"]
+        random.setstate((version, tuple(internal), gauss))
 
 
 def seed_everything(seed: int) -> None:

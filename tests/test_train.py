@@ -85,7 +85,7 @@ def test_lora_step_holds_only_the_adapter(reference):
     opt = read_tensors(m.uri, "optimizer.safetensors")
     assert set(opt) == {f"{k}.{f}" for k in sd for f in ("step", "exp_avg", "exp_avg_sq")}
     state = json.loads(storage.read_text(storage.join(m.uri, "trainer_state.json")))
-    assert state["step"] == 12 and state["data"]["index"] > 0 and len(state["rng"]["python"][1]) == 625
+    assert state["step"] == 12 and state["data"]["index"] > 0 and state["rng"] == {}
     steps = sorted(os.listdir(storage.parent(m.uri)))
     assert steps == ["metrics.jsonl", "step-000009", "step-000012"]          # keep_last 2
 
@@ -136,6 +136,30 @@ else:                     # killed half way through writing the checkpoint of st
 train.run(cfg, base, on_metrics=on_metrics)
 sys.exit(3)
 """
+
+
+def test_other_threads_drawing_from_pythons_random_do_not_change_the_checkpoint(reference, base, tmp_path):
+    """Prefect's services and retries draw from Python's global `random` in other threads at moments
+    no resume can reproduce; a checkpoint that recorded that state differed between a killed-and-resumed
+    run and an uninterrupted one (seen in the full suite). Training draws nothing from it."""
+    import threading
+
+    _, ref, _ = reference["full"]
+    stop = threading.Event()
+
+    def draw():
+        while not stop.is_set():
+            random.random()
+            stop.wait(0.001)
+
+    t = threading.Thread(target=draw, daemon=True)
+    t.start()
+    try:
+        m = stage.run(make_cfg(tmp_path, "noisy", "train.method=full"), base)
+    finally:
+        stop.set()
+        t.join()
+    assert final_hashes(m) == final_hashes(ref)
 
 
 @pytest.mark.parametrize("method,mode,sync", [("full", "step", False), ("full", "save", False),
