@@ -156,8 +156,8 @@ class Output:
         for fut in self.pending:
             fut.result()        # every data file is durable before the manifest exists
         self.pending.clear()
-        storage.fsync_tree(self.uri, self.adopted)
-        storage.fsync_dirs(self.uri, self.files)   # their names too, in every subdirectory
+        storage.fsync_files(self.uri, self.adopted)   # ours were fsynced as they closed (pending)
+        storage.fsync_dirs(self.uri, self.files)      # every file's name, adopted ones too, once
         lease.check_for(self.uri)   # a writer that lost its run's lease must not commit into it
         claim = self._claim
         if claim is not None:

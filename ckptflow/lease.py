@@ -204,9 +204,7 @@ class Lease:
     def check(self) -> None:
         """Raise unless the lease file still names us (call before an irreversible step)."""
         if self.lost is None:
-            current = read(self.run_uri, self.name)
-            if current is None or _holder_id(current) != self.id:
-                self.lost = f"now held by {describe(current)}" if current else "the lease file is gone"
+            self.lost = _lost(read(self.run_uri, self.name), self.id)
         if self.lost is not None:
             raise CkptError(f"{self.run_uri}: lost the writer lease ({self.lost}); stopping so two writers never mix")
 
@@ -219,9 +217,8 @@ class Lease:
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.ttl / 3):
             try:
-                current = read(self.run_uri, self.name)
-                if current is None or _holder_id(current) != self.id:
-                    self.lost = f"now held by {describe(current)}" if current else "the lease file was removed"
+                self.lost = _lost(read(self.run_uri, self.name), self.id)
+                if self.lost is not None:
                     log.error("%s: lost the writer lease (%s)", self.uri, self.lost)
                     return
                 _write(self, durable=False)
@@ -291,6 +288,13 @@ def describe(record: dict | None) -> str:
 
 def _holder_id(record: dict) -> str | None:
     return record.get("holder", {}).get("id")
+
+
+def _lost(current: dict | None, lid: str) -> str | None:
+    """Why lease `lid` is no longer held, given its file's `current` record; None while it is."""
+    if current is None:
+        return "the lease file is gone"
+    return None if _holder_id(current) == lid else f"now held by {describe(current)}"
 
 
 def _write(lz: Lease, durable: bool | None = None) -> None:
@@ -424,10 +428,9 @@ def check_for(uri: str) -> None:
         lz.check()
     for run, lid in _inherited().items():
         if run not in held and _covers(run, uri):
-            current = read(run)
-            if current is None or _holder_id(current) != lid:
-                raise CkptError(f"{run}: lost the writer lease this process writes under (its launcher's; "
-                                f"{'now held by ' + describe(current) if current else 'the lease file is gone'})")
+            lost = _lost(read(run), lid)
+            if lost is not None:
+                raise CkptError(f"{run}: lost the writer lease this process writes under (its launcher's; {lost})")
 
 
 def guard(uri: str, wait: float = 0.0) -> None:

@@ -171,11 +171,15 @@ def stamp(uri: str) -> str:
     """What changes when a file is rewritten in place, without reading it: size and modification
     time locally (ns), size and ETag (or last-modified) on object stores. Equal stamps mean "same
     file, untouched"; a copy gets another stamp, which only costs a re-conversion."""
+    if is_local(uri):
+        try:
+            st = os.stat(local_path(uri))
+        except (FileNotFoundError, NotADirectoryError):
+            raise CkptError(f"{uri}: no such file") from None
+        return f"{st.st_size}:{st.st_mtime_ns}"
     got = info(uri)
     if got is None:
         raise CkptError(f"{uri}: no such file")
-    if is_local(uri):
-        return f"{got.get('size')}:{os.stat(local_path(uri)).st_mtime_ns}"
     tag = got.get("ETag") or got.get("etag") or got.get("LastModified") or got.get("mtime") or ""
     return f"{got.get('size')}:{tag}"
 
@@ -375,9 +379,8 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def fsync_tree(uri: str, names) -> None:
-    """Local `uri`: fsync every file in `names` (relative), then every directory that holds one,
-    deepest first, then `uri` and its parent (so the directory itself is durably there).
+def fsync_files(uri: str, names) -> None:
+    """Local `uri`: fsync every file in `names` (relative); their directories are fsync_dirs' work.
     Object stores have nothing to sync."""
     if not is_local(uri):
         return
@@ -387,7 +390,6 @@ def fsync_tree(uri: str, names) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-    fsync_dirs(uri, names)
 
 
 def fsync_dirs(uri: str, names) -> None:
