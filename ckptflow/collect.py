@@ -44,11 +44,11 @@ def run(uri: str, *, dry_run: bool = False) -> dict:
     victims = _victims(root, tree, runs)
     live = [v for v in victims if _live(root, v, tree)]
     victims = [v for v in victims if v not in live]
-    committed = sorted(storage.join(root, d) if d else root for d, f in tree.items() if manifest.NAME in f)
+    committed = sorted(_abs(root, d) for d, f in tree.items() if manifest.NAME in f)
     if not dry_run and victims:
         live += _delete(root, runs, victims, tree)
         victims = [v for v in victims if v not in live]
-    deleted = [storage.join(root, rel) if rel else root for rel in victims]
+    deleted = [_abs(root, rel) for rel in victims]
     for rel in live:
         log.warning("gc: %s is being written (%s); left alone", _abs(root, rel), _writer_of(root, rel, tree))
     return {"uri": root, "dry_run": dry_run, "deleted": deleted, "committed": committed,
@@ -107,7 +107,7 @@ def _victims(root: str, tree: dict[str, set[str]], runs: list[str]) -> list[str]
 def _stray_tmp(root: str, d: str, name: str) -> bool:
     if not TMP_RE.search(name):
         return False
-    m = manifest.read(storage.join(root, d) if d else root)
+    m = manifest.read(_abs(root, d))
     return m is not None and _join(d, name) not in m.files and name not in m.files
 
 
@@ -153,11 +153,11 @@ def _delete(root: str, runs: list[str], victims: list[str], tree: dict[str, set[
         mine = [v for v in victims if _inside(v, r) and not any(_inside(v, o) for o in runs if len(o) > len(r))]
         if not mine:
             continue
-        run_uri = storage.join(root, r) if r else root
+        run_uri = _abs(root, r)
         with lease.hold(run_uri, owner="ckptflow gc"):
             _check_inner_leases(root, r, mine, tree)
             for rel in mine:
-                target = storage.join(root, rel) if rel else root
+                target = _abs(root, rel)
                 log.info("gc: deleting %s", target)
                 try:
                     if rel in tree:
@@ -176,7 +176,7 @@ def _check_inner_leases(root: str, run: str, victims: list[str], tree: dict[str,
     for d, files in tree.items():
         if d == run or lease.NAME not in files or not any(_inside(v, d) or _inside(d, v) for v in victims):
             continue
-        where = storage.join(root, d) if d else root
+        where = _abs(root, d)
         rec = lease.read(where)
         if rec is not None and lease.is_live(rec):
             raise CkptError(f"{where}: another process is writing here: {lease.describe(rec)}; gc refused")
