@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from ckptflow import families, storage
 from ckptflow.errors import CkptError
 from ckptflow.formats import st
-from ckptflow.formats.view import Item
+from ckptflow.formats.view import Item, _handle
 from ckptflow.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ def tensor_chunks(t: Tensor, handles: dict, args=None):
     it = t.sources[0]
     if len(t.sources) == 1 and t.rule is None and it.final_dtype == t.qtype and it.info is not None \
             and it.permute is None:
-        src = handles.get(it.info.file) or handles.setdefault(it.info.file, storage.open_read(it.info.file))
+        src = _handle(it.info.file, handles)
         yield from st.iter_tensor_chunks(it.info, src)
         return
     parts = [source_tensor(i, handles) for i in t.sources]
@@ -197,7 +197,7 @@ def source_tensor(it: Item, handles: dict):
     if it.info is None or it.permute is not None or it.final_dtype != it.dtype:
         return tensor(it, handles)
     buf = bytearray(it.info.nbytes)
-    src = handles.get(it.info.file) or handles.setdefault(it.info.file, storage.open_read(it.info.file))
+    src = _handle(it.info.file, handles)
     src.seek(it.info.start)
     view, got = memoryview(buf), 0
     while got < len(buf):

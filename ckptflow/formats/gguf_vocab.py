@@ -12,6 +12,7 @@ generation_config.json and config.json, first found wins, as transformers reads 
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 
@@ -82,22 +83,24 @@ def read(view) -> Vocab:
     from ckptflow.formats import gguf_spm
 
     assets, n = view.assets, view.args.vocab_size
-    if "tokenizer.model" in assets and ("tokenizer.json" not in assets or gguf_spm.is_spm(assets["tokenizer.model"])):
-        tokens, scores, types, prefix = gguf_spm.read(assets["tokenizer.model"], n,
-                                                      _json_asset(assets, "tokenizer_config.json"))
+    configs = [_json_asset(assets, name) for name in CONFIGS]      # each file read once
+    # tokenizer.json parsed at most once, and only when used (a SentencePiece model may not need it)
+    tj = functools.cache(lambda: json.loads(storage.read_text(assets["tokenizer.json"]))) \
+        if "tokenizer.json" in assets else None
+    if "tokenizer.model" in assets and (tj is None or gguf_spm.is_spm(assets["tokenizer.model"])):
+        tokens, scores, types, prefix = gguf_spm.read(assets["tokenizer.model"], n, configs[0])
         vocab = Vocab("llama", "default", tokens, types, scores=scores, add_space_prefix=prefix)
-    elif "tokenizer.json" in assets:
-        vocab = read_bpe(assets["tokenizer.json"], n)
+    elif tj is not None:
+        vocab = read_bpe(tj(), assets["tokenizer.json"], n)
     else:
         raise CkptError(f"{view.uri}: no tokenizer.json or tokenizer.model to put into the GGUF file")
-    specials(vocab, assets)
+    specials(vocab, assets, configs, tj)
     return vocab
 
 
 # --- byte-level BPE -------------------------------------------------------------------------
 
-def read_bpe(uri: str, n_vocab: int) -> Vocab:
-    tj = json.loads(storage.read_text(uri))
+def read_bpe(tj: dict, uri: str, n_vocab: int) -> Vocab:
     model = tj.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         raise CkptError(f"{uri}: model type {model.get('type')!r}"
@@ -181,9 +184,9 @@ def _json_asset(assets: dict, name: str) -> dict:
     return d if isinstance(d, dict) else {}
 
 
-def specials(vocab: Vocab, assets: dict) -> None:
+def specials(vocab: Vocab, assets: dict, configs: list[dict], tj) -> None:
+    """configs: the CONFIGS files parsed ({} when absent); tj: returns tokenizer.json parsed, or None."""
     ids = {t: i for i, t in enumerate(vocab.tokens)}
-    configs = [_json_asset(assets, name) for name in CONFIGS]
     for what in ("bos", "eos", "unk", "pad"):
         for cfg in configs:
             found = _special_id(cfg, what, ids)
@@ -195,8 +198,8 @@ def specials(vocab: Vocab, assets: dict) -> None:
         vocab.add_bos = tc["add_bos_token"]
     if vocab.add_eos is None and isinstance(tc.get("add_eos_token"), bool):
         vocab.add_eos = tc["add_eos_token"]
-    if vocab.add_bos is None and "tokenizer.json" in assets:
-        vocab.add_bos = _post_processor_adds_bos(assets["tokenizer.json"], vocab.special.get("bos"))
+    if vocab.add_bos is None and tj is not None:
+        vocab.add_bos = _post_processor_adds_bos(tj(), vocab.special.get("bos"))
     vocab.chat_template = _chat_template(tc, assets)
 
 
@@ -212,9 +215,9 @@ def _special_id(cfg: dict, what: str, ids: dict) -> int | None:
     return ids.get(token) if isinstance(token, str) else None
 
 
-def _post_processor_adds_bos(uri: str, bos: int | None) -> bool:
+def _post_processor_adds_bos(tj: dict, bos: int | None) -> bool:
     """transformers' fast tokenizers add BOS through tokenizer.json's TemplateProcessing."""
-    pp = json.loads(storage.read_text(uri)).get("post_processor") or {}
+    pp = tj.get("post_processor") or {}
     procs = pp.get("processors", []) if pp.get("type") == "Sequence" else [pp]
     for p in procs:
         if p.get("type") == "TemplateProcessing" and p.get("single"):
