@@ -204,30 +204,19 @@ ACTIVATIONS = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tan
 
 
 class MLP(nn.Module):
-    def __init__(self, args: ModelArgs):
+    """Gated MLP with the tune names w1 (gate), w2 (down), w3 (up); also one MoE expert (SwiGLU, no bias)."""
+
+    def __init__(self, dim: int, hidden: int, bias: bool = False, act: str = "silu"):
         super().__init__()
-        if args.mlp_act not in ACTIVATIONS:
-            raise CkptError(f"mlp_act {args.mlp_act!r} is not supported ({', '.join(ACTIVATIONS)})")
-        self.act = ACTIVATIONS[args.mlp_act]
-        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)  # gate
-        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=args.mlp_bias)  # down
-        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=args.mlp_bias)  # up
+        if act not in ACTIVATIONS:
+            raise CkptError(f"mlp_act {act!r} is not supported ({', '.join(ACTIVATIONS)})")
+        self.act = ACTIVATIONS[act]
+        self.w1 = nn.Linear(dim, hidden, bias=bias)  # gate
+        self.w2 = nn.Linear(hidden, dim, bias=bias)  # down
+        self.w3 = nn.Linear(dim, hidden, bias=bias)  # up
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(self.act(self.w1(x)) * self.w3(x))
-
-
-class Expert(nn.Module):
-    """One SwiGLU expert, with the MLP's tune names (w1 gate, w2 down, w3 up), no bias."""
-
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class MoE(nn.Module):
@@ -243,7 +232,7 @@ class MoE(nn.Module):
         self.float32_weights = bool(args.extra.get("moe_weights_float32"))
         self.aux_coef = args.router_aux_loss_coef
         self.router = nn.Linear(args.dim, args.n_experts, bias=False)
-        self.experts = nn.ModuleList(Expert(args.dim, args.expert_dim) for _ in range(args.n_experts))
+        self.experts = nn.ModuleList(MLP(args.dim, args.expert_dim) for _ in range(args.n_experts))
         self.router_logits: torch.Tensor | None = None   # the last forward's, for the auxiliary loss
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -304,7 +293,8 @@ class TransformerBlock(nn.Module):
         self.attn = Attention(args, layer)
         self.sa_scale = norm(args) if args.post_norms else None
         self.mlp_norm = norm(args) if args.pre_norms else None
-        self.mlp = MoE(args) if args.is_moe_layer(layer) else MLP(args)
+        self.mlp = MoE(args) if args.is_moe_layer(layer) else \
+            MLP(args.dim, args.hidden_dim, args.mlp_bias, args.mlp_act)
         self.mlp_scale = norm(args) if args.post_norms else None
 
     def forward(self, x, cos, sin, mask, cache, input_pos):

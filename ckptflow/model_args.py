@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 
@@ -94,19 +95,8 @@ class ModelArgs:
         return self.layer_types[layer] == "sliding_attention" and self.extra.get("sliding_window") is not None
 
     def num_params(self) -> int:
-        hd, kv = self.hd, self.kv_heads
-        attn = self.dim * hd * (self.n_heads * 2 + kv * 2)
-        if self.qkv_bias:
-            attn += hd * (self.n_heads + 2 * kv)
-        if self.attn_out_bias:
-            attn += self.dim
-        attn += {None: 0, "head": 2 * hd, "proj": (self.n_heads + kv) * hd}[self.qk_norm]
-        mlp = 3 * self.dim * self.hidden_dim + (2 * self.hidden_dim + self.dim if self.mlp_bias else 0)
-        moe = self.n_experts * 3 * self.dim * self.expert_dim + self.n_experts * self.dim
-        norms = 2 * self.dim * (int(self.pre_norms) + int(self.post_norms))
-        layers = sum(attn + (moe if self.is_moe_layer(i) else mlp) + norms for i in range(self.n_layers))
-        head = 0 if self.tie_embeddings else self.vocab_size * self.dim
-        return self.vocab_size * self.dim + layers + self.dim + head
+        """The parameter count: the sum over expected_shapes, so each new field is counted in one place."""
+        return sum(math.prod(shape) for shape in expected_shapes(self).values())
 
 
 def expected_shapes(a: ModelArgs) -> dict[str, list[int]]:
