@@ -9,6 +9,7 @@ per-head norms need no permute either.
 from __future__ import annotations
 
 import ckptflow.families._hf as _hf
+import ckptflow.families.qwen2 as _qwen2
 from ckptflow.errors import CkptError
 from ckptflow.model_args import ModelArgs
 
@@ -75,22 +76,8 @@ def hf_config(args: ModelArgs, like: dict | None = None, dtype: str | None = Non
 GGUF_ARCH = "qwen3"
 # q/k rows (and the per-head norms) in HF's rotate-half order: llama.cpp rotates qwen3 NEOX-style.
 TUNE_TO_GGUF = {
-    "tok_embeddings.weight": "token_embd.weight",
-    "layers.{}.sa_norm.scale": "blk.{}.attn_norm.weight",
-    "layers.{}.attn.q_proj.weight": "blk.{}.attn_q.weight",
-    "layers.{}.attn.q_proj.bias": "blk.{}.attn_q.bias",
-    "layers.{}.attn.k_proj.weight": "blk.{}.attn_k.weight",
-    "layers.{}.attn.k_proj.bias": "blk.{}.attn_k.bias",
-    "layers.{}.attn.v_proj.weight": "blk.{}.attn_v.weight",
-    "layers.{}.attn.v_proj.bias": "blk.{}.attn_v.bias",
-    "layers.{}.attn.output_proj.weight": "blk.{}.attn_output.weight",
+    **_qwen2.TUNE_TO_GGUF,
     "layers.{}.attn.output_proj.bias": "blk.{}.attn_output.bias",
     "layers.{}.attn.q_norm.scale": "blk.{}.attn_q_norm.weight",
     "layers.{}.attn.k_norm.scale": "blk.{}.attn_k_norm.weight",
-    "layers.{}.mlp_norm.scale": "blk.{}.ffn_norm.weight",
-    "layers.{}.mlp.w1.weight": "blk.{}.ffn_gate.weight",
-    "layers.{}.mlp.w2.weight": "blk.{}.ffn_down.weight",
-    "layers.{}.mlp.w3.weight": "blk.{}.ffn_up.weight",
-    "norm.scale": "output_norm.weight",
-    "output.weight": "output.weight",
 }

@@ -13,6 +13,7 @@ rotate-half rows. LoRA: attention and the head (see PEFT_TARGETS).
 from __future__ import annotations
 
 import ckptflow.families._hf as _hf
+import ckptflow.families.mixtral as _mixtral
 from ckptflow.errors import CkptError
 from ckptflow.model_args import ModelArgs
 
@@ -130,11 +131,7 @@ TUNE_TO_GGUF = {
     "output.weight": "output.weight",
 }
 # Each layer's experts stacked into one [experts, rows, cols] tensor.
-GGUF_EXPERTS = {
-    "blk.{}.ffn_gate_exps.weight": "layers.{}.mlp.experts.{}.w1.weight",
-    "blk.{}.ffn_down_exps.weight": "layers.{}.mlp.experts.{}.w2.weight",
-    "blk.{}.ffn_up_exps.weight": "layers.{}.mlp.experts.{}.w3.weight",
-}
+GGUF_EXPERTS = _mixtral.GGUF_EXPERTS
 
 
 def gguf_metadata(args: ModelArgs) -> list:
