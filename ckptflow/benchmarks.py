@@ -303,6 +303,11 @@ def details(results: dict, tasks: Tasks, limit: int | None) -> dict:
             "task_files": tasks.sources}
 
 
+def is_stderr(key: str) -> bool:
+    """A score key that is a standard error (`acc_stderr`, `exact_match_stderr,strict-match`)."""
+    return key.partition(",")[0].endswith("_stderr")
+
+
 def _metric(key: str) -> str:
     name, _, filt = key.partition(",")
     return name if filt == "none" else key

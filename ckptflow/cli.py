@@ -199,6 +199,8 @@ def evaluate(src: str, data: Optional[str] = typer.Option(None, "--data", help="
 
 
 def _eval_text(uri: str | None, head: dict) -> str:
+    from ckptflow.benchmarks import is_stderr
+
     ch = head.get("change") or {}
     lines = [f"{uri}: written" if uri else "(nothing written: give --out DIR to keep the results)"]
     if head.get("perplexity") is not None:
@@ -207,7 +209,7 @@ def _eval_text(uri: str | None, head: dict) -> str:
     for task, scores in (head.get("lm_eval") or {}).items():
         shown = []
         for k, v in scores.items():
-            if k.endswith("_stderr") or "_stderr," in k:
+            if is_stderr(k):
                 continue
             before = ((ch.get("lm_eval") or {}).get(task) or {}).get(k, {}).get("before")
             shown.append(f"{k} {v:.4g}" + (f" (base {before:.4g})" if isinstance(before, (int, float)) else ""))

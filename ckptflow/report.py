@@ -36,6 +36,7 @@ import io
 import logging
 import math
 
+from ckptflow.benchmarks import is_stderr
 from ckptflow.errors import CkptError
 
 log = logging.getLogger(__name__)
@@ -199,14 +200,9 @@ def _scores_table(before: dict, after: dict) -> str:
     rows = []
     for task in sorted(set(before) | set(after)):
         b, a = before.get(task) or {}, after.get(task) or {}
-        for metric in [m for m in dict.fromkeys([*a, *b]) if not _is_stderr(m)]:
+        for metric in [m for m in dict.fromkeys([*a, *b]) if not is_stderr(m)]:
             rows.append([task, metric, _score(b, metric), _score(a, metric), _score_change(b.get(metric), a.get(metric))])
     return _table(["task", "metric", "before", "after", "change"], rows)
-
-
-def _is_stderr(metric: str) -> bool:
-    name, _, _ = metric.partition(",")
-    return name.endswith("_stderr")
 
 
 def _score(scores: dict, metric: str) -> str:

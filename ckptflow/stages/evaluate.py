@@ -28,12 +28,12 @@ evaluated all the same and nothing is written (`measure`; the CLI prints the num
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import shlex
 
 from ckptflow import commit, manifest, storage
+from ckptflow.benchmarks import is_stderr
 from ckptflow.commit import Output
 from ckptflow.errors import CkptError
 from ckptflow.manifest import Manifest
@@ -296,7 +296,7 @@ def change(before: dict, after: dict) -> dict:
     if "lm_eval" in after:
         out["lm_eval"] = {task: {k: {"before": (before.get("lm_eval") or {}).get(task, {}).get(k), "after": v,
                                      "delta": _delta((before.get("lm_eval") or {}).get(task, {}).get(k), v)}
-                                 for k, v in scores.items() if not k.endswith("_stderr") and "_stderr," not in k}
+                                 for k, v in scores.items() if not is_stderr(k)}
                           for task, scores in after["lm_eval"].items()}
     return out
 
