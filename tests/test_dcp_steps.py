@@ -16,31 +16,22 @@ import transformers
 
 from ckptflow import api, checkpointer, cli, config, generate, lora, manifest, storage
 from ckptflow.errors import CkptError
-from ckptflow.stages import convert, download, evaluate, export, merge
+from ckptflow.stages import evaluate, export, merge
 from ckptflow.stages import train as stage
+from tests import tinyrun
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SEED = "seed://llama?dim=64&n_layers=2"
-DEMO = os.path.join(ROOT, "deployments", "data", "demo.jsonl")
 LORA = ["train.method=lora", "train.lora.rank=4", "train.lora.alpha=8",
         "train.lora.targets=[q_proj,v_proj,w1,output]"]
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    d = tmp_path_factory.mktemp("dcp-base")
-    download.run(SEED, str(d / "source"))
-    return convert.run(str(d / "source"), str(d / "base")).uri
+    return tinyrun.seed_base(tmp_path_factory.mktemp("dcp-base"))
 
 
 def make_cfg(storage_dir, run_id: str, *overrides: str) -> config.RunConfig:
-    d = {"run_id": run_id, "storage": str(storage_dir), "model": {"source": SEED}, "data": {"train": DEMO},
-         "train": {"method": "full", "steps": 2, "batch_size": 2, "seq_len": 32, "lr": 1e-2, "threads": 1,
-                   "device": "cpu"},
-         "checkpoint": {"every_steps": 2, "keep_last": None, "async": False}}
-    for o in overrides:
-        config.apply_override(d, o)
-    return config.validate(d)
+    return tinyrun.full_config(storage_dir, run_id, {"steps": 2, "seq_len": 32, "lr": 1e-2}, {"async": False},
+                               *overrides)
 
 
 @contextlib.contextmanager
@@ -157,7 +148,7 @@ def test_a_lora_dcp_step_merges_and_exports_peft_that_peft_loads(tmp_path, base)
         torch.testing.assert_close(pm(x).logits, got, atol=1e-5, rtol=0)
     assert (got - hf_logits(src, x)).abs().max() > 1e-3            # the adapter moved the logits
 
-    res = evaluate.run(run, data=DEMO, prompts=["hello"], max_new_tokens=2, batch_size=2, seq_len=32,
+    res = evaluate.run(run, data=tinyrun.TRAIN, prompts=["hello"], max_new_tokens=2, batch_size=2, seq_len=32,
                        max_batches=1, device="cpu")
     assert res.step == 2 and res.kind
 

@@ -7,29 +7,18 @@ import torch
 
 from ckptflow import config, manifest, storage
 from ckptflow.checkpointer import read_dcp_step, read_tensors
-from ckptflow.stages import convert, download, export
+from ckptflow.stages import export
 from ckptflow.stages import train as stage
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SEED = "seed://llama?dim=64&n_layers=2"
-DEMO = os.path.join(ROOT, "deployments", "data", "demo.jsonl")
+from tests import tinyrun
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    d = tmp_path_factory.mktemp("base")
-    download.run(SEED, str(d / "source"))
-    return convert.run(str(d / "source"), str(d / "base")).uri
+    return tinyrun.seed_base(tmp_path_factory.mktemp("base"))
 
 
 def make_cfg(storage_dir, run_id: str, *overrides: str) -> config.RunConfig:
-    d = {"run_id": run_id, "storage": str(storage_dir), "model": {"source": SEED}, "data": {"train": DEMO},
-         "train": {"method": "full", "steps": 4, "batch_size": 2, "seq_len": 48, "lr": 1e-3, "threads": 1,
-                   "device": "cpu"},
-         "checkpoint": {"every_steps": 2, "keep_last": None}}
-    for o in overrides:
-        config.apply_override(d, o)
-    return config.validate(d)
+    return tinyrun.full_config(storage_dir, run_id, {"steps": 4, "seq_len": 48, "lr": 1e-3}, {}, *overrides)
 
 
 @pytest.mark.slow

@@ -16,31 +16,9 @@ import pytest
 from ckptflow import manifest, storage
 from ckptflow.config import load_config
 from ckptflow.errors import CkptError
+from tests import tinyrun
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = """\
-run_id: {run_id}
-storage: {storage}
-model:
-  source: seed://llama?dim=64&n_layers=2
-data:
-  train: {repo}/deployments/data/demo.jsonl
-  eval: {repo}/deployments/data/demo-eval.jsonl
-  eval_batches: 2
-train:
-  method: lora
-  steps: 6
-  batch_size: 4
-  seq_len: 32
-  lr: 1.0e-2
-  lora: {{rank: 4, alpha: 8, targets: [q_proj, v_proj, output]}}
-checkpoint:
-  every_steps: 2
-  keep_last: null
-eval:
-  prompts: ["Q: Where does the camel live?\\nA:"]
-  max_new_tokens: 4
-"""
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +29,7 @@ def runs(tmp_path_factory):
 
 def tiny(runs: Path, run_id: str) -> Path:
     path = runs.parent / f"{run_id}.yaml"
-    path.write_text(TINY.format(run_id=run_id, storage=runs, repo=REPO))
+    tinyrun.flow_yaml(path, run_id, runs, steps=6)
     return path
 
 

@@ -26,31 +26,9 @@ import psutil
 import pytest
 
 from ckptflow import manifest
+from tests import tinyrun
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = """\
-run_id: {run_id}
-storage: {storage}
-model:
-  source: seed://llama?dim=64&n_layers=2
-data:
-  train: {repo}/deployments/data/demo.jsonl
-  eval: {repo}/deployments/data/demo-eval.jsonl
-  eval_batches: 2
-train:
-  method: lora
-  steps: 8
-  batch_size: 4
-  seq_len: 32
-  lr: 1.0e-2
-  lora: {{rank: 4, alpha: 8, targets: [q_proj, v_proj, output]}}
-checkpoint:
-  every_steps: 2
-  keep_last: null
-eval:
-  prompts: ["Q: Where does the camel live?\\nA:"]
-  max_new_tokens: 4
-"""
 STAGES = ("download", "convert", "train", "merge", "export", "evaluate")
 GONE_WITHIN_S = 15.0
 # `ckptflow run` with a crash armed: `delay` seconds after the flow enters `stage` (or at once if
@@ -102,7 +80,7 @@ KILLER = textwrap.dedent("""
 
 def write_config(root: Path, storage: Path, run_id: str) -> Path:
     path = root / f"{run_id}.yaml"
-    path.write_text(TINY.format(run_id=run_id, storage=storage, repo=REPO))
+    tinyrun.flow_yaml(path, run_id, storage, steps=8)
     return path
 
 

@@ -162,11 +162,9 @@ def test_two_processes_with_knobs_train_like_one_without(tmp_path):
     """FSDP2 wraps each layer; the layer checkpoint and the chunked loss run inside its hooks."""
     from ckptflow.checkpointer import read_dcp_step, read_tensors
     from tests import test_distributed as td
+    from tests import tinyrun
 
-    d = tmp_path / "base"
-    from ckptflow.stages import convert, download
-    download.run(td.SEED, str(d / "source"))
-    fam_base = convert.run(str(d / "source"), str(d / "base")).uri
+    fam_base = tinyrun.seed_base(tmp_path / "base")
     two = stage.run(td.make_cfg(tmp_path, "dist", "train.nproc_per_node=2", *KNOBS), fam_base)
     one = stage.run(td.make_cfg(tmp_path, "single", "train.batch_size=4"), fam_base)
     single = read_tensors(one.uri, "model.safetensors")

@@ -15,6 +15,59 @@ EVAL = os.path.join(ROOT, "deployments", "data", "demo-eval.jsonl")
 SEED = "seed://llama?dim=64&n_layers=2"
 
 
+# A whole `ckptflow run` (every stage) of the seed model as YAML, for the flow tests.
+FLOW_YAML = """\
+run_id: {run_id}
+storage: {storage}
+model:
+  source: %s
+data:
+  train: %s
+  eval: %s
+  eval_batches: 2
+train:
+  method: lora
+  steps: {steps}
+  batch_size: 4
+  seq_len: 32
+  lr: 1.0e-2
+  lora: {{rank: 4, alpha: 8, targets: [q_proj, v_proj, output]}}
+checkpoint:
+  every_steps: 2
+  keep_last: null
+eval:
+  prompts: ["Q: Where does the camel live?\\nA:"]
+  max_new_tokens: 4
+""" % (SEED, TRAIN, EVAL)
+
+
+def flow_yaml(path, run_id: str, storage, steps: int) -> None:
+    """Write FLOW_YAML for `run_id` at `path`."""
+    with open(path, "w") as f:
+        f.write(FLOW_YAML.format(run_id=run_id, storage=storage, steps=steps))
+
+
+def seed_base(d) -> str:
+    """Download and convert the seed model under directory `d`; returns the base's uri."""
+    from ckptflow.stages import convert, download
+
+    download.run(SEED, os.path.join(d, "source"))
+    return convert.run(os.path.join(d, "source"), os.path.join(d, "base")).uri
+
+
+def full_config(storage_dir, run_id: str, train: dict, checkpoint: dict, *overrides: str):
+    """A full-training config of the seed model on the demo corpus on one CPU thread: `train` and
+    `checkpoint` are the test's own settings, then `overrides` (key=value) apply."""
+    from ckptflow import config
+
+    d = {"run_id": run_id, "storage": str(storage_dir), "model": {"source": SEED}, "data": {"train": TRAIN},
+         "train": {"method": "full", "batch_size": 2, "threads": 1, "device": "cpu", **train},
+         "checkpoint": {"every_steps": 2, "keep_last": None, **checkpoint}}
+    for o in overrides:
+        config.apply_override(d, o)
+    return config.validate(d)
+
+
 def lora_config(storage: str, run_id: str = "run", steps: int = 12):
     from ckptflow import config
 
