@@ -16,7 +16,7 @@ from ckptflow.errors import CkptError
 from ckptflow.stages import download
 from tests.tinyrun import EVAL, ROOT, SEED
 
-pytest.importorskip("lm_eval")
+import lm_eval  # noqa: E402,F401 - a test dependency: missing means failing, never skipping
 
 TASKS = os.path.join(ROOT, "deployments", "tasks")
 QA = os.path.join(TASKS, "demo_qa.yaml")

@@ -20,7 +20,7 @@ from ckptflow.stages import export
 from tests import hfmodels
 from tests.test_peft import lora_step, make_run
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402 - a test dependency: missing means failing, never skipping
 
 TEXT = "Hello world! It's 2026, isn't it? Numbers 1234567 and ünïcödé.\n\n  Two  spaces\tand a tab."
 CORPUS = os.path.join(os.path.dirname(__file__), "..", "ckptflow", "data", "seed_corpus.txt")
@@ -96,7 +96,7 @@ def train_spm(path: str, vocab: int = 700, control: tuple = ()) -> int:
     """A SentencePiece BPE tokenizer.model like Llama 2's (byte fallback, identity normalizer)."""
     import io
 
-    spm = pytest.importorskip("sentencepiece")
+    import sentencepiece as spm
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(input=CORPUS, model_writer=buf, vocab_size=vocab, model_type="bpe",
                                    byte_fallback=True, normalization_rule_name="identity",
