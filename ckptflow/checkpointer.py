@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -129,15 +130,16 @@ def rank_rng_tensors(state: dict, rank: int) -> dict | None:
     return {k: torch.tensor(v, dtype=torch.uint8) for k, v in ranks[rank].items()}
 
 
-def write_tensors(out: Output, name: str, tensors: dict) -> None:
-    """A safetensors file streamed from CPU tensors, in chunks (no second copy of the whole tensor)."""
+def write_tensors(out: Output, name: str, tensors: dict, *, threaded: bool = True) -> None:
+    """A safetensors file streamed from CPU tensors, in chunks (no second copy of the whole tensor).
+    threaded=False hashes in this thread (Output.open)."""
     import torch
 
     entries = []
     for key, t in tensors.items():
         code = st.ST_NAME[str(t.dtype).removeprefix("torch.")]
         entries.append((key, code, list(t.shape), t.numel() * t.element_size()))
-    with out.open(name) as f:
+    with out.open(name, threaded=threaded) as f:
         f.write(st.header_bytes(entries, {"format": "pt"}))
         for t in tensors.values():
             if t.numel() == 0:
@@ -179,9 +181,14 @@ class Checkpointer:
         self.last: Manifest | None = None    # the newest manifest this checkpointer committed
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptflow-save") if cfg.async_ else None
         self._future: Future | None = None
+        self._copied: threading.Event | None = None   # set once the save in flight holds its copy
         self._buffers: dict[tuple[str, str], object] = {}
         self._last_save = time.monotonic()
         self.saved_steps: set[int] = set()
+
+    def busy(self) -> bool:
+        """A background save is being written (not yet committed, nor failed)."""
+        return self._future is not None and not self._future.done()
 
     def due(self, step: int) -> bool:
         every, secs = self.cfg.every_steps, self.cfg.every_seconds
@@ -189,31 +196,54 @@ class Checkpointer:
             return True
         return bool(secs) and time.monotonic() - self._last_save >= secs
 
-    def save(self, step: int, tensors: dict[str, dict], json_files: dict[str, dict], m: Manifest) -> str:
-        """Checkpoint `step`: returns its URI once training may go on (the write may still run)."""
+    def save(self, step: int, tensors: dict[str, dict], json_files: dict[str, dict], m: Manifest, *,
+             copy_later: bool = False) -> str:
+        """Checkpoint `step`: returns its URI once training may go on (the write may still run).
+
+        copy_later (asynchronous saves of CPU tensors): the snapshot copy is made by the writer
+        thread, not here, and the caller must call settle() before it changes any of `tensors`
+        (the trainer does, before its next optimizer step)."""
         t0 = time.perf_counter()
         self.wait()
         t1 = time.perf_counter()
-        snap = self._snapshot(tensors) if self._pool is not None else _to_cpu(tensors)
+        later = copy_later and self._pool is not None and not _on_cuda(tensors)
+        if self._pool is None:
+            snap = _to_cpu(tensors)
+        else:
+            snap = tensors if later else self._snapshot(tensors, self._copy_now)
         bodies = {n: json.dumps(d, sort_keys=True, indent=1).encode() + b"\n" for n, d in json_files.items()}
         t2 = time.perf_counter()
         uri = storage.join(self.train_uri, step_name(step))
         rec = {"step": step, "uri": uri, "async": self._pool is not None, "wait_s": t1 - t0, "snapshot_s": t2 - t1,
+               "copy_later": later, "settle_s": 0.0,
                "bytes": sum(t.numel() * t.element_size() for sd in snap.values() for t in sd.values())}
         self.stats.append(rec)
         self.saved_steps.add(step)
         self._last_save = time.monotonic()
         if self._pool is not None:
-            self._future = self._pool.submit(self._write, uri, step, snap, bodies, m, rec)
+            self._copied = threading.Event() if later else None
+            self._future = self._pool.submit(self._write, uri, step, snap, bodies, m, rec, self._copied)
         else:
             self._write(uri, step, snap, bodies, m, rec)
         rec["blocked_s"] = time.perf_counter() - t0
         return uri
 
+    def settle(self) -> None:
+        """Return once the save in flight holds its own copy of the tensors handed to save (at
+        once unless that save had copy_later): from then on the caller may change them."""
+        ev, self._copied = self._copied, None
+        if ev is not None:
+            t0 = time.perf_counter()
+            ev.wait()
+            rec = self.stats[-1]
+            rec["settle_s"] = time.perf_counter() - t0
+            rec["blocked_s"] = rec.get("blocked_s", 0.0) + rec["settle_s"]
+
     def wait(self) -> Manifest | None:
         """Block until the save in flight is committed; re-raises its error."""
         if self._future is not None:
             fut, self._future = self._future, None
+            self._copied = None    # a finished write has its copy, whatever became of it
             fut.result()
         return self.last
 
@@ -224,7 +254,7 @@ class Checkpointer:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
 
-    def _snapshot(self, tensors: dict[str, dict]) -> dict[str, dict]:
+    def _snapshot(self, tensors: dict[str, dict], copy) -> dict[str, dict]:
         """Copies into reused CPU buffers (pinned for CUDA tensors), safe to write while training goes on."""
         import torch
 
@@ -238,7 +268,7 @@ class Checkpointer:
                 if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
                     buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=cuda)
                     self._buffers[(fname, key)] = buf
-                buf.copy_(t, non_blocking=cuda)
+                copy(buf, t)
                 on_cuda |= cuda
                 o[key] = buf
             out[fname] = o
@@ -246,14 +276,40 @@ class Checkpointer:
             torch.cuda.synchronize()  # the non-blocking copies must land before the writer reads them
         return out
 
-    def _write(self, uri: str, step: int, snap: dict, bodies: dict, m: Manifest, rec: dict) -> Manifest:
+    @staticmethod
+    def _copy_now(buf, t) -> None:
+        buf.copy_(t, non_blocking=t.device.type == "cuda")
+
+    @staticmethod
+    def _copy_in_writer(buf, t) -> None:
+        """A plain memory copy (numpy, GIL released): a torch copy_ from this thread would start
+        an OpenMP team of its own beside the training threads'."""
+        import numpy as np
+        import torch
+
+        if t.is_contiguous() and t.numel():
+            np.copyto(buf.reshape(-1).view(torch.uint8).numpy(), t.reshape(-1).view(torch.uint8).numpy())
+        else:
+            buf.copy_(t)
+
+    def _write(self, uri: str, step: int, snap: dict, bodies: dict, m: Manifest, rec: dict,
+               copied: threading.Event | None = None) -> Manifest:
         t0 = time.perf_counter()
+        if copied is not None:      # save(copy_later=True): the snapshot is taken here, then training may go on
+            try:
+                snap = self._snapshot(snap, self._copy_in_writer)
+            finally:
+                copied.set()
+            rec["copy_s"] = time.perf_counter() - t0
         clear_our_leftovers(uri, set(snap) | set(bodies))
         with Output(uri, overwrite=True) as out:   # a same-numbered step of an abandoned branch is replaced
             for name, sd in snap.items():
-                write_tensors(out, name, sd)
+                # In the background the hashing stays in this thread: one core, not two (a hasher
+                # thread beside the writer would take the core training keeps, see _pace_threads).
+                write_tensors(out, name, sd, threaded=self._pool is None)
             for name, body in bodies.items():
                 out.put(name, body)
+            rec["data_s"] = time.perf_counter() - t0    # every byte handed to storage; then fsyncs and commit
             committed = out.commit(m)
         self.last = committed
         rec["write_s"] = time.perf_counter() - t0
@@ -303,6 +359,10 @@ def retain(train_uri: str, cfg, newest: int) -> None:
     for s in plan_retention(list(steps), newest, keep_last=cfg.keep_last, keep_every=cfg.keep_every, pin=cfg.pin):
         log.info("%s: deleted by retention (keep_last=%s)", steps[s], cfg.keep_last)
         delete_step(steps[s])
+
+
+def _on_cuda(tensors: dict[str, dict]) -> bool:
+    return any(t.device.type == "cuda" for sd in tensors.values() for t in sd.values())
 
 
 def _to_cpu(tensors: dict[str, dict]) -> dict[str, dict]:

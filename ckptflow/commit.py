@@ -129,11 +129,12 @@ class Output:
     def path(self, name: str) -> str:
         return storage.join(self.uri, storage.safe_relpath(name, self.uri))
 
-    def open(self, name: str) -> "_Tracked":
+    def open(self, name: str, *, threaded: bool = True) -> "_Tracked":
         """A hashing writer for file `name`. On object stores the bytes are spooled and uploaded
         whole when it closes, retried whole on a transient fault (storage.HashingWriter), so
-        open/put/copy never leave half a file behind a retry and the digest is of what was written."""
-        return _Tracked(self, name)
+        open/put/copy never leave half a file behind a retry and the digest is of what was written.
+        threaded=False: hashed in the caller's thread, not a hasher thread (storage.Hasher)."""
+        return _Tracked(self, name, threaded)
 
     def put(self, name: str, data: bytes) -> dict:
         with self.open(name) as f:
@@ -202,9 +203,9 @@ class Output:
 class _Tracked:
     """A HashingWriter that records its digest in the Output when closed cleanly."""
 
-    def __init__(self, out: Output, name: str):
+    def __init__(self, out: Output, name: str, threaded: bool = True):
         self._out, self._name = out, name
-        self._w = storage.HashingWriter(out.path(name))
+        self._w = storage.HashingWriter(out.path(name), threaded=threaded)
 
     def write(self, data) -> int:
         return self._w.write(data)

@@ -132,6 +132,8 @@ class CheckpointConfig(_Strict):
     keep_every: int | None = Field(None, ge=1, description="also keep steps that are multiples of M")
     pin: list[int | str] = Field(default_factory=list, description="steps kept forever: 500 or 'step-000500'")
     async_: bool = Field(True, alias="async", description="write in a background thread after a snapshot")
+    yield_threads: bool = Field(True, description="CPU training with several torch threads: one fewer while an "
+                                "asynchronous save is being written, so the writer has a core of its own")
     load_step: int | None = Field(None, ge=0, description="resume from this step instead of the newest")
     exclude_from_loading: list[Literal["optimizer", "lr_scheduler", "data", "rng"]] = Field(
         default_factory=list, description="resume the weights with a fresh optimizer / schedule / data position / RNG")

@@ -427,13 +427,16 @@ def _fsync_fd(fd: int) -> None:
 
 
 class Hasher:
-    """sha256 in a background thread, so hashing overlaps the I/O (hashlib drops the GIL)."""
+    """sha256 in a background thread, so hashing overlaps the I/O (hashlib drops the GIL).
+    threaded=False hashes in the caller: a writer that is itself a background thread (an
+    asynchronous step save) then keeps to one core, beside the training threads."""
 
-    def __init__(self):
+    def __init__(self, *, threaded: bool = True):
         self._h = hashlib.sha256()
-        self._q: queue.Queue = queue.Queue(maxsize=8)
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
+        self._q: queue.Queue | None = queue.Queue(maxsize=8) if threaded else None
+        self._t = threading.Thread(target=self._run, daemon=True) if threaded else None
+        if self._t is not None:
+            self._t.start()
         self.size = 0
 
     def _run(self):
@@ -442,7 +445,10 @@ class Hasher:
 
     def update(self, data) -> None:
         self.size += len(data)
-        self._q.put(data)
+        if self._q is None:
+            self._h.update(data)
+        else:
+            self._q.put(data)
 
     def hexdigest(self) -> str:
         self.stop()
@@ -450,7 +456,7 @@ class Hasher:
 
     def stop(self) -> None:
         """End the thread (idempotent); after this the digest is final."""
-        if self._t.is_alive():
+        if self._t is not None and self._t.is_alive():
             self._q.put(None)
             self._t.join()
 
@@ -463,10 +469,11 @@ class HashingWriter:
     retried whole on a transient fault: the hash is taken once, over the bytes the caller wrote,
     and the upload is checked against that size, so a retried upload cannot change the digest."""
 
-    def __init__(self, uri: str):
+    def __init__(self, uri: str, *, threaded: bool = True):
+        """threaded: hash in a thread of its own (see Hasher)."""
         self.uri = uri
         self.synced = None
-        self._hasher = Hasher()
+        self._hasher = Hasher(threaded=threaded)
         self._local = is_local(uri)
         if self._local:
             path = local_path(uri)

@@ -63,6 +63,15 @@ def process_settings(tcfg):
         torch.use_deterministic_algorithms(det)
 
 
+def yielding_threads(cfg, device) -> int | None:
+    """The run's torch thread count when training yields one of them to an asynchronous save's
+    writer (CPU, several threads, checkpoint.async and checkpoint.yield_threads), else None."""
+    import torch
+
+    ck, n = cfg.checkpoint, torch.get_num_threads()
+    return n if device.type == "cpu" and ck.async_ and ck.yield_threads and n > 1 else None
+
+
 def pick_device(name: str = "auto", what: str = "train.device"):
     """auto: CUDA when there is one, else the CPU; a named CUDA device that is not there is an error."""
     import torch
@@ -243,6 +252,7 @@ class Trainer:
         self._load_data()
         self.step, self.tokens_seen, self.last_loss, self.metrics = 0, 0, None, []
         self.checkpointer = Checkpointer(self.train_uri, cfg.checkpoint)
+        self._threads = yielding_threads(cfg, self.device)
         seed_everything(tc.seed)
 
     # -- hooks that the several-process trainer (distributed.py) overrides ----------------
@@ -286,6 +296,7 @@ class Trainer:
         import torch
 
         tc, step = self.cfg.train, self.step + 1
+        self._pace_threads()
         lr = self.schedule.lr_at(step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
@@ -307,6 +318,7 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm) if tc.max_grad_norm else None
         if norm is not None and hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
+        self.checkpointer.settle()      # a save in flight has its copy of what the update changes
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         n_tokens = int(self._all_sum(sum(t.numel() for t, _ in micro)))
@@ -317,6 +329,21 @@ class Trainer:
         if aux_total is not None:
             row["aux_loss"] = self._all_sum(aux_total) / self.world
         return row
+
+    def _pace_threads(self) -> None:
+        """CPU training while an asynchronous save is written: one intra-op thread fewer, so the
+        writer has a core of its own instead of preempting one of torch's threads (every parallel
+        region would then wait for that straggler: steps ran up to 4x slower, bench/checkpoint.py).
+        The count comes back at the first step boundary after the write ends. Only ever called
+        between steps: set_num_threads is process-wide, and results of the training step do not
+        depend on it (tests/test_train.py), so resume stays bit-identical."""
+        import torch
+
+        if self._threads is None:
+            return
+        want = self._threads - 1 if self.checkpointer.busy() else self._threads
+        if torch.get_num_threads() != want:
+            torch.set_num_threads(want)
 
     def _forward_loss(self, tokens, labels):
         """The micro-batch's summed loss; train.loss_chunk: the model computes it chunk by chunk."""
@@ -376,6 +403,7 @@ class Trainer:
             self._abort_saves()
             raise
         last = self.checkpointer.close()
+        self._pace_threads()        # no save in flight: the run's own thread count
         self.write_metrics()
         return last
 
@@ -412,6 +440,7 @@ class Trainer:
             self.checkpointer.close()
         except Exception:  # noqa: BLE001 - the training error is the one to report
             log.exception("a checkpoint save failed while training was being stopped")
+        self._pace_threads()
 
     # -- saving -----------------------------------------------------------------------------
     def trainable_state(self) -> dict:
@@ -432,7 +461,7 @@ class Trainer:
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "lr_scheduler": self.schedule.state(),
                  "data": self.data.state(), "rng": rng_js, "loss": self.last_loss}
         tensors = {MODEL: self.trainable_state(), OPTIMIZER: self.optimizer_state(), RNG: rng_t}
-        return self.checkpointer.save(self.step, tensors, {STATE: state}, self.step_manifest())
+        return self.checkpointer.save(self.step, tensors, {STATE: state}, self.step_manifest(), copy_later=True)
 
     def step_manifest(self) -> Manifest:
         cfg, base = self.cfg, self.base
@@ -470,6 +499,7 @@ class Trainer:
         """Load step checkpoint `m` (already checked by check_resume); `exclude` keeps parts fresh.
 
         A DCP step written by several processes loads here too, as full tensors."""
+        self.checkpointer.settle()      # loading changes the tensors a save in flight may still copy
         state = storage.read_json(storage.join(m.uri, STATE))
         with_optimizer = "optimizer" not in exclude
         if m.format == "dcp":

@@ -69,11 +69,11 @@ def test_at_most_one_save_in_flight(tmp_path, monkeypatch):
     release, writing = threading.Event(), threading.Event()
     real = checkpointer.write_tensors
 
-    def slow(out, name, tensors):
+    def slow(out, name, tensors, **kw):
         if out.uri.endswith("step-000001"):
             writing.set()
             release.wait(5)
-        return real(out, name, tensors)
+        return real(out, name, tensors, **kw)
 
     monkeypatch.setattr(checkpointer, "write_tensors", slow)
     ck = Checkpointer(str(tmp_path), cfg(keep_last=None))
@@ -166,3 +166,65 @@ def test_a_strangers_file_is_never_deleted(tmp_path):
     with pytest.raises(CkptError, match="not written by ckptflow"):
         save(ck, 3)
     assert (tmp_path / "step-000003" / "notes.txt").read_text() == "mine"
+
+
+def test_copy_later_snapshots_in_the_writer_and_settle_waits_for_it(tmp_path, monkeypatch):
+    """save(copy_later=True) returns before any copy; the writer thread copies (numpy for contiguous
+    tensors, bf16 and 0-d ones included; torch for a strided one), and once settle() returns the
+    caller may change its tensors: the checkpoint holds them as they were at save()."""
+    copied_in, gate = [], threading.Event()
+    real = Checkpointer._copy_in_writer
+
+    def copy(buf, t):
+        gate.wait(5)
+        copied_in.append(threading.current_thread().name)
+        real(buf, t)
+
+    monkeypatch.setattr(Checkpointer, "_copy_in_writer", staticmethod(copy))
+    ck = Checkpointer(str(tmp_path), cfg(keep_last=None))
+    live = state(1)
+    live["model.safetensors"]["strided"] = torch.arange(12.0).reshape(3, 4).t()
+    want = {f: {k: t.clone() for k, t in sd.items()} for f, sd in live.items()}
+    ck.save(1, live, {"trainer_state.json": {"step": 1}}, Manifest(kind="train_state", format="tune", step=1),
+            copy_later=True)
+    assert copied_in == [] and ck.busy() and ck.stats[0]["copy_later"]    # training went on before the copy
+    gate.set()
+    ck.settle()
+    assert len(copied_in) == sum(map(len, live.values())) and all(n.startswith("ckptflow-save") for n in copied_in)
+    for sd in live.values():
+        for t in sd.values():
+            t.add_(1)                                                       # the optimizer step
+    ck.close()
+    assert not ck.busy()
+    for name, sd in want.items():
+        got = read_tensors(str(tmp_path / "step-000001"), name)
+        assert all(got[k].dtype == t.dtype and torch.equal(got[k], t) for k, t in sd.items())
+
+
+def test_copy_later_is_ignored_by_synchronous_saves(tmp_path):
+    ck = Checkpointer(str(tmp_path), cfg(async_=False, keep_last=None))
+    ck.save(1, state(1), {}, Manifest(kind="train_state", format="tune", step=1), copy_later=True)
+    ck.settle()
+    assert not ck.stats[0]["copy_later"] and not ck.busy()
+    assert torch.equal(read_tensors(str(tmp_path / "step-000001"), "model.safetensors")["w"], state(1)["model.safetensors"]["w"])
+
+
+@pytest.mark.parametrize("use_async", [True, False])
+def test_a_background_save_hashes_in_its_writer_thread(tmp_path, monkeypatch, use_async):
+    """An asynchronous save keeps to one thread (no hasher thread beside the writer, which would
+    take a second core from training); a synchronous one hashes beside the writing thread."""
+    from ckptflow import storage
+
+    seen = {}
+    real = storage.HashingWriter.__init__
+
+    def spy(self, uri, *, threaded=True):
+        seen[uri.rsplit("/", 1)[-1]] = threaded
+        real(self, uri, threaded=threaded)
+
+    monkeypatch.setattr(storage.HashingWriter, "__init__", spy)
+    ck = Checkpointer(str(tmp_path), cfg(async_=use_async, keep_last=None))
+    save(ck, 1)
+    ck.close()
+    assert {seen["model.safetensors"], seen["optimizer.safetensors"]} == {not use_async}
+    assert manifest.verify(str(tmp_path / "step-000001")) == []

@@ -125,12 +125,12 @@ if mode == "step":        # killed right after step `at`, whatever is in flight
 else:                     # killed half way through writing the checkpoint of step `at`
     real = checkpointer.write_tensors
 
-    def dying(out, name, tensors):
+    def dying(out, name, tensors, **kw):
         if out.uri.endswith(checkpointer.step_name(at)) and name == "optimizer.safetensors":
             with out.open(name) as f:
                 f.write(b"half a file")
                 os.kill(os.getpid(), signal.SIGKILL)
-        return real(out, name, tensors)
+        return real(out, name, tensors, **kw)
 
     checkpointer.write_tensors = dying
 train.run(cfg, base, on_metrics=on_metrics)
@@ -228,6 +228,87 @@ def test_grad_accumulation_equals_one_big_batch(base, tmp_path):
     b = read_tensors(stage.run(acc, base).uri, "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-5)   # float32 summation order only
+
+
+# ---- yielding a thread to the checkpoint writer ---------------------------------------------
+
+WIDE = "seed://llama?dim=256&n_layers=2&n_heads=4&n_kv_heads=4&vocab_size=512"
+
+
+@pytest.fixture(scope="module")
+def wide_base(tmp_path_factory):
+    """A model wide enough that torch splits its ops across threads (the dim-64 one mostly does not)."""
+    d = tmp_path_factory.mktemp("wide")
+    download.run(WIDE, str(d / "source"))
+    return convert.run(str(d / "source"), str(d / "base")).uri
+
+
+def _steps_at(cfg, base, threads: list[int]) -> dict:
+    from ckptflow.trainer import Trainer, process_settings
+
+    with process_settings(cfg.train):
+        tr = Trainer(cfg, base)
+        losses = []
+        for n in threads:
+            torch.set_num_threads(n)
+            losses.append(tr.train_step()["loss"])
+        return {"loss": losses, **tr.trainable_state(), **tr.optimizer_state()}
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_training_step_does_not_depend_on_the_thread_count(wide_base, tmp_path, method):
+    """What makes checkpoint.yield_threads safe: training runs one torch thread fewer while an async
+    save is written, at steps that depend on timing, so resume is bit-identical only because the
+    step's results do not change with the thread count. The probe shows that the thread count does
+    change a plain whole-tensor sum here, so the comparison is not vacuous."""
+    probes = [torch.randn(100_000, generator=torch.Generator().manual_seed(s)) for s in range(4)]
+    own, sums = torch.get_num_threads(), []
+    for n in (2, 1):
+        torch.set_num_threads(n)
+        sums.append(torch.stack([p.sum() for p in probes]))
+    cfg = make_cfg(tmp_path, method, f"train.method={method}", "train.batch_size=4", "train.seq_len=64",
+                   "train.deterministic=false", "data.eval=null")
+    try:
+        assert not torch.equal(*sums), "torch's sums did not change with the thread count: nothing is tested"
+        ref = _steps_at(cfg, wide_base, [2, 2, 2])
+        got = _steps_at(cfg, wide_base, [1, 2, 1])
+    finally:
+        torch.set_num_threads(own)
+    assert got["loss"] == ref["loss"]
+    assert [k for k in ref if k != "loss" and not torch.equal(ref[k], got[k])] == []
+
+
+def test_training_yields_a_thread_while_an_async_save_is_written(base, tmp_path, monkeypatch):
+    import threading
+
+    from ckptflow import checkpointer
+    from ckptflow.trainer import Trainer, process_settings
+
+    release = threading.Event()
+    real = checkpointer.write_tensors
+
+    def held(out, name, tensors, **kw):
+        release.wait(10)
+        return real(out, name, tensors, **kw)
+
+    monkeypatch.setattr(checkpointer, "write_tensors", held)
+    own = torch.get_num_threads()
+    for yielding, during in (("true", 1), ("false", 2)):
+        release.clear()
+        cfg = make_cfg(tmp_path, f"yield-{yielding}", "train.method=full", "train.threads=2",
+                       f"checkpoint.yield_threads={yielding}")
+        with process_settings(cfg.train):
+            tr = Trainer(cfg, base)
+            tr.train_step()
+            tr.save()
+            tr.train_step()
+            assert tr.checkpointer.busy() and torch.get_num_threads() == during   # that step ran on `during`
+            release.set()
+            tr.checkpointer.wait()
+            tr.train_step()
+            assert torch.get_num_threads() == 2                                   # back once the write ended
+            tr.checkpointer.close()
+    assert torch.get_num_threads() == own      # process_settings put the test's own count back
 
 
 # ---- it learns ----------------------------------------------------------------------------
