@@ -12,7 +12,8 @@ One process, one model, one optimizer, phases of the same number of training ste
   sync            a save every N steps, written before training goes on
 With --rounds R the phases repeat R times, interleaved, and the table sums over rounds; the
 lines after it give each phase's best and median slowdown over the baseline of the same round.
-A save holds the full float32 weights and both AdamW moments (about 12 bytes per parameter).
+A save holds the full float32 weights and both AdamW moments (about 12 bytes per parameter);
+with --method lora only the adapter and its moments.
 Reported side by side: the time training is blocked per save (async: waiting for the previous
 save + the snapshot copy + waiting for the writer's copy before the next optimizer step; sync:
 the whole write), the full write time, and each phase's slowdown over the baseline. Saves
@@ -51,6 +52,8 @@ def parse_args():
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat baseline/async/sync this many times, interleaved, so load drift hits all three alike")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--method", choices=("full", "lora"), default="full",
+                   help="lora: rank 8 on q_proj and v_proj; a save holds only the adapter and its optimizer state")
     p.add_argument("--phases", default="baseline,async,sync",
                    help="comma-separated, from baseline, async, async-noyield, sync")
     p.add_argument("--quiet", type=float, default=0.0,
@@ -74,7 +77,7 @@ def run_config(a, base_uri: str):
     return config.validate({
         "run_id": "bench", "storage": os.path.join(a.dir, "runs"), "model": {"source": base_uri},
         "data": {"train": os.path.join(ROOT, "deployments", "data", "demo.jsonl")},
-        "train": {"method": "full", "steps": 10**6, "batch_size": a.batch_size, "seq_len": a.seq_len,
+        "train": {"method": a.method, "lora": {"rank": 8, "alpha": 16, "targets": ["q_proj", "v_proj"]}, "steps": 10**6, "batch_size": a.batch_size, "seq_len": a.seq_len,
                   "packed": True, "lr": 1e-5, "device": "cpu", "threads": a.threads},
         "checkpoint": {"every_steps": a.every, "keep_last": 1}})
 
@@ -146,6 +149,7 @@ def phase(trainer, name: str, steps: int, every: int, root: str) -> dict:
             "blocked_s": [s["blocked_s"] for s in stats], "write_s": [s["write_s"] for s in stats],
             "snapshot_s": [s["snapshot_s"] for s in stats], "wait_s": [s["wait_s"] for s in stats],
             "settle_s": [s.get("settle_s", 0.0) for s in stats], "copy_s": [s.get("copy_s", 0.0) for s in stats],
+            "data_s": [s.get("data_s", 0.0) for s in stats],
             "bytes": stats[0]["bytes"] if stats else 0}
 
 
@@ -155,7 +159,7 @@ def merge(acc: dict | None, got: dict) -> dict:
     out = dict(acc)
     for k in ("seconds", "steps", "saves", "cpu_s", "others_cpu_s"):
         out[k] = acc[k] + got[k]
-    for k in ("blocked_s", "write_s", "snapshot_s", "wait_s", "settle_s", "copy_s"):
+    for k in ("blocked_s", "write_s", "snapshot_s", "wait_s", "settle_s", "copy_s", "data_s"):
         out[k] = acc[k] + got[k]
     out["rounds"] = acc["rounds"] + [got["seconds"]]
     out["round_others"] = acc["round_others"] + [got["others_cpu_s"] / got["seconds"]]
@@ -183,10 +187,12 @@ def report(a, n_params: int, phases: dict, load: tuple, threads: int, yielding: 
                     f"{key}_slowdown_best": min(rel), f"{key}_slowdown_median": statistics.median(rel),
                     f"{key}_blocked_per_save_s": mean(p["blocked_s"]), f"{key}_write_s": mean(p["write_s"]),
                     f"{key}_snapshot_s": mean(p["snapshot_s"]), f"{key}_wait_prev_s": mean(p["wait_s"]),
-                    f"{key}_settle_s": mean(p["settle_s"]), f"{key}_copy_in_writer_s": mean(p["copy_s"])})
+                    f"{key}_settle_s": mean(p["settle_s"]), f"{key}_copy_in_writer_s": mean(p["copy_s"]),
+                    f"{key}_data_s": mean(p["data_s"])})
     w, c = 36, 16
-    print(f"\nmodel: {n_params / 1e6:.0f}M parameters, full fine-tune, float32; checkpoint {gb:.2f} GB "
-          f"(weights + AdamW moments); {a.steps} steps per phase x {a.rounds} rounds, a save every {a.every} "
+    what = "full fine-tune" if a.method == "full" else "LoRA rank 8 on q_proj, v_proj"
+    print(f"\nmodel: {n_params / 1e6:.0f}M parameters, {what}, float32; checkpoint {gb:.3f} GB "
+          f"(trainable weights + AdamW moments); {a.steps} steps per phase x {a.rounds} rounds, a save every {a.every} "
           f"({first['saves']} saves per mode); torch threads {threads}, async saves yield a thread to the writer: "
           f"{'yes' if yielding else 'no'}; load average before/after {load[0]:.2f}/{load[1]:.2f}\n")
     cols = saving + ["baseline"]
@@ -209,6 +215,8 @@ def report(a, n_params: int, phases: dict, load: tuple, threads: int, yielding: 
             if n != "sync" else None, "{:.1%}")
     row("snapshot copy in the writer (s)", lambda n, p: mean(p["copy_s"]) if n != "sync" else None)
     row("full write of one save (s)", lambda n, p: mean(p["write_s"]))
+    row("  until the last byte was written (s)", lambda n, p: mean(p["data_s"]))
+    row("  fsync and commit (s)", lambda n, p: mean(p["write_s"]) - mean(p["data_s"]))
     row("write throughput (MB/s)", lambda n, p: gb * 1e3 / mean(p["write_s"]), "{:.0f}")
     row("median step while phase ran (s)", lambda n, p: p["step_s_median"], "{:.3f}")
     row("phase wall time (s)", lambda n, p: p["seconds"], "{:.1f}")

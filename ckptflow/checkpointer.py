@@ -12,10 +12,25 @@ ckptflow.json last. Training goes on during the write. With async off the same w
 in the caller. Retention runs after each commit and only ever deletes steps older than the one
 just committed, so a crash at any moment leaves the newest committed step intact.
 
-The writer runs at the training thread's priority. It once ran at nice 10 to yield the CPU,
-but training waits for it at the next save anyway: on a busy CPU host the starved writer (and
-the hasher threads it starts) wrote at a third of the synchronous speed and async saves cost
-more than synchronous ones (bench/checkpoint.py, issue 16).
+What a background save costs the training thread, and why (bench/checkpoint.py, issue 16):
+- The snapshot copy (12 bytes per parameter for full fine-tuning: weights and both AdamW
+  moments; LoRA: only the adapter and its moments) is memory-bound, about 17 GB/s here, and
+  on CPU it was most of what an async save blocked. With save(copy_later=True) (the trainer's
+  saves of CPU tensors) the writer thread makes that copy, with numpy (one core, GIL released;
+  a torch copy from that thread would start an OpenMP team of its own), while the next forward
+  and backward run: they only read the tensors. settle() returns once the copy is taken, and the
+  trainer calls it before the optimizer step, the first thing that changes them. CUDA tensors
+  are still copied in the caller (non-blocking into pinned memory, then one synchronize).
+- The writer hashes in its own thread (storage.HashingWriter threaded=False) rather than in a
+  hasher thread beside it, so a background save takes one core, not two. A synchronous save
+  keeps the hasher thread: training is waiting and both cores are free.
+- On CPU the writer competes with torch's intra-op threads, which use every core. A writer
+  that preempts one of them makes every parallel region wait for that straggler: training
+  steps ran up to 4x slower while a save was written, and async saves cost more than
+  synchronous ones. So the trainer runs one thread fewer while busy() (trainer._pace_threads,
+  checkpoint.yield_threads). Running the writer at idle priority instead (SCHED_IDLE, or the
+  nice 10 this module once used) starves it whenever the cores are busy, including with other
+  processes, and training then waits for it at the next save.
 """
 from __future__ import annotations
 
