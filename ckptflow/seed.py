@@ -115,7 +115,7 @@ def init_state_dict(args: ModelArgs, seed: int, dtype: str):
     where norms compute x * (1 + w))."""
     import torch
 
-    from ckptflow.formats.tune import expected_shapes
+    from ckptflow.model_args import expected_shapes
 
     g = torch.Generator().manual_seed(seed)
     sd = {}

@@ -158,7 +158,7 @@ def from_step(uri: str, m: Manifest, base: str | None, run: str | None) -> Sourc
 def full_step_view(uri: str, m: Manifest, bv: View) -> View:
     """A full fine-tune step (one process's or several processes' DCP): its weights, with the
     base's family, config, tokenizer and layout."""
-    from ckptflow.formats.tune import expected_shapes
+    from ckptflow.model_args import expected_shapes
 
     from ckptflow.formats import step
 
