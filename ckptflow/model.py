@@ -104,7 +104,7 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, offset: bool = False, f32: bool = False):
         super().__init__()
         self.eps, self.offset, self.f32 = eps, offset, f32
-        self.scale = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+        self.scale = nn.Parameter(torch.full((dim,), norm_init(offset)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
@@ -115,6 +115,11 @@ class RMSNorm(nn.Module):
             return (self.scale * x32).to(x.dtype)
         # Llama's order: normalise in float32, cast back, then scale in the input dtype.
         return self.scale * x32.to(x.dtype)
+
+
+def norm_init(offset: bool) -> float:
+    """The weight a norm starts at, so that it only normalises: 0 where it computes x * (1 + w), else 1."""
+    return 0.0 if offset else 1.0
 
 
 def norm(args: ModelArgs, dim: int | None = None) -> RMSNorm:
@@ -352,7 +357,7 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             with torch.no_grad():
                 if name.endswith(".scale"):
-                    p.fill_(0.0 if self.args.norm_offset else 1.0)
+                    p.fill_(norm_init(self.args.norm_offset))
                 elif name.endswith(".bias"):
                     p.zero_()
                 else:
