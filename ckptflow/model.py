@@ -27,6 +27,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ckptflow.errors import CkptError
+from ckptflow.loss import cross_entropy_sum
 from ckptflow.model_args import ModelArgs
 
 
@@ -371,7 +372,7 @@ class Transformer(nn.Module):
                 labels: torch.Tensor | None = None, loss_chunk: int | None = None) -> torch.Tensor:
         """Logits [B, T, vocab] in float32 for tokens at positions input_pos .. input_pos+T-1.
 
-        With `labels` [B, T] instead: the summed token cross-entropy (labels of -100 skipped),
+        With `labels` [B, T] instead: the summed token cross-entropy (labels of loss.IGNORE skipped),
         computed `loss_chunk` tokens at a time (None: all at once) with each chunk's output
         projection recomputed in the backward pass, so a large vocabulary's logits never exist
         whole: at most one chunk's [loss_chunk, vocab] lives at a time, forward or backward.
@@ -432,9 +433,6 @@ class Transformer(nn.Module):
         return allowed
 
 
-IGNORE = -100   # labels skipped by the loss (ckptflow.data.IGNORE)
-
-
 def chunked_cross_entropy(head, h: torch.Tensor, labels: torch.Tensor, chunk: int | None) -> torch.Tensor:
     """sum over tokens of cross_entropy(head(h), labels), h [N, dim], labels [N]; `chunk` tokens at a
     time, each chunk checkpointed (its logits are recomputed in the backward pass, then freed)."""
@@ -451,7 +449,7 @@ def chunked_cross_entropy(head, h: torch.Tensor, labels: torch.Tensor, chunk: in
 
 
 def _ce_sum(head, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(h).float(), labels, ignore_index=IGNORE, reduction="sum")
+    return cross_entropy_sum(head(h), labels)
 
 
 def check_state_dict(model: nn.Module, sd: dict) -> None:

@@ -35,6 +35,7 @@ from ckptflow import config as config_mod
 from ckptflow import data, manifest, progress, storage
 from ckptflow.checkpointer import Checkpointer, read_tensors, step_name
 from ckptflow.errors import CkptError
+from ckptflow.loss import IGNORE, cross_entropy_sum
 from ckptflow.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -292,7 +293,7 @@ class Trainer:
         micro = [self._micro_batch() for _ in range(tc.grad_accum)]
         # Every process divides by the targets of the whole step, so accumulation and several
         # processes add up to the loss of one big batch (FSDP averages gradients: times world).
-        targets = max(self._all_sum(sum(int((lab != data.IGNORE).sum()) for _, lab in micro)), 1)
+        targets = max(self._all_sum(sum(int((lab != IGNORE).sum()) for _, lab in micro)), 1)
         total, aux_total = 0.0, None
         for tokens, labels in micro:
             tokens, labels = self._to_device(tokens), self._to_device(labels)
@@ -341,11 +342,11 @@ class Trainer:
         """Summed token cross-entropy; with a teacher, (1 - alpha) CE + alpha T^2 KL(teacher || student)."""
         import torch.nn.functional as F
 
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=data.IGNORE, reduction="sum")
+        ce = cross_entropy_sum(logits, labels)
         if teacher_logits is None:
             return ce
         d = self.cfg.train.distill
-        keep = labels != data.IGNORE
+        keep = labels != IGNORE
         s = F.log_softmax(logits[keep].float() / d.temperature, dim=-1)
         t = F.log_softmax(teacher_logits[keep].float() / d.temperature, dim=-1)
         kl = F.kl_div(s, t, log_target=True, reduction="sum") * d.temperature ** 2
