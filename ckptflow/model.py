@@ -277,10 +277,16 @@ def load_balancing_loss(router_logits: list[torch.Tensor], n_experts: int, top_k
     return torch.sum((counts / rows) * (prob_sum / rows)) * n_experts
 
 
-def aux_loss(model: nn.Module) -> tuple[torch.Tensor, float] | None:
-    """(the router load-balancing loss of the last training forward over every sparse layer, its
-    coefficient router_aux_loss_coef); None for a dense model or outside training."""
-    moes = [m for m in model.modules() if isinstance(m, MoE) and m.router_logits is not None]
+def moe_blocks(model: nn.Module) -> list[MoE]:
+    """The sparse layers' MoE modules, in order (none for a dense model): collected once by a
+    trainer, which asks for their auxiliary loss every micro-batch."""
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def aux_loss(blocks: list[MoE]) -> tuple[torch.Tensor, float] | None:
+    """(the router load-balancing loss of the last training forward over `blocks` (moe_blocks),
+    its coefficient router_aux_loss_coef); None for a dense model or outside training."""
+    moes = [m for m in blocks if m.router_logits is not None]
     if not moes:
         return None
     loss = load_balancing_loss([m.router_logits for m in moes], moes[0].n_experts, moes[0].top_k)

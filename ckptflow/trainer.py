@@ -140,13 +140,6 @@ def seed_everything(seed: int) -> None:
 
 # ---- model and optimizer -------------------------------------------------------------------
 
-def model_aux_loss(model):
-    """(router load-balancing loss, its coefficient) of the last forward of an MoE model, else None."""
-    from ckptflow.model import aux_loss
-
-    return aux_loss(model)
-
-
 def lora_config(cfg):
     if cfg.train.method != "lora":
         return None
@@ -227,6 +220,8 @@ class Trainer:
     def __init__(self, cfg, base_uri: str, run_uri: str | None = None, *, on_metrics=None, full_sd: dict | None = None):
         import torch
 
+        from ckptflow.model import moe_blocks
+
         self.cfg, tc = cfg, cfg.train
         self.base = manifest.require(base_uri)
         self.run_uri = run_uri or config_mod.run_dir(cfg)
@@ -237,6 +232,7 @@ class Trainer:
         self.on_metrics = on_metrics
         self.model = self._build_model(full_sd)
         apply_knobs(self.model, tc)
+        self.moes = moe_blocks(self.model)    # asked for their router loss every micro-batch
         groups, self.names = param_groups(self.model, tc.weight_decay)
         self.optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
         self.teacher = load_teacher(tc.distill.teacher, self.model.args, self.device) if tc.distill.teacher else None
@@ -286,6 +282,8 @@ class Trainer:
     def train_step(self) -> dict:
         import torch
 
+        from ckptflow.model import aux_loss
+
         tc, step = self.cfg.train, self.step + 1
         lr = self.schedule.lr_at(step)
         for g in self.optimizer.param_groups:
@@ -299,7 +297,7 @@ class Trainer:
             tokens, labels = self._to_device(tokens), self._to_device(labels)
             loss = self._forward_loss(tokens, labels) / targets
             total += float(loss.detach())
-            aux = model_aux_loss(self.model)
+            aux = aux_loss(self.moes)
             if aux is not None:     # MoE: + coef * router load-balancing loss, as transformers adds it
                 loss = loss + aux[1] * aux[0] / len(micro)
                 aux_total = (aux_total or 0.0) + float(aux[0].detach()) / len(micro)
