@@ -439,7 +439,7 @@ def guard(uri: str, wait: float = 0.0) -> None:
     process, or of the process that started it, lets the write go on."""
     uri = storage.normalize(uri)
     deadline = time.monotonic() + wait
-    while (blocker := _blocking_ancestor(uri)) is not None:
+    while (blocker := blocking_ancestor(uri)) is not None:
         where, rec = blocker
         if time.monotonic() >= deadline:
             raise CkptError(f"{uri}: another process is writing {where}: {describe(rec)}; "
@@ -447,8 +447,11 @@ def guard(uri: str, wait: float = 0.0) -> None:
         time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
 
 
-def _blocking_ancestor(uri: str) -> tuple[str, dict] | None:
-    up = uri
+def blocking_ancestor(uri: str) -> tuple[str, dict] | None:
+    """(directory, lease record) of the nearest live lease above `uri`, up to ANCESTORS levels and
+    never above a bucket or the top directory, when another process holds it; else None. The one
+    rule for who else is writing around `uri` (guard, gc)."""
+    up = storage.normalize(uri)
     for _ in range(ANCESTORS):
         nxt = storage.parent(up)
         if not nxt or nxt == up or nxt.endswith(":/") or "/" not in nxt.split("://", 1)[-1].strip("/"):
