@@ -187,12 +187,12 @@ def test_canary_credentials_reach_no_database_log_artifact_or_file(prefect_api, 
 
 
 def test_the_embedded_server_gets_no_credential_and_a_configured_api_is_used_as_is(tmp_path):
-    from ckptflow import settings
+    from ckptflow import api_server
 
     env = {"PREFECT_HOME": str(tmp_path), "CKPTFLOW_CREDENTIAL_SECRET": "s3cr3t", "PATH": "/bin"}
-    assert "CKPTFLOW_CREDENTIAL_SECRET" not in settings.embedded_server_env(env)
-    assert settings.configured_api_url(env) is None
+    assert "CKPTFLOW_CREDENTIAL_SECRET" not in api_server.embedded_server_env(env)
+    assert api_server.configured_api_url(env) is None
     (tmp_path / "profiles.toml").write_text('active = "remote"\n[profiles.remote]\n'
                                             'PREFECT_API_URL = "http://prefect.internal:4200/api"\n')
-    assert settings.configured_api_url(env) == "http://prefect.internal:4200/api"   # no embedded server then
-    assert settings.configured_api_url({**env, "PREFECT_API_URL": "http://x/api"}) == "http://x/api"
+    assert api_server.configured_api_url(env) == "http://prefect.internal:4200/api"   # no embedded server then
+    assert api_server.configured_api_url({**env, "PREFECT_API_URL": "http://x/api"}) == "http://x/api"
