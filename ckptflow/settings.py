@@ -4,8 +4,10 @@ Prefect reads its settings from the environment once, at import. The `run` and `
 commands and the `tasks`/`flows` packages call `apply_prefect_defaults()` first, so that:
 
 - nothing phones home (telemetry is off; offline it only logs errors),
-- the embedded (ephemeral) API server gets 120 s to start instead of 20 s (a fresh SQLite
-  database takes ~25 s to migrate on 2 cores, measured),
+- the embedded (ephemeral) API server gets 120 s to start instead of Prefect's 20 s: on a 2-core
+  machine at load ~4 it answered /health after 10.6-15.5 s on a fresh SQLite database (Prefect's
+  migrations run) and 5.2-7.9 s on a migrated one (`python bench/prefect_startup.py`, 4 runs,
+  Prefect 3.9.1), too close to 20 s for a busier machine,
 - Prefect's database, profiles and default result storage live under ~/.ckptflow/prefect,
   apart from any other Prefect project on the machine,
 - the library's INFO lines reach the flow run's logs.
