@@ -108,8 +108,8 @@ def _source_files(source: str) -> tuple[str, list[str]]:
 def _source_manifest(source: str, src: str, params: dict) -> Manifest:
     from ckptflow.formats import registry
 
-    fmt = registry.sniff(src)
-    prior = manifest.read(src)
+    prior = manifest.read(src)       # read once: sniff would read it again for the format
+    fmt = prior.format if prior is not None else registry.sniff(src)
     lineage = dict(prior.lineage) if prior else {"source": source, "revision": None, "stages": []}
     return Manifest(kind="source", format=fmt, family=prior.family if prior else None,
                     model_args=prior.model_args if prior else None, dtype=prior.dtype if prior else None,
