@@ -289,3 +289,17 @@ def test_a_fused_phi3_peft_adapter_exports_as_itself(tmp_path):
     with torch.no_grad():
         want_logits = pm.eval()(x).logits
     torch.testing.assert_close(hf_logits(str(tmp_path / "hf"), x), want_logits, atol=1e-5, rtol=0)
+
+
+def test_a_damaged_committed_model_is_not_exported(tmp_path):
+    r = make_run(str(tmp_path / "run"))
+    base = manifest.require(os.path.join(r, "base"))
+    shard = next(n for n in base.files if n.endswith(".safetensors"))
+    with open(os.path.join(base.uri, shard), "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
+    with pytest.raises(CkptError, match=rf"{shard}: sha256 mismatch: the source does not match"):
+        export.run(base.uri, str(tmp_path / "hf"), format="hf")
+    assert not os.path.exists(tmp_path / "hf")

@@ -16,6 +16,7 @@ run, the step, every stage the weights went through, and the dtype.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -42,6 +43,7 @@ class Source:
     base: View | None = None      # the base model, when SRC holds only part of it (steps, adapters)
     run: str | None = None
     step: int | None = None
+    verified: bool = False        # its files were re-hashed already (a run's newest verified step)
 
 
 def run(src: str, dst: str, *, format: str = "original", step: int | None = None, dtype: str | None = None,
@@ -78,13 +80,21 @@ def _run(src: str, dst: str, format: str, step: int | None, dtype: str | None, b
         if out.done is not None:     # another writer committed the same while we waited
             return out.done
         out.reserve(total)
-        with progress.bar(total, f"export -> {fmt}") as bar:
-            if prepared is not None:
-                from ckptflow.formats import gguf
+        check = None if source.verified else manifest.checking(source.manifest, source.view.read_uris())
+        try:
+            with progress.bar(total, f"export -> {fmt}") as bar:
+                if prepared is not None:
+                    from ckptflow.formats import gguf
 
-                m = gguf.write_view(source.view, out, progress=bar, prepared=prepared)
-            else:
-                m = registry.write(fmt, source.view, out, out_dtype=out_dtype, progress=bar)
+                    m = gguf.write_view(source.view, out, progress=bar, prepared=prepared)
+                else:
+                    m = registry.write(fmt, source.view, out, out_dtype=out_dtype, progress=bar)
+        except BaseException:
+            if check is not None:
+                check.cancel()
+            raise
+        if check is not None:
+            check.require()
         m.kind, m.inputs, m.params, m.step = "export", inputs, params, source.step
         m.lineage = lineage(source, fmt, dst, m.dtype)
         return out.commit(m)
@@ -115,7 +125,7 @@ def resolve(src: str, *, step: int | None = None, base: str | None = None, adapt
         sm = checkpointer.find(train, step) if step is not None else checkpointer.latest(train)
         if sm is None:
             raise CkptError(f"{src}: no committed, verified step checkpoint under train/")
-        return from_step(sm.uri, sm, base, run=src)
+        return dataclasses.replace(from_step(sm.uri, sm, base, run=src), verified=True)
     if step is not None and (m is None or m.step != step):
         raise CkptError(f"{src}: --step {step} needs a run directory; this is "
                         + (f"step {m.step}" if m is not None and m.step is not None else "not a step checkpoint"))
