@@ -131,6 +131,16 @@ def verify(uri: str) -> list[str]:
     return Check(uri, require(uri)).problems()
 
 
+class Damaged(CkptError):
+    """A committed directory whose files no longer match its manifest."""
+
+    def __init__(self, uri: str, problems: list[str]):
+        self.uri, self.problems = uri, problems
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        super().__init__(f"{problems[0]}{more}: the source does not match its {NAME}; it is damaged or was "
+                         f"changed after its commit, so nothing was written (`ckptflow verify {uri}`)")
+
+
 class Check:
     """Re-hash the files committed manifest `m` lists, on background threads (hashlib releases
     the GIL), several files at once: `verify`, and a stage that reads a committed source checks
@@ -161,12 +171,10 @@ class Check:
         return problems
 
     def require(self) -> None:
-        """Raise, naming the first damaged file, unless every file verifies."""
+        """Raise Damaged, naming the first damaged file, unless every file verifies."""
         problems = self.problems()
         if problems:
-            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-            raise CkptError(f"{problems[0]}{more}: the source does not match its {NAME}; it is damaged "
-                            f"or was changed after its commit, so nothing was written (`ckptflow verify {self.uri}`)")
+            raise Damaged(self.uri, problems)
 
     def cancel(self) -> None:
         for fut in self._got.values():

@@ -16,7 +16,6 @@ run, the step, every stage the weights went through, and the dtype.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -43,7 +42,6 @@ class Source:
     base: View | None = None      # the base model, when SRC holds only part of it (steps, adapters)
     run: str | None = None
     step: int | None = None
-    verified: bool = False        # its files were re-hashed already (a run's newest verified step)
 
 
 def run(src: str, dst: str, *, format: str = "original", step: int | None = None, dtype: str | None = None,
@@ -53,15 +51,23 @@ def run(src: str, dst: str, *, format: str = "original", step: int | None = None
     src, dst = storage.normalize(src), storage.normalize(dst)
     if src == dst:
         raise CkptError(f"{dst}: source and destination are the same directory")
+    damaged: set[str] = set()
     try:
-        return _run(src, dst, format, step, dtype, base, overwrite, wait)
+        while True:
+            try:
+                return _run(src, dst, format, step, dtype, base, overwrite, wait, damaged)
+            except manifest.Damaged as e:   # a run's newest step: the next older one, as resume would
+                if step is not None or e.uri in damaged or not is_run(src):
+                    raise
+                log.warning("%s: skipping a damaged checkpoint (%s)", e.uri, e.problems[0])
+                damaged.add(e.uri)
     finally:
         hf.drop_copies()     # local copies of remote .bin/.pth files: fetched once, freed here
 
 
 def _run(src: str, dst: str, format: str, step: int | None, dtype: str | None, base: str | None,
-         overwrite: bool, wait: float) -> Manifest:
-    source = resolve(src, step=step, base=base, adapter=format == "peft")
+         overwrite: bool, wait: float, damaged: set[str] = frozenset()) -> Manifest:
+    source = resolve(src, step=step, base=base, adapter=format == "peft", damaged=damaged)
     fmt = target_format(format, source)
     out_dtype, prepared = (None, _gguf(source.view, dtype)) if fmt == "gguf" else (dtype_code(dtype), None)
     if prepared is not None:
@@ -80,7 +86,7 @@ def _run(src: str, dst: str, format: str, step: int | None, dtype: str | None, b
         if out.done is not None:     # another writer committed the same while we waited
             return out.done
         out.reserve(total)
-        check = None if source.verified else manifest.checking(source.manifest, source.view.read_uris())
+        check = manifest.checking(source.manifest, source.view.read_uris())
         try:
             with progress.bar(total, f"export -> {fmt}") as bar:
                 if prepared is not None:
@@ -114,18 +120,25 @@ def _nbytes(it: Item, out_dtype: str | None) -> int:
 
 # --- what SRC is ----------------------------------------------------------------------------
 
-def resolve(src: str, *, step: int | None = None, base: str | None = None, adapter: bool = False) -> Source:
+def resolve(src: str, *, step: int | None = None, base: str | None = None, adapter: bool = False,
+            damaged: set[str] = frozenset()) -> Source:
     """What SRC is. `adapter`: prefer the LoRA adapter where a directory holds a model and its
-    adapter both (torchtune's LoRA outputs), as a PEFT export wants."""
+    adapter both (torchtune's LoRA outputs), as a PEFT export wants. A run resolves to its newest
+    committed step not in `damaged` (or `step`); its files are checked while they are exported
+    (the files the export reads, not the optimizer state), a damaged one fails that write."""
     m = manifest.read(src)
     if m is None and is_run(src):
         from ckptflow import checkpointer
 
         train = storage.join(src, "train")
-        sm = checkpointer.find(train, step) if step is not None else checkpointer.latest(train)
+        if step is not None:
+            sm = checkpointer.find(train, step, verify=False)
+        else:
+            newest = [uri for _, uri in reversed(checkpointer.list_steps(train)) if uri not in damaged]
+            sm = manifest.require(newest[0]) if newest else None
         if sm is None:
             raise CkptError(f"{src}: no committed, verified step checkpoint under train/")
-        return dataclasses.replace(from_step(sm.uri, sm, base, run=src), verified=True)
+        return from_step(sm.uri, sm, base, run=src)
     if step is not None and (m is None or m.step != step):
         raise CkptError(f"{src}: --step {step} needs a run directory; this is "
                         + (f"step {m.step}" if m is not None and m.step is not None else "not a step checkpoint"))
