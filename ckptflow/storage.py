@@ -602,20 +602,20 @@ class HashingWriter:
         """Finish the file without waiting for its hash or its fsync: a Future of {size, sha256}
         that the committer resolves before it writes the manifest, so file N is hashed and
         flushed while file N+1 is written. At most HASH_AHEAD files finish in the background;
-        the next close_later waits for a slot (bounding the memory queued for hashing)."""
-        from concurrent.futures import Future
-
-        if not self._local:
-            done: Future = Future()
-            done.set_result(self.close())
-            return done
+        the next close_later waits for a slot (bounding the memory queued for hashing). On object
+        stores the upload runs there too."""
         _AHEAD.acquire()
-        fd = os.dup(self._f.fileno())
-        self._f.close()
         try:
-            return _fsync_pool().submit(self._finish, fd)
+            if not self._local:     # the upload of file N overlaps the writing of N+1
+                return _fsync_pool().submit(self._finish_remote)
+            fd = os.dup(self._f.fileno())
+            self._f.close()
+            try:
+                return _fsync_pool().submit(self._finish, fd)
+            except BaseException:
+                os.close(fd)
+                raise
         except BaseException:
-            os.close(fd)
             _AHEAD.release()
             raise
 
@@ -626,6 +626,12 @@ class HashingWriter:
             return digest
         finally:
             os.close(fd)
+            _AHEAD.release()
+
+    def _finish_remote(self) -> dict:
+        try:
+            return self.close()
+        finally:
             _AHEAD.release()
 
     def _digest(self) -> dict:
@@ -692,14 +698,6 @@ def _stream(f, fs, path: str) -> None:
             discard()
         raise
     out.close()
-
-
-def copy_file(src: str, dst: str) -> dict:
-    """Stream one file to another location, hashing on the way; returns {size, sha256}."""
-    with open_read(src) as fin, HashingWriter(dst) as out:
-        while chunk := fin.read(CHUNK):
-            out.write(chunk)
-        return out.close()
 
 
 def file_digest(uri: str) -> dict:
