@@ -427,6 +427,16 @@ def _fsync_pool():
     return _POOL
 
 
+def _after_fork() -> None:
+    """A forked child has none of the parent's threads: its pool and slots start afresh."""
+    global _POOL, _AHEAD
+    _POOL, _AHEAD = None, threading.BoundedSemaphore(HASH_AHEAD)
+    _BUFFERS.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 @contextlib.contextmanager
 def _buffer():
     """A CHUNK-sized bytearray from the pool (returned on exit)."""
