@@ -54,6 +54,8 @@ CASES = {
     # that llama.cpp's smollm3 hard-codes (4 layers: layer 3 has none), q/k rows permuted, tied
     "olmo2": ("olmo2", "gpt2", {}),
     "smollm3": ("smollm3", "llama3", {"num_hidden_layers": 4, "no_rope_layer_interval": 4}),
+    "smollm3-linear": ("smollm3", "llama3", {"num_hidden_layers": 4, "no_rope_layer_interval": 4, "rope_parameters": {
+        "rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}}),
 }
 # Mixtral's q8_0 logits are 0.05 off except at one position (0.17), whatever the router's scale:
 # rounding there moves a top-2 expert's weight, not a mapping error (its f32 file is exact).
@@ -444,6 +446,10 @@ def test_olmo2_and_smollm3_metadata_and_modelfile(tmp_path, models):
     ("smollm3", {"num_hidden_layers": 4, "no_rope_layer_interval": 4, "attention_bias": True}, "o_proj"),
     ("olmo2", {"tie_word_embeddings": True}, "tie_word_embeddings=true"),
     ("olmo2", {"attention_bias": True}, "attention_bias=true"),
+    # llama3 RoPE scaling is a rope_freqs tensor, which neither architecture loads
+    ("olmo2", {"rope_parameters": dict(CASES["llama3"][2]["rope_parameters"])}, "RoPE scaling 'llama3'"),
+    ("smollm3", {"num_hidden_layers": 4, "no_rope_layer_interval": 4,
+                 "rope_parameters": dict(CASES["llama3"][2]["rope_parameters"])}, "RoPE scaling 'llama3'"),
 ])
 def test_what_llama_cpp_olmo2_smollm3_cannot_run_is_one_line(tmp_path, capsys, family, over, says):
     tj = train_tokenizer("gpt2")

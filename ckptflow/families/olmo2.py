@@ -89,8 +89,12 @@ TUNE_TO_GGUF = {
 
 def gguf_metadata(args: ModelArgs) -> list:
     """Nothing beyond the common keys; refuses what llama.cpp's olmo2 cannot load or compute: it
-    requires an `output` tensor (no tied head), adds no q/k/v/o bias, and sizes the q norm by the
-    hidden size (head_dim = hidden / heads)."""
+    requires an `output` tensor (no tied head), adds no q/k/v/o bias, sizes the q norm by the
+    hidden size (head_dim = hidden / heads) and loads no rope_freqs tensor (no llama3 scaling)."""
+    rope = (args.rope_scaling or {}).get("rope_type")
+    if rope not in (None, "default", "linear"):
+        raise CkptError(f"olmo2 GGUF: RoPE scaling {rope!r}: llama.cpp's olmo2 loads no rope_freqs tensor "
+                        "(default and linear scaling export)")
     if args.tie_embeddings:
         raise CkptError("olmo2 GGUF: tie_word_embeddings=true: llama.cpp's olmo2 needs its own output (lm_head) tensor")
     if args.qkv_bias or args.attn_out_bias:

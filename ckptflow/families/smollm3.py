@@ -116,13 +116,18 @@ GGUF_NO_ROPE_INTERVAL = 4
 
 
 def gguf_metadata(args: ModelArgs) -> list:
-    """No extra keys. Refused: layers without RoPE other than llama.cpp's fixed every-4th, and
-    biases (llama.cpp's smollm3 loads no o_proj or MLP bias; attention_bias puts one on o_proj)."""
+    """No extra keys. Refused: layers without RoPE other than llama.cpp's fixed every-4th, llama3
+    RoPE scaling (llama.cpp's smollm3 loads no rope_freqs tensor) and biases (it loads no o_proj or
+    MLP bias; attention_bias puts one on o_proj)."""
     want = no_rope(args.n_layers, GGUF_NO_ROPE_INTERVAL)
     have = list(args.no_rope_layers or [])
     if have != want:
         raise CkptError(f"smollm3 GGUF: no_rope_layers: llama.cpp skips RoPE on every {GGUF_NO_ROPE_INTERVAL}th "
                         f"layer exactly (layers {want}); this model skips it on layers {have}")
+    rope = (args.rope_scaling or {}).get("rope_type")
+    if rope not in (None, "default", "linear"):
+        raise CkptError(f"smollm3 GGUF: RoPE scaling {rope!r}: llama.cpp's smollm3 loads no rope_freqs tensor "
+                        "(default and linear scaling export)")
     if args.qkv_bias or args.attn_out_bias or args.mlp_bias:
         raise CkptError("smollm3 GGUF: attention_bias / mlp_bias = true: llama.cpp's smollm3 loads no o_proj or MLP bias")
     if args.hd * args.n_heads != args.dim:
