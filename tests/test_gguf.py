@@ -462,3 +462,19 @@ def test_what_llama_cpp_olmo2_smollm3_cannot_run_is_one_line(tmp_path, capsys, f
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{family} GGUF" in err[0] and says in err[0], err
     assert not os.path.exists(dst)
+
+
+@pytest.mark.parametrize("case", ["olmo2", "smollm3"])
+def test_a_converted_tune_checkpoint_exports_the_same_tensors(tmp_path, models, case):
+    """HF -> tune (convert) -> GGUF writes the tensors HF -> GGUF does, bit for bit (the proof above
+    then covers a converted or trained checkpoint too)."""
+    from gguf import GGUFReader
+
+    from ckptflow.stages import convert
+
+    tune = convert.run(models[case], str(tmp_path / "tune")).uri
+    direct = GGUFReader(export_gguf(models[case], str(tmp_path / "direct"), "f32"))
+    via = GGUFReader(export_gguf(tune, str(tmp_path / "via"), "f32"))
+    assert [t.name for t in via.tensors] == [t.name for t in direct.tensors]
+    for a, b in zip(direct.tensors, via.tensors):
+        assert np.array_equal(np.asarray(a.data), np.asarray(b.data)), a.name
