@@ -250,15 +250,16 @@ def test_llama_cpp_tokenizes_and_computes_like_transformers(tmp_path, models, ca
           f"equal ({k} tie-free)")
 
 
+@pytest.mark.parametrize("case", ["llama", "olmo2", "smollm3"])
 @pytest.mark.parametrize("dtype,tol", [("f16", 0.03), ("bf16", 0.15)])
-def test_half_precision_files_stay_close(tmp_path, models, dtype, tol):
-    _, logits, gen = hf_side(models["llama"])
-    path = export_gguf(models["llama"], str(tmp_path / dtype), dtype)
+def test_half_precision_files_stay_close(tmp_path, models, dtype, tol, case):
+    _, logits, gen = hf_side(models[case])
+    path = export_gguf(models[case], str(tmp_path / dtype), dtype)
     _, c_logits, c_gen = cpp_side(path)
     diff = float(np.abs(c_logits - logits).max())
     k = settled(hf_side.margins, diff)
-    assert diff < tol and same_top(c_logits[-1], logits[-1], diff) and c_gen[:k] == gen[:k], f"{dtype}: {diff}"
-    print(f"\nllama {dtype}: {diff:.2e} ({os.path.getsize(path)} B)")
+    assert diff < tol and same_top(c_logits[-1], logits[-1], diff) and c_gen[:k] == gen[:k], f"{case} {dtype}: {diff}"
+    print(f"\n{case} {dtype}: {diff:.2e} ({os.path.getsize(path)} B), continuation {k} tie-free steps equal")
 
 
 def test_metadata_reads_back(tmp_path, models):
