@@ -431,7 +431,8 @@ def test_olmo2_and_smollm3_metadata_and_modelfile(tmp_path, models):
     path = export_gguf(src, str(tmp_path / "smollm3"), "q8_0")
     r = GGUFReader(path)
     kv = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
-    assert (kv["general.architecture"], kv["smollm3.block_count"], kv["tokenizer.ggml.pre"]) == ("smollm3", 4, "llama-bpe")
+    got = (kv["general.architecture"], kv["smollm3.block_count"], kv["tokenizer.ggml.pre"])
+    assert got == ("smollm3", 4, "llama-bpe")
     assert kv["tokenizer.chat_template"] == CHATML
     names = {t.name for t in r.tensors}
     assert "output.weight" not in names and len(names) == 2 + 4 * 9     # tied: llama.cpp uses token_embd

@@ -100,5 +100,6 @@ def gguf_metadata(args: ModelArgs) -> list:
     if args.qkv_bias or args.attn_out_bias:
         raise CkptError("olmo2 GGUF: attention_bias=true: llama.cpp's olmo2 adds no q/k/v/o bias")
     if args.hd * args.n_heads != args.dim:
-        raise CkptError(f"olmo2 GGUF: head_dim {args.hd} is not hidden_size / num_attention_heads, as llama.cpp's olmo2 needs")
+        raise CkptError(f"olmo2 GGUF: head_dim {args.hd} is not hidden_size / num_attention_heads, "
+                        "as llama.cpp's olmo2 needs")
     return []

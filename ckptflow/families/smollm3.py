@@ -129,7 +129,8 @@ def gguf_metadata(args: ModelArgs) -> list:
         raise CkptError(f"smollm3 GGUF: RoPE scaling {rope!r}: llama.cpp's smollm3 loads no rope_freqs tensor "
                         "(default and linear scaling export)")
     if args.qkv_bias or args.attn_out_bias or args.mlp_bias:
-        raise CkptError("smollm3 GGUF: attention_bias / mlp_bias = true: llama.cpp's smollm3 loads no o_proj or MLP bias")
+        raise CkptError("smollm3 GGUF: attention_bias / mlp_bias = true: llama.cpp's smollm3 loads no o_proj "
+                        "or MLP bias")
     if args.hd * args.n_heads != args.dim:
         raise CkptError(f"smollm3 GGUF: head_dim {args.hd} is not hidden_size / num_attention_heads, "
                         "as llama.cpp's smollm3 needs")
