@@ -427,6 +427,16 @@ def _fsync_pool():
     return _POOL
 
 
+def _after_fork() -> None:
+    """A forked child has none of the parent's threads: its pool and slots start afresh."""
+    global _POOL, _AHEAD
+    _POOL, _AHEAD = None, threading.BoundedSemaphore(HASH_AHEAD)
+    _BUFFERS.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 @contextlib.contextmanager
 def _buffer():
     """A CHUNK-sized bytearray from the pool (returned on exit)."""
@@ -561,6 +571,7 @@ class HashingWriter:
                 left -= len(chunk)
 
     def _copy_in_kernel(self, src: str, start: int, end: int) -> bool:
+        """Pieces of 4 chunks, each handed to the hasher as soon as it is in place."""
         fd_out = self._f.fileno()
         at = os.lseek(fd_out, 0, os.SEEK_CUR)
         fd_in = os.open(src, os.O_RDONLY)
@@ -568,17 +579,17 @@ class HashingWriter:
             offset = start
             while offset < end:
                 try:
-                    n = os.copy_file_range(fd_in, fd_out, end - offset, offset)
+                    n = os.copy_file_range(fd_in, fd_out, min(4 * CHUNK, end - offset), offset)
                 except OSError as e:
                     if offset == start and e.errno in COPY_ERRORS:
                         return False    # this kernel or file system cannot: copy through memory
                     raise
                 if n == 0:
                     raise CkptError(f"{src}: truncated (ends before byte {end})")
+                self._hasher.update_range(at + offset - start, n)
                 offset += n
         finally:
             os.close(fd_in)
-        self._hasher.update_range(at, end - start)
         return True
 
     def close(self, *, durable: bool = True) -> dict:

@@ -3,6 +3,7 @@ faults never read as "missing", names that escape their directory."""
 import errno
 import hashlib
 import os
+import signal
 
 import pytest
 
@@ -175,3 +176,28 @@ def test_file_digest_reads_local_and_names_a_missing_file(tmp_path):
     assert storage.file_digest(str(p)) == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     with pytest.raises(CkptError, match="nope.bin: no such file"):
         storage.file_digest(str(tmp_path / "nope.bin"))
+
+
+def test_a_forked_child_gets_its_own_slots_for_background_files(tmp_path):
+    w = storage.HashingWriter(str(tmp_path / "held"))
+    w.write(b"x")
+    w.close_later().result()            # the parent's pool exists, with its threads
+    storage._AHEAD.acquire()            # as if a parent's file were still finishing when it forked
+    try:
+        pid = os.fork()
+        if pid == 0:                    # the child writes HASH_AHEAD + 1 files without waiting forever
+            signal.alarm(30)            # (on the old code it hung: a stale pool with no threads)
+            ok = False
+            try:
+                futs = []
+                for i in range(storage.HASH_AHEAD + 1):
+                    c = storage.HashingWriter(str(tmp_path / f"child{i}"))
+                    c.write(b"y")
+                    futs.append(c.close_later())
+                ok = all(f.result(timeout=30)["size"] == 1 for f in futs)
+            finally:
+                os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        storage._AHEAD.release()
