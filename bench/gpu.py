@@ -259,10 +259,21 @@ def report(a, device, n_params: int, peak: tuple, rows: list[dict]) -> None:
            f"{'save write (s)':>16}{'loss':>9}"
     print(head)
     for r in rows:
-        mfu = 6 * n_params * r["tokens_per_s"] / (tflops * 1e12) if tflops else None
-        r["mfu"] = mfu
-        print(f"{r['method']:8}{r['framework']:22}{r['tokens_per_s']:>10.0f}{(f'{mfu:.1%}' if mfu is not None else '-'):>8}"
+        r["mfu"] = u = mfu(n_params, r["tokens_per_s"], tflops)
+        print(f"{r['method']:8}{r['framework']:22}{r['tokens_per_s']:>10.0f}{(f'{u:.1%}' if u is not None else '-'):>8}"
               f"{r['peak_bytes'] / 1e9:>15.2f}{r['save_blocked_s']:>18.3f}{r['save_write_s'] or 0:>16.3f}{r['loss']:>9.3f}")
+
+
+def train_flops_per_token(n_params: int) -> float:
+    """FLOPs of one trained token by the 6N convention: each weight's matmul once forward (2N) and
+    twice backward (4N, the input's and the weight's gradients). Attention scores and element-wise
+    work are left out, as in the usual MFU (tests/test_bench_gpu.py counts a real step against it)."""
+    return 6.0 * n_params
+
+
+def mfu(n_params: int, tokens_per_s: float, tflops: float | None) -> float | None:
+    """Model FLOP/s utilisation: train_flops_per_token * tokens/s over the peak; None without a peak."""
+    return train_flops_per_token(n_params) * tokens_per_s / (tflops * 1e12) if tflops else None
 
 
 def _device_name(device) -> str:

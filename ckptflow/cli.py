@@ -285,7 +285,8 @@ def run(config: str = typer.Argument(..., help="run config YAML (any fsspec URI)
     Uses the Prefect server at PREFECT_API_URL, else an embedded API server of its own."""
     from ckptflow import config as cfg_mod
     from ckptflow import credentials
-    from ckptflow.settings import apply_prefect_defaults, prefect_api
+    from ckptflow.api_server import prefect_api
+    from ckptflow.settings import apply_prefect_defaults
 
     cfg = cfg_mod.load_config(config, overrides or [])   # bad config: one line, before Prefect starts
     apply_prefect_defaults()

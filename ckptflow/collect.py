@@ -31,7 +31,6 @@ RUN_FILE = "run.json"
 STAGE_DIRS = ("source", "base", "merged", "export", "eval", "train/step-*", "exports/*")
 STEP_RE = re.compile(r"step-\d+$")
 TMP_RE = re.compile(re.escape(storage.TMP_INFIX) + r"[0-9a-f]{8}$")
-ANCESTOR_LEASES = 3   # also respect a writer lease held this many levels above URI
 
 
 def run(uri: str, *, dry_run: bool = False) -> dict:
@@ -183,12 +182,8 @@ def _check_inner_leases(root: str, run: str, victims: list[str], tree: dict[str,
 
 
 def _check_ancestors(root: str) -> None:
-    uri = root
-    for _ in range(ANCESTOR_LEASES):
-        up = storage.parent(uri)
-        if not up or up == uri or up.endswith(":/") or up.endswith("://"):
-            return
-        rec = lease.read(up)
-        if rec is not None and lease.is_live(rec):
-            raise CkptError(f"{up}: another process is writing this run: {lease.describe(rec)}; gc refused")
-        uri = up
+    """A run being written above URI (gc of one of its directories) is refused, by lease.guard's rule."""
+    blocker = lease.blocking_ancestor(root)
+    if blocker is not None:
+        up, rec = blocker
+        raise CkptError(f"{up}: another process is writing this run: {lease.describe(rec)}; gc refused")

@@ -56,7 +56,7 @@ class Output:
         committed the same thing while we waited, `done` is its manifest and nothing is claimed."""
         self.uri = storage.normalize(uri)
         self.files: dict[str, dict] = {}
-        self.pending: list = []        # background fsyncs to finish before the commit
+        self.later: dict = {}          # name -> Future of its {size, sha256}: hashed and fsynced behind
         self.adopted: list[str] = []   # files others wrote into the directory (Hub downloads)
         self.done: Manifest | None = None
         self.need: int | None = None   # bytes this write is expected to take (reserve)
@@ -139,12 +139,17 @@ class Output:
     def put(self, name: str, data: bytes) -> dict:
         with self.open(name) as f:
             f.write(data)
-        return self.files[name]
+        return self.settle(name)
 
     def copy(self, src: str, name: str) -> dict:
-        with storage.open_read(src) as fin, self.open(name) as f:
-            while chunk := fin.read(storage.CHUNK):
-                f.write(chunk)
+        with self.open(name) as f:
+            f.copy_range(src, 0, storage.size(src))
+        return self.settle(name)
+
+    def settle(self, name: str) -> dict:
+        """Wait for file `name`'s hash (and fsync); its {size, sha256}."""
+        if name in self.later:
+            self.files[name] = self.later.pop(name).result()
         return self.files[name]
 
     def adopt(self, name: str, digest: dict) -> None:
@@ -154,10 +159,9 @@ class Output:
         self.adopted.append(name)
 
     def commit(self, m: Manifest) -> Manifest:
-        for fut in self.pending:
-            fut.result()        # every data file is durable before the manifest exists
-        self.pending.clear()
-        storage.fsync_files(self.uri, self.adopted)   # ours were fsynced as they closed (pending)
+        for name in list(self.later):
+            self.settle(name)   # every data file hashed and durable before the manifest exists
+        storage.fsync_files(self.uri, self.adopted)   # ours were fsynced as they finished (later)
         storage.fsync_dirs(self.uri, self.files)      # every file's name, adopted ones too, once
         lease.check_for(self.uri)   # a writer that lost its run's lease must not commit into it
         claim = self._claim
@@ -178,8 +182,12 @@ class Output:
         if claim is None or self.committed:
             return
         claim.stop()
-        for fut in self.pending:
-            fut.cancel()
+        for fut in self.later.values():
+            try:
+                fut.result()    # no thread of ours still reads or flushes a file being removed
+            except Exception:  # noqa: BLE001 - the write already failed; keep its error
+                pass
+        self.later.clear()
         try:
             if keep_files:
                 storage.put_atomic(storage.join(self.uri, MARKER), json.dumps({"interrupted": True}).encode())
@@ -201,7 +209,7 @@ class Output:
 
 
 class _Tracked:
-    """A HashingWriter that records its digest in the Output when closed cleanly."""
+    """A HashingWriter whose digest the Output collects when it commits (or `settle`s the file)."""
 
     def __init__(self, out: Output, name: str, threaded: bool = True):
         self._out, self._name = out, name
@@ -210,6 +218,9 @@ class _Tracked:
     def write(self, data) -> int:
         return self._w.write(data)
 
+    def copy_range(self, src: str, start: int, end: int) -> None:
+        self._w.copy_range(src, start, end)
+
     def __enter__(self):
         return self
 
@@ -217,9 +228,7 @@ class _Tracked:
         if exc_type is not None:
             self._w.abort()
             return
-        self._out.files[self._name] = self._w.close(durable=False)
-        if self._w.synced is not None:
-            self._out.pending.append(self._w.synced)
+        self._out.later[self._name] = self._w.close_later()
 
 
 def already_holds(uri: str, m: Manifest) -> CkptError:

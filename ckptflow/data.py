@@ -24,10 +24,10 @@ import random
 
 from ckptflow import storage
 from ckptflow.errors import CkptError
+from ckptflow.loss import IGNORE, cross_entropy_sum
 
 log = logging.getLogger(__name__)
 
-IGNORE = -100
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
 
@@ -177,7 +177,6 @@ def eval_loss(model, batches, *, device=None, autocast_dtype=None) -> dict:
     import math
 
     import torch
-    import torch.nn.functional as F
 
     was_training = model.training
     model.eval()
@@ -189,8 +188,7 @@ def eval_loss(model, batches, *, device=None, autocast_dtype=None) -> dict:
                 with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype,
                                     enabled=autocast_dtype is not None):
                     logits = model(tokens.to(device))
-                total += float(F.cross_entropy(logits.flatten(0, 1).float(), labels.to(device).flatten(),
-                                               ignore_index=IGNORE, reduction="sum"))
+                total += float(cross_entropy_sum(logits, labels.to(device)))
                 count += int((labels != IGNORE).sum())
     finally:
         model.train(was_training)

@@ -10,8 +10,8 @@ commit.Output takes the same kind of lease on every directory it writes, in the 
 CkptError naming the holder (or waits, when asked). A lease is taken over only when its holder
 is provably gone:
   - on this host (same host name and boot): its pid is dead, a zombie, or now belongs to another
-    process (the start time in /proc/PID/stat differs); a live holder is never taken over,
-    however old its heartbeat (it may be stopped in a debugger or swapped out);
+    process (the start time in /proc/PID/stat differs; ckptflow/identity.py); a live holder is
+    never taken over, however old its heartbeat (it may be stopped in a debugger or swapped out);
   - on another host: its heartbeat expired (expires_at is past);
   - this very process: it no longer holds that lease (a write that died with an exception).
 A process started by a lease holder (torchrun's ranks under `ckptflow train`) inherits the
@@ -37,13 +37,12 @@ import json
 import logging
 import os
 import random
-import socket
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
 
-from ckptflow import storage
+from ckptflow import identity, storage
 from ckptflow.errors import CkptError
 
 log = logging.getLogger(__name__)
@@ -91,49 +90,7 @@ def default_owner() -> str:
     return OWNER or f"ckptflow pid {os.getpid()}"
 
 
-# ---- who a process is ------------------------------------------------------------------------
-
-def _stat(pid: int) -> list[str] | None:
-    """Fields 3.. of /proc/PID/stat (state at index 0, ppid 1, starttime 19); None when gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def _boot_id() -> str | None:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
-def identity() -> dict:
-    """This process as a lease names it: host, boot, pid and the pid's start time (against reuse)."""
-    st = _stat(os.getpid())
-    return {"host": socket.gethostname(), "boot": _boot_id(), "pid": os.getpid(),
-            "pid_start": int(st[19]) if st else None}
-
-
-def _pid_gone(pid: int, start) -> bool:
-    """True when process `pid` (started at `start`, clock ticks after boot) no longer exists."""
-    st = _stat(pid)
-    if st is None and os.path.isdir("/proc/self"):
-        return True                   # Linux: no /proc/PID, no process
-    if st is None:                    # no /proc: existence is all the kernel tells
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
-    if st[0] in ("Z", "X"):           # a zombie writes nothing more
-        return True
-    return start is not None and int(st[19]) != int(start)
-
+# ---- leases passed on to the processes this one starts --------------------------------------
 
 def _inherited() -> dict[str, str]:
     try:
@@ -154,15 +111,6 @@ def _export_env() -> None:
         os.environ.pop(ENV, None)
 
 
-def _ancestor_pids() -> set[int]:
-    out, pid = set(), os.getppid()
-    while pid > 1 and pid not in out:
-        out.add(pid)
-        st = _stat(pid)
-        pid = int(st[1]) if st else 0
-    return out
-
-
 def is_ours(record: dict) -> bool:
     """Held by this process, or by a process that started this one and passed its lease on."""
     holder = record.get("holder") or {}
@@ -171,7 +119,7 @@ def is_ours(record: dict) -> bool:
         return True
     if hid is None or hid not in _inherited().values():
         return False
-    return holder.get("host") != socket.gethostname() or holder.get("pid") in _ancestor_pids()
+    return not identity.on_this_host(holder) or holder.get("pid") in identity.ancestor_pids()
 
 
 # ---- the lease -------------------------------------------------------------------------------
@@ -197,7 +145,7 @@ class Lease:
 
     def record(self) -> dict:
         now = time.time()
-        return {"holder": {"id": self.id, "owner": self.owner, **identity()},
+        return {"holder": {"id": self.id, "owner": self.owner, **identity.current()},
                 "acquired_at": self.acquired_at or now, "heartbeat_at": now, "expires_at": now + self.ttl,
                 "ttl": self.ttl}
 
@@ -265,13 +213,11 @@ def is_live(record: dict, now: float | None = None) -> bool:
         gc.collect()                   # an Output dropped without commit lets go of its claim when collected
         if holder.get("id") in _ACTIVE:
             return True
-    here = holder.get("host") == socket.gethostname()
-    if here and holder.get("boot") and holder.get("boot") != _boot_id():
-        return False                   # this host rebooted since
-    if here and isinstance(holder.get("pid"), int):
-        if holder["pid"] == os.getpid() and holder.get("pid_start") == identity()["pid_start"]:
-            return False               # this process, which no longer holds it (not in _ACTIVE)
-        return not _pid_gone(holder["pid"], holder.get("pid_start"))
+    if identity.is_current(holder):
+        return False                   # this process, which no longer holds it (not in _ACTIVE)
+    gone = identity.gone(holder)
+    if gone is not None:               # this host: its pid (and boot) say exactly
+        return not gone
     now = time.time() if now is None else now
     return float(record.get("expires_at", 0)) > now
 
@@ -439,7 +385,7 @@ def guard(uri: str, wait: float = 0.0) -> None:
     process, or of the process that started it, lets the write go on."""
     uri = storage.normalize(uri)
     deadline = time.monotonic() + wait
-    while (blocker := _blocking_ancestor(uri)) is not None:
+    while (blocker := blocking_ancestor(uri)) is not None:
         where, rec = blocker
         if time.monotonic() >= deadline:
             raise CkptError(f"{uri}: another process is writing {where}: {describe(rec)}; "
@@ -447,8 +393,11 @@ def guard(uri: str, wait: float = 0.0) -> None:
         time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
 
 
-def _blocking_ancestor(uri: str) -> tuple[str, dict] | None:
-    up = uri
+def blocking_ancestor(uri: str) -> tuple[str, dict] | None:
+    """(directory, lease record) of the nearest live lease above `uri`, up to ANCESTORS levels and
+    never above a bucket or the top directory, when another process holds it; else None. The one
+    rule for who else is writing around `uri` (guard, gc)."""
+    up = storage.normalize(uri)
     for _ in range(ANCESTORS):
         nxt = storage.parent(up)
         if not nxt or nxt == up or nxt.endswith(":/") or "/" not in nxt.split("://", 1)[-1].strip("/"):

@@ -11,6 +11,7 @@ import datetime as _dt
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 
 from ckptflow import storage
@@ -127,19 +128,70 @@ def matches(m: Manifest | None, inputs: dict, params: dict) -> bool:
 
 def verify(uri: str) -> list[str]:
     """Re-hash every listed file; returns the problems (empty when the directory verifies)."""
-    m = require(uri)
-    problems = []
-    for name, want in sorted(m.files.items()):
-        path = storage.join(uri, name)
-        if not storage.isfile(path):
-            problems.append(f"{path}: missing")
-            continue
-        got = storage.file_digest(path)
-        if got["size"] != want.get("size"):
-            problems.append(f"{path}: size {got['size']} != {want.get('size')}")
-        elif got["sha256"] != want.get("sha256"):
-            problems.append(f"{path}: sha256 mismatch")
-    return problems
+    return Check(uri, require(uri)).problems()
+
+
+class Damaged(CkptError):
+    """A committed directory whose files no longer match its manifest."""
+
+    def __init__(self, uri: str, problems: list[str]):
+        self.uri, self.problems = uri, problems
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        super().__init__(f"{problems[0]}{more}: the source does not match its {NAME}; it is damaged or was "
+                         f"changed after its commit, so nothing was written (`ckptflow verify {uri}`)")
+
+
+class Check:
+    """Re-hash the files committed manifest `m` lists, on background threads (hashlib releases
+    the GIL), several files at once: `verify`, and a stage that reads a committed source checks
+    it while it converts it instead of before. `problems()` waits for the answer."""
+
+    def __init__(self, uri: str, m: Manifest, workers: int | None = None, only: set[str] | None = None):
+        """`only`: the URIs to check (of those listed); default every listed file."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.uri = storage.normalize(uri)
+        self._want = {name: d for name, d in sorted(m.files.items())
+                      if only is None or storage.join(self.uri, name) in only}
+        n = workers or max(1, min(len(self._want), os.cpu_count() or 1, 4))
+        self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="ckptflow-verify")
+        self._got = {name: self._pool.submit(_digest_or_none, storage.join(self.uri, name)) for name in self._want}
+        self._pool.shutdown(wait=False)
+
+    def problems(self) -> list[str]:
+        problems = []
+        for name, want in self._want.items():
+            path, got = storage.join(self.uri, name), self._got[name].result()
+            if got is None:
+                problems.append(f"{path}: missing")
+            elif got["size"] != want.get("size"):
+                problems.append(f"{path}: size {got['size']} != {want.get('size')}")
+            elif got["sha256"] != want.get("sha256"):
+                problems.append(f"{path}: sha256 mismatch")
+        return problems
+
+    def require(self) -> None:
+        """Raise Damaged, naming the first damaged file, unless every file verifies."""
+        problems = self.problems()
+        if problems:
+            raise Damaged(self.uri, problems)
+
+    def cancel(self) -> None:
+        for fut in self._got.values():
+            fut.cancel()
+
+
+def checking(m: Manifest | None, only: set[str] | None = None) -> Check | None:
+    """A committed source is re-hashed against its manifest while a stage converts it (on other
+    cores), so a damaged source fails the write instead of being copied into a new commit.
+    `only`: the URIs the stage reads (an export of a step reads no optimizer state)."""
+    if m is None or not m.uri or not m.files:
+        return None
+    return Check(m.uri, m, only=only)
+
+
+def _digest_or_none(path: str) -> dict | None:
+    return storage.file_digest(path) if storage.isfile(path) else None
 
 
 def committed_under(uri: str) -> tuple[list[str], list[str]]:

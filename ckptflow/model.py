@@ -27,6 +27,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from ckptflow.errors import CkptError
+from ckptflow.loss import cross_entropy_sum
 from ckptflow.model_args import ModelArgs
 
 
@@ -104,7 +105,7 @@ class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, offset: bool = False, f32: bool = False):
         super().__init__()
         self.eps, self.offset, self.f32 = eps, offset, f32
-        self.scale = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+        self.scale = nn.Parameter(torch.full((dim,), norm_init(offset)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
@@ -115,6 +116,11 @@ class RMSNorm(nn.Module):
             return (self.scale * x32).to(x.dtype)
         # Llama's order: normalise in float32, cast back, then scale in the input dtype.
         return self.scale * x32.to(x.dtype)
+
+
+def norm_init(offset: bool) -> float:
+    """The weight a norm starts at, so that it only normalises: 0 where it computes x * (1 + w), else 1."""
+    return 0.0 if offset else 1.0
 
 
 def norm(args: ModelArgs, dim: int | None = None) -> RMSNorm:
@@ -271,10 +277,16 @@ def load_balancing_loss(router_logits: list[torch.Tensor], n_experts: int, top_k
     return torch.sum((counts / rows) * (prob_sum / rows)) * n_experts
 
 
-def aux_loss(model: nn.Module) -> tuple[torch.Tensor, float] | None:
-    """(the router load-balancing loss of the last training forward over every sparse layer, its
-    coefficient router_aux_loss_coef); None for a dense model or outside training."""
-    moes = [m for m in model.modules() if isinstance(m, MoE) and m.router_logits is not None]
+def moe_blocks(model: nn.Module) -> list[MoE]:
+    """The sparse layers' MoE modules, in order (none for a dense model): collected once by a
+    trainer, which asks for their auxiliary loss every micro-batch."""
+    return [m for m in model.modules() if isinstance(m, MoE)]
+
+
+def aux_loss(blocks: list[MoE]) -> tuple[torch.Tensor, float] | None:
+    """(the router load-balancing loss of the last training forward over `blocks` (moe_blocks),
+    its coefficient router_aux_loss_coef); None for a dense model or outside training."""
+    moes = [m for m in blocks if m.router_logits is not None]
     if not moes:
         return None
     loss = load_balancing_loss([m.router_logits for m in moes], moes[0].n_experts, moes[0].top_k)
@@ -352,7 +364,7 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             with torch.no_grad():
                 if name.endswith(".scale"):
-                    p.fill_(0.0 if self.args.norm_offset else 1.0)
+                    p.fill_(norm_init(self.args.norm_offset))
                 elif name.endswith(".bias"):
                     p.zero_()
                 else:
@@ -366,7 +378,7 @@ class Transformer(nn.Module):
                 labels: torch.Tensor | None = None, loss_chunk: int | None = None) -> torch.Tensor:
         """Logits [B, T, vocab] in float32 for tokens at positions input_pos .. input_pos+T-1.
 
-        With `labels` [B, T] instead: the summed token cross-entropy (labels of -100 skipped),
+        With `labels` [B, T] instead: the summed token cross-entropy (labels of loss.IGNORE skipped),
         computed `loss_chunk` tokens at a time (None: all at once) with each chunk's output
         projection recomputed in the backward pass, so a large vocabulary's logits never exist
         whole: at most one chunk's [loss_chunk, vocab] lives at a time, forward or backward.
@@ -427,9 +439,6 @@ class Transformer(nn.Module):
         return allowed
 
 
-IGNORE = -100   # labels skipped by the loss (ckptflow.data.IGNORE)
-
-
 def chunked_cross_entropy(head, h: torch.Tensor, labels: torch.Tensor, chunk: int | None) -> torch.Tensor:
     """sum over tokens of cross_entropy(head(h), labels), h [N, dim], labels [N]; `chunk` tokens at a
     time, each chunk checkpointed (its logits are recomputed in the backward pass, then freed)."""
@@ -446,7 +455,7 @@ def chunked_cross_entropy(head, h: torch.Tensor, labels: torch.Tensor, chunk: in
 
 
 def _ce_sum(head, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(h).float(), labels, ignore_index=IGNORE, reduction="sum")
+    return cross_entropy_sum(head(h), labels)
 
 
 def check_state_dict(model: nn.Module, sd: dict) -> None:

@@ -115,13 +115,14 @@ def init_state_dict(args: ModelArgs, seed: int, dtype: str):
     where norms compute x * (1 + w))."""
     import torch
 
-    from ckptflow.formats.tune import expected_shapes
+    from ckptflow.model import norm_init
+    from ckptflow.model_args import expected_shapes
 
     g = torch.Generator().manual_seed(seed)
     sd = {}
     for key, shape in expected_shapes(args).items():
         if key.endswith(".scale"):
-            t = torch.zeros(shape) if args.norm_offset else torch.ones(shape)
+            t = torch.full(shape, norm_init(args.norm_offset))
         elif key.endswith(".bias"):
             t = torch.zeros(shape)
         else:

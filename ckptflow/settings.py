@@ -4,13 +4,16 @@ Prefect reads its settings from the environment once, at import. The `run` and `
 commands and the `tasks`/`flows` packages call `apply_prefect_defaults()` first, so that:
 
 - nothing phones home (telemetry is off; offline it only logs errors),
-- the embedded (ephemeral) API server gets 120 s to start instead of 20 s (a fresh SQLite
-  database takes ~25 s to migrate on 2 cores, measured),
+- the embedded (ephemeral) API server gets 120 s to start instead of Prefect's 20 s: on a 2-core
+  machine at load ~4 it answered /health after 10.6-15.5 s on a fresh SQLite database (Prefect's
+  migrations run) and 5.2-7.9 s on a migrated one (`python bench/prefect_startup.py`, 4 runs,
+  Prefect 3.9.1), too close to 20 s for a busier machine,
 - Prefect's database, profiles and default result storage live under ~/.ckptflow/prefect,
   apart from any other Prefect project on the machine,
 - the library's INFO lines reach the flow run's logs.
 
 Only defaults: a variable already set in the environment always wins. No prefect import here.
+The embedded server itself is ckptflow/api_server.py.
 """
 from __future__ import annotations
 
@@ -39,107 +42,3 @@ def apply_prefect_defaults(environ: dict | None = None) -> dict:
         # Prefect creates its home without parents: ~/.ckptflow may not exist yet.
         os.makedirs(applied["PREFECT_HOME"], exist_ok=True)
     return applied
-
-
-# ---- the embedded API server of `ckptflow run` ------------------------------------------------
-
-def configured_api_url(environ: dict | None = None) -> str | None:
-    """PREFECT_API_URL from the environment, else from the active profile of PREFECT_HOME."""
-    import tomllib
-
-    env = os.environ if environ is None else environ
-    if env.get("PREFECT_API_URL"):
-        return env["PREFECT_API_URL"]
-    path = env.get("PREFECT_PROFILES_PATH") or os.path.join(env.get("PREFECT_HOME") or "", "profiles.toml")
-    try:
-        with open(os.path.expanduser(path), "rb") as f:
-            doc = tomllib.load(f)
-    except (OSError, ValueError):
-        return None
-    active = env.get("PREFECT_PROFILE") or doc.get("active")
-    return ((doc.get("profiles") or {}).get(active) or {}).get("PREFECT_API_URL") or None
-
-
-def embedded_server_command(port: int) -> list[str]:
-    """What Prefect's own ephemeral server runs (prefect.server.api.server.SubprocessASGIServer)."""
-    import sys
-
-    return [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
-            "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"]
-
-
-def embedded_server_env(environ: dict | None = None) -> dict:
-    """The server's environment: ours without credentials (it never needs them), UI off."""
-    from ckptflow.credentials import ENV_PREFIX
-
-    env = {k: v for k, v in (os.environ if environ is None else environ).items() if not k.startswith(ENV_PREFIX)}
-    env.update({"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"})
-    return env
-
-
-class EmbeddedServer:
-    """Prefect's embedded API for one `ckptflow run`, started by us rather than by Prefect so that
-    it runs under ckptflow.guard: a SIGKILL of the run cannot leave it behind (Prefect's own
-    ephemeral server is a plain child that outlives a killed parent). Sets PREFECT_API_URL for
-    this process and its children; call before prefect is imported."""
-
-    def __init__(self, timeout: float | None = None):
-        self.timeout = timeout or float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120"))
-        self.proc = None
-        self.url = None
-
-    def __enter__(self) -> "EmbeddedServer":
-        import subprocess
-
-        from ckptflow import guard
-
-        for _ in range(3):   # a port taken between our probe and uvicorn's bind: another one
-            port = _free_port()
-            self.proc = guard.popen(embedded_server_command(port), env=embedded_server_env(),
-                                    stdin=subprocess.DEVNULL)
-            self.url = f"http://127.0.0.1:{port}/api"
-            if self._wait_healthy():
-                os.environ["PREFECT_API_URL"] = self.url
-                return self
-            guard.stop(self.proc)
-        raise RuntimeError(f"the embedded Prefect API did not start within {self.timeout:.0f} s "
-                           "(set PREFECT_API_URL to use a running server)")
-
-    def __exit__(self, *exc) -> None:
-        from ckptflow import guard
-
-        if self.proc is not None:
-            guard.stop(self.proc)
-            self.proc = None
-
-    def _wait_healthy(self) -> bool:
-        import time
-        import urllib.request
-
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                return False
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        return True
-            except OSError:
-                pass
-            time.sleep(0.2)
-        return False
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def prefect_api():
-    """The configured Prefect API (nothing to do), else an EmbeddedServer for this process."""
-    import contextlib
-
-    return contextlib.nullcontext() if configured_api_url() else EmbeddedServer()

@@ -15,6 +15,7 @@ Object stores (s3://, gs://, ...):
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -408,6 +409,13 @@ def fsync_dirs(uri: str, names) -> None:
 
 
 _POOL = None
+# Closed files whose hashing and fsync may still run while the next is written: one per core (at
+# least 2), since sha256 runs at ~1.6 GB/s on a core, slower than a disk's page cache takes bytes.
+HASH_AHEAD = max(2, min(8, os.cpu_count() or 1))
+_AHEAD = threading.BoundedSemaphore(HASH_AHEAD)
+_BUFFERS: list[bytearray] = []      # CHUNK-sized read buffers, reused: no fresh pages to fault in
+_BUFFERS_LOCK = threading.Lock()
+COPY_ERRORS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
 
 
 def _fsync_pool():
@@ -415,8 +423,33 @@ def _fsync_pool():
     if _POOL is None:
         from concurrent.futures import ThreadPoolExecutor
 
-        _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckptflow-fsync")
+        _POOL = ThreadPoolExecutor(max_workers=HASH_AHEAD + 1, thread_name_prefix="ckptflow-fsync")
     return _POOL
+
+
+def _after_fork() -> None:
+    """A forked child has none of the parent's threads: its pool and slots start afresh."""
+    global _POOL, _AHEAD
+    _POOL, _AHEAD = None, threading.BoundedSemaphore(HASH_AHEAD)
+    _BUFFERS.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+@contextlib.contextmanager
+def _buffer():
+    """A CHUNK-sized bytearray from the pool (returned on exit)."""
+    with _BUFFERS_LOCK:
+        buf = _BUFFERS.pop() if _BUFFERS else None
+    if buf is None or len(buf) != CHUNK:
+        buf = bytearray(CHUNK)
+    try:
+        yield buf
+    finally:
+        with _BUFFERS_LOCK:
+            if len(_BUFFERS) < 2 * HASH_AHEAD:
+                _BUFFERS.append(buf)
 
 
 def _fsync_fd(fd: int) -> None:
@@ -428,35 +461,76 @@ def _fsync_fd(fd: int) -> None:
 
 class Hasher:
     """sha256 in a background thread, so hashing overlaps the I/O (hashlib drops the GIL).
-    threaded=False hashes in the caller: a writer that is itself a background thread (an
-    asynchronous step save) then keeps to one core, beside the training threads."""
 
-    def __init__(self, *, threaded: bool = True):
+    Items are bytes-like chunks, or (offset, length) ranges of the file at `path`, read back
+    (from the page cache) by this thread: the bytes copy_file_range put there without passing
+    through Python. Ranges are hashed in file order with the chunks, as they were queued.
+    threaded=False hashes in the caller instead: a writer that is itself a background thread
+    (an asynchronous step save) then keeps to one core, beside the training threads."""
+
+    def __init__(self, path: str | None = None, *, threaded: bool = True):
         self._h = hashlib.sha256()
-        self._q: queue.Queue | None = queue.Queue(maxsize=8) if threaded else None
-        self._t = threading.Thread(target=self._run, daemon=True) if threaded else None
+        self._q: queue.Queue = queue.Queue(maxsize=4)
+        self._path, self._fd, self._error = path, None, None
+        self._t = threading.Thread(target=self._run, daemon=True, name="ckptflow-hash") if threaded else None
         if self._t is not None:
             self._t.start()
         self.size = 0
 
     def _run(self):
-        while (chunk := self._q.get()) is not None:
-            self._h.update(chunk)
+        try:
+            while (item := self._q.get()) is not None:
+                if isinstance(item, tuple):
+                    self._hash_range(*item)
+                else:
+                    self._h.update(item)
+        except BaseException as e:  # noqa: BLE001 - reported by hexdigest, in the writer's thread
+            self._error = e
+            while self._q.get() is not None:
+                pass
+        finally:
+            if self._fd is not None:
+                os.close(self._fd)
+
+    def _hash_range(self, offset: int, length: int) -> None:
+        if self._fd is None:
+            self._fd = os.open(self._path, os.O_RDONLY)
+        with _buffer() as buf:
+            view = memoryview(buf)
+            while length:
+                n = os.preadv(self._fd, [view[:min(len(buf), length)]], offset)
+                if n <= 0:
+                    raise CkptError(f"{self._path}: shorter than what was copied into it")
+                self._h.update(view[:n])
+                offset, length = offset + n, length - n
 
     def update(self, data) -> None:
         self.size += len(data)
-        if self._q is None:
+        if self._t is None:
             self._h.update(data)
         else:
             self._q.put(data)
 
+    def update_range(self, offset: int, length: int) -> None:
+        self.size += length
+        if self._t is None:
+            self._hash_range(offset, length)
+        else:
+            self._q.put((offset, length))
+
     def hexdigest(self) -> str:
         self.stop()
+        if self._error is not None:
+            raise self._error
         return self._h.hexdigest()
 
     def stop(self) -> None:
         """End the thread (idempotent); after this the digest is final."""
-        if self._t is not None and self._t.is_alive():
+        if self._t is None:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+        elif self._t.is_alive():
             self._q.put(None)
             self._t.join()
 
@@ -464,55 +538,129 @@ class Hasher:
 class HashingWriter:
     """A binary file being written into an uncommitted directory; size and sha256 as it goes.
 
-    Locally the bytes go straight to the file. On object stores they are spooled (memory, then
-    an anonymous temp file that the OS frees even after SIGKILL) and uploaded whole by close(),
-    retried whole on a transient fault: the hash is taken once, over the bytes the caller wrote,
-    and the upload is checked against that size, so a retried upload cannot change the digest."""
+    Locally the bytes go straight to the file, and `copy_range` copies bytes of another local
+    file inside the kernel. On object stores they are spooled (memory, then an anonymous temp
+    file that the OS frees even after SIGKILL) and uploaded whole by close(), retried whole on a
+    transient fault: the hash is taken once, over the bytes the caller wrote, and the upload is
+    checked against that size, so a retried upload cannot change the digest."""
 
     def __init__(self, uri: str, *, threaded: bool = True):
         """threaded: hash in a thread of its own (see Hasher)."""
         self.uri = uri
-        self.synced = None
-        self._hasher = Hasher(threaded=threaded)
         self._local = is_local(uri)
         if self._local:
             path = local_path(uri)
             try:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                self._f = open(path, "wb")
+                self._f = open(path, "wb", buffering=0)
             except PermissionError as e:
                 raise CkptError(f"{uri}: permission denied ({e.strerror})") from e
+            self._hasher = Hasher(path, threaded=threaded)
         else:
             self._f = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY, dir=SPOOL_DIR)
+            self._hasher = Hasher(threaded=threaded)
 
     def write(self, data) -> int:
         if isinstance(data, (bytearray, memoryview)):
             data = bytes(data)  # the hasher thread must see an immutable buffer
-        self._f.write(data)
+        view, n = memoryview(data), len(data)
+        while view:
+            view = view[self._f.write(view):]   # unbuffered: a write may take less than all
         self._hasher.update(data)
-        return len(data)
+        return n
+
+    def copy_range(self, src: str, start: int, end: int) -> None:
+        """Append bytes [start, end) of file `src`: locally inside the kernel (copy_file_range;
+        the hasher reads them back from the page cache on its own thread), else through memory."""
+        if self._local and is_local(src) and self._copy_in_kernel(local_path(src), start, end):
+            return
+        with open_read(src) as f:
+            f.seek(start)
+            left = end - start
+            while left:
+                chunk = f.read(min(CHUNK, left))
+                if not chunk:
+                    raise CkptError(f"{src}: truncated (ends before byte {end})")
+                self.write(chunk)
+                left -= len(chunk)
+
+    def _copy_in_kernel(self, src: str, start: int, end: int) -> bool:
+        """Pieces of 4 chunks, each handed to the hasher as soon as it is in place."""
+        fd_out = self._f.fileno()
+        at = os.lseek(fd_out, 0, os.SEEK_CUR)
+        fd_in = os.open(src, os.O_RDONLY)
+        try:
+            offset = start
+            while offset < end:
+                try:
+                    n = os.copy_file_range(fd_in, fd_out, min(4 * CHUNK, end - offset), offset)
+                except OSError as e:
+                    if offset == start and e.errno in COPY_ERRORS:
+                        return False    # this kernel or file system cannot: copy through memory
+                    raise
+                if n == 0:
+                    raise CkptError(f"{src}: truncated (ends before byte {end})")
+                self._hasher.update_range(at + offset - start, n)
+                offset += n
+        finally:
+            os.close(fd_in)
+        return True
 
     def close(self, *, durable: bool = True) -> dict:
-        """Finish the file; {size, sha256}. Locally the data is fsynced before this returns,
-        or, with durable=False, in the background: `self.synced` is then a Future that the
-        committer waits for before it writes the manifest (the flush overlaps the next file).
-        On object stores the upload is done (and the object's size checked) when this returns."""
-        digest = {"size": self._hasher.size, "sha256": self._hasher.hexdigest()}
+        """Finish the file; {size, sha256}. Locally the data is fsynced before this returns
+        (durable=False leaves that to the caller's commit). On object stores the upload is
+        done (and the object's size checked) when this returns."""
         if self._local:
-            self._f.flush()
+            digest = self._digest()
             if durable:
                 os.fsync(self._f.fileno())
-                self._f.close()
-            else:
-                fd = os.dup(self._f.fileno())
-                self._f.close()
-                self.synced = _fsync_pool().submit(_fsync_fd, fd)
-        else:
-            try:
-                upload(self._f, self.uri, digest["size"])
-            finally:
-                self._f.close()
+            self._f.close()
+            return digest
+        digest = self._digest()
+        try:
+            upload(self._f, self.uri, digest["size"])
+        finally:
+            self._f.close()
         return digest
+
+    def close_later(self):
+        """Finish the file without waiting for its hash or its fsync: a Future of {size, sha256}
+        that the committer resolves before it writes the manifest, so file N is hashed and
+        flushed while file N+1 is written. At most HASH_AHEAD files finish in the background;
+        the next close_later waits for a slot (bounding the memory queued for hashing). On object
+        stores the upload runs there too."""
+        _AHEAD.acquire()
+        try:
+            if not self._local:     # the upload of file N overlaps the writing of N+1
+                return _fsync_pool().submit(self._finish_remote)
+            fd = os.dup(self._f.fileno())
+            self._f.close()
+            try:
+                return _fsync_pool().submit(self._finish, fd)
+            except BaseException:
+                os.close(fd)
+                raise
+        except BaseException:
+            _AHEAD.release()
+            raise
+
+    def _finish(self, fd: int) -> dict:
+        try:
+            digest = self._digest()
+            os.fsync(fd)
+            return digest
+        finally:
+            os.close(fd)
+            _AHEAD.release()
+
+    def _finish_remote(self) -> dict:
+        try:
+            return self.close()
+        finally:
+            _AHEAD.release()
+
+    def _digest(self) -> dict:
+        return {"size": self._hasher.size, "sha256": self._hasher.hexdigest()}
 
     def abort(self) -> None:
         """Give up on the file. Remotely nothing was uploaded; locally the partial file stays in
@@ -577,18 +725,21 @@ def _stream(f, fs, path: str) -> None:
     out.close()
 
 
-def copy_file(src: str, dst: str) -> dict:
-    """Stream one file to another location, hashing on the way; returns {size, sha256}."""
-    with open_read(src) as fin, HashingWriter(dst) as out:
-        while chunk := fin.read(CHUNK):
-            out.write(chunk)
-        return out.close()
-
-
 def file_digest(uri: str) -> dict:
-    """{size, sha256} of an existing file (used by verify, which is the one deliberate second read)."""
-    h = hashlib.sha256()
-    n = 0
+    """{size, sha256} of an existing file (used by verify, which is the one deliberate second read).
+    Locally read into one reused buffer: no fresh memory (and page faults) per chunk."""
+    h, n = hashlib.sha256(), 0
+    if is_local(uri):
+        try:
+            f = open(local_path(uri), "rb", buffering=0)
+        except (FileNotFoundError, IsADirectoryError) as e:
+            raise CkptError(f"{uri}: no such file") from e
+        with f, _buffer() as buf:
+            view = memoryview(buf)
+            while got := f.readinto(buf):
+                h.update(view[:got])
+                n += got
+        return {"size": n, "sha256": h.hexdigest()}
     with open_read(uri) as f:
         while chunk := f.read(CHUNK):
             h.update(chunk)

@@ -35,6 +35,7 @@ from ckptflow import config as config_mod
 from ckptflow import data, manifest, progress, storage
 from ckptflow.checkpointer import Checkpointer, read_tensors, step_name
 from ckptflow.errors import CkptError
+from ckptflow.loss import IGNORE, cross_entropy_sum
 from ckptflow.manifest import Manifest
 
 log = logging.getLogger(__name__)
@@ -148,13 +149,6 @@ def seed_everything(seed: int) -> None:
 
 # ---- model and optimizer -------------------------------------------------------------------
 
-def model_aux_loss(model):
-    """(router load-balancing loss, its coefficient) of the last forward of an MoE model, else None."""
-    from ckptflow.model import aux_loss
-
-    return aux_loss(model)
-
-
 def lora_config(cfg):
     if cfg.train.method != "lora":
         return None
@@ -235,6 +229,8 @@ class Trainer:
     def __init__(self, cfg, base_uri: str, run_uri: str | None = None, *, on_metrics=None, full_sd: dict | None = None):
         import torch
 
+        from ckptflow.model import moe_blocks
+
         self.cfg, tc = cfg, cfg.train
         self.base = manifest.require(base_uri)
         self.run_uri = run_uri or config_mod.run_dir(cfg)
@@ -245,6 +241,7 @@ class Trainer:
         self.on_metrics = on_metrics
         self.model = self._build_model(full_sd)
         apply_knobs(self.model, tc)
+        self.moes = moe_blocks(self.model)    # asked for their router loss every micro-batch
         groups, self.names = param_groups(self.model, tc.weight_decay)
         self.optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
         self.teacher = load_teacher(tc.distill.teacher, self.model.args, self.device) if tc.distill.teacher else None
@@ -295,6 +292,8 @@ class Trainer:
     def train_step(self) -> dict:
         import torch
 
+        from ckptflow.model import aux_loss
+
         tc, step = self.cfg.train, self.step + 1
         self._pace_threads()
         lr = self.schedule.lr_at(step)
@@ -303,13 +302,13 @@ class Trainer:
         micro = [self._micro_batch() for _ in range(tc.grad_accum)]
         # Every process divides by the targets of the whole step, so accumulation and several
         # processes add up to the loss of one big batch (FSDP averages gradients: times world).
-        targets = max(self._all_sum(sum(int((lab != data.IGNORE).sum()) for _, lab in micro)), 1)
+        targets = max(self._all_sum(sum(int((lab != IGNORE).sum()) for _, lab in micro)), 1)
         total, aux_total = 0.0, None
         for tokens, labels in micro:
             tokens, labels = self._to_device(tokens), self._to_device(labels)
             loss = self._forward_loss(tokens, labels) / targets
             total += float(loss.detach())
-            aux = model_aux_loss(self.model)
+            aux = aux_loss(self.moes)
             if aux is not None:     # MoE: + coef * router load-balancing loss, as transformers adds it
                 loss = loss + aux[1] * aux[0] / len(micro)
                 aux_total = (aux_total or 0.0) + float(aux[0].detach()) / len(micro)
@@ -368,11 +367,11 @@ class Trainer:
         """Summed token cross-entropy; with a teacher, (1 - alpha) CE + alpha T^2 KL(teacher || student)."""
         import torch.nn.functional as F
 
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=data.IGNORE, reduction="sum")
+        ce = cross_entropy_sum(logits, labels)
         if teacher_logits is None:
             return ce
         d = self.cfg.train.distill
-        keep = labels != data.IGNORE
+        keep = labels != IGNORE
         s = F.log_softmax(logits[keep].float() / d.temperature, dim=-1)
         t = F.log_softmax(teacher_logits[keep].float() / d.temperature, dim=-1)
         kl = F.kl_div(s, t, log_target=True, reduction="sum") * d.temperature ** 2

@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from ckptflow import manifest
+from ckptflow.errors import CkptError
 from ckptflow.stages import convert
 from tests import hfmodels
 
@@ -204,3 +205,35 @@ def test_multimodal_gemma3_reads_its_text_model(tmp_path):
     with pytest.raises(CkptError, match="vision tower"):
         convert.run(str(tmp_path / "tune"), str(tmp_path / "back"), to="hf")
     assert not (tmp_path / "back" / "ckptflow.json").exists()
+
+
+def _flip_a_byte(path, at=-1):
+    with open(path, "r+b") as f:
+        f.seek(at, os.SEEK_END)
+        b = f.read(1)
+        f.seek(at, os.SEEK_END)
+        f.write(bytes([b[0] ^ 1]))
+
+
+@pytest.mark.parametrize("to", ["hf", "tune"])
+def test_a_damaged_committed_source_fails_the_conversion_and_nothing_is_committed(tmp_path, to):
+    src = hfmodels.save("llama", str(tmp_path / "src"), shard="40KB")
+    tune = str(tmp_path / "tune")
+    m = convert.run(src, tune)
+    shard = sorted(n for n in m.files if n.endswith(".safetensors"))[-1]
+    _flip_a_byte(os.path.join(tune, shard))       # same size: only the hash can tell
+    dst = str(tmp_path / "out")
+    with pytest.raises(CkptError, match=rf"{shard}: sha256 mismatch: the source does not match its ckptflow.json"):
+        convert.run(tune, dst, to=to)
+    assert not os.path.exists(dst)                 # the write it began is gone, marker and all
+
+
+def test_a_check_limited_to_what_a_stage_reads_passes_over_other_damage(tmp_path):
+    src = hfmodels.save("llama", str(tmp_path / "src"))
+    tune = str(tmp_path / "tune")
+    m = convert.run(src, tune)
+    asset = next(n for n in m.files if not n.endswith(".safetensors"))
+    _flip_a_byte(os.path.join(tune, asset))
+    weights = {os.path.join(tune, n) for n in m.files if n.endswith(".safetensors")}
+    assert manifest.Check(tune, m, only=weights).problems() == []
+    assert manifest.Check(tune, m).problems() == [f"{os.path.join(tune, asset)}: sha256 mismatch"]

@@ -66,10 +66,16 @@ def test_what_prefect_stores_of_a_config_or_flow_parameters_holds_no_literal_cre
 
     cfg = validate({"run_id": "r", "storage": "s3://b/runs", "storage_options": OPTIONS,
                     "model": {"source": "seed://llama"}, "data": {"train": "d.jsonl"}})
+    # What is stored keeps the options' shape and every non-secret value, each literal credential
+    # replaced: an encoder that dropped storage_options (or the whole object) would not pass.
+    want = {"key": "**redacted**", "secret": "**redacted**", "anon": False, "token": "anon",
+            "client_kwargs": {"endpoint_url": "http://127.0.0.1:9", "aws_session_token": "**redacted**"}}
     for obj in (cfg, ExportParams(source="s3://b/r", storage_options=OPTIONS),
                 EvalRequest(source="s3://b/r/export", data="d", storage_options=OPTIONS),
                 ConvertParams(source="s3://b/a", dst="s3://b/c", storage_options=OPTIONS)):
-        stored = json.dumps(jsonable_encoder(obj))
+        encoded = jsonable_encoder(obj)
+        stored = json.dumps(encoded)
+        assert encoded["storage_options"] == want, type(obj).__name__
         assert not any(s in stored for s in ("AKIAEXAMPLE", "s3cr3t", "t0ken")), type(obj).__name__
         assert obj.storage_options == OPTIONS        # the object in this process keeps them
     assert to_dict(cfg)["storage_options"]["key"] == credentials.REDACTED
@@ -181,12 +187,12 @@ def test_canary_credentials_reach_no_database_log_artifact_or_file(prefect_api, 
 
 
 def test_the_embedded_server_gets_no_credential_and_a_configured_api_is_used_as_is(tmp_path):
-    from ckptflow import settings
+    from ckptflow import api_server
 
     env = {"PREFECT_HOME": str(tmp_path), "CKPTFLOW_CREDENTIAL_SECRET": "s3cr3t", "PATH": "/bin"}
-    assert "CKPTFLOW_CREDENTIAL_SECRET" not in settings.embedded_server_env(env)
-    assert settings.configured_api_url(env) is None
+    assert "CKPTFLOW_CREDENTIAL_SECRET" not in api_server.embedded_server_env(env)
+    assert api_server.configured_api_url(env) is None
     (tmp_path / "profiles.toml").write_text('active = "remote"\n[profiles.remote]\n'
                                             'PREFECT_API_URL = "http://prefect.internal:4200/api"\n')
-    assert settings.configured_api_url(env) == "http://prefect.internal:4200/api"   # no embedded server then
-    assert settings.configured_api_url({**env, "PREFECT_API_URL": "http://x/api"}) == "http://x/api"
+    assert api_server.configured_api_url(env) == "http://prefect.internal:4200/api"   # no embedded server then
+    assert api_server.configured_api_url({**env, "PREFECT_API_URL": "http://x/api"}) == "http://x/api"

@@ -156,7 +156,7 @@ def test_the_run_page_shows_the_run_completed_with_its_logs_and_artifacts(dash):
     d = dash.driver
     harness.open_flow_run(d, dash.server, dash.flow_run_id)
     harness.wait_for_state(d, "Completed")
-    assert "finetune" in harness.text_of(d)
+    harness.wait_for_text(d, "finetune")     # the breadcrumb may render after the state badge on a busy host
     # An early line: the log view is virtualised, later lines are not in the DOM until scrolled.
     harness.wait_for_text(d, f"run demo: {dash.run_uri}", selector=harness.LOGS)
     # The viewport only: the run page fits it (its logs scroll inside the page).

@@ -6,7 +6,7 @@ import pytest
 
 from ckptflow import cli, manifest, retry, storage
 from ckptflow.errors import CkptError, TransientError
-from ckptflow.stages import download
+from ckptflow.stages import convert, download
 
 SEED = "seed://llama?dim=64&n_layers=2"
 
@@ -125,6 +125,10 @@ def test_revision_as_branch_name_records_the_commit(hub_server, seed_files, tmp_
     same_bytes(tmp_path / "v1", seed_files)
     on_disk = json.loads((tmp_path / "v1" / manifest.NAME).read_text())
     assert on_disk["lineage"]["revision"] == old
+    hub_server.add_branch("org/tiny", "v1", new)       # the branch moved: the same request updates it
+    assert get(hub_server, "hf://org/tiny@v1", tmp_path / "v1").params["revision"] == new
+    with pytest.raises(CkptError, match="made with format='hf', not format='meta'; pass --overwrite"):
+        get(hub_server, "hf://org/tiny@v1", tmp_path / "v1", format="meta")
 
 
 def test_failure_mid_file_is_retried_and_checksums_match(hub_server, sharded_files, tmp_path):
@@ -246,6 +250,31 @@ def test_storage_and_seed_reruns_do_nothing(seed_files, tmp_path):
     src = seed_files["config.json"].parent
     m = download.run(str(src), str(tmp_path / "copy"))
     assert download.run(str(src), str(tmp_path / "copy")).created == m.created
+    (tmp_path / "copy" / "config.json").write_text("{}")            # damaged: --overwrite copies again
+    assert manifest.verify(str(tmp_path / "copy")) != []
+    download.run(str(src), str(tmp_path / "copy"), overwrite=True)
+    assert manifest.verify(str(tmp_path / "copy")) == []
+
+
+def test_another_source_replaces_a_download_only_with_overwrite(seed_files, tmp_path):
+    """commit.reusable's rule and message, as for convert, export and merge."""
+    import re
+    import shutil
+
+    src, other, dst = str(seed_files["config.json"].parent), str(tmp_path / "other"), str(tmp_path / "copy")
+    shutil.copytree(src, other)
+    m = download.run(src, dst)
+    with pytest.raises(CkptError, match=re.escape(f"{dst}: already holds a committed source (hf) made with "
+                                                  f"source={src!r}, not source={other!r}; pass --overwrite")):
+        download.run(other, dst)
+    with pytest.raises(CkptError, match=re.escape("made with in_place=None, not in_place=True")):
+        download.run(src, dst, in_place=True)
+    assert manifest.require(dst) == m
+    assert download.run(other, dst, overwrite=True).params == {"source": other}
+    convert.run(dst, str(tmp_path / "tune"))
+    with pytest.raises(CkptError, match=re.escape(f"{tmp_path / 'tune'}: already holds a committed model (tune) "
+                                                  f"made from source {dst} (")):
+        download.run(src, str(tmp_path / "tune"))
     with pytest.raises(CkptError, match="--in-place is for storage URIs"):
         download.run(SEED, str(tmp_path / "seed"), in_place=True)
     with pytest.raises(CkptError, match="--format 'gguf'"):

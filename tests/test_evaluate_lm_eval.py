@@ -47,9 +47,14 @@ def lm_eval_cli(model_dir: str, include: str, out: str) -> dict:
         return json.load(f)
 
 
-def test_tasks_on_a_lora_run_give_what_lm_eval_gives_on_the_same_export(tiny_lora_run, tmp_path, capsys):
+def test_tasks_on_a_lora_run_give_what_lm_eval_gives_on_the_same_export(tiny_lora_run, tmp_path, capsys,
+                                                                         monkeypatch):
+    from ckptflow.stages import export
+
     run = tiny_lora_run
     out = f"{run}/eval-lm"
+    exported, real_export = [], export.run
+    monkeypatch.setattr(export, "run", lambda src, *a, **kw: exported.append(src) or real_export(src, *a, **kw))
     rc = cli.main(["evaluate", run, "--tasks", TASKS, "--limit", LIMIT, "--lm-eval-batch-size", "4",
                    "--base", f"{run}/base", "--out", out, "--device", "cpu", "--json"])
     printed = capsys.readouterr()
@@ -76,6 +81,10 @@ def test_tasks_on_a_lora_run_give_what_lm_eval_gives_on_the_same_export(tiny_lor
     # request.json: the run's step exported to {out}/hf, and the resolved task YAMLs beside it.
     req = json.load(open(f"{out}/request.json"))
     assert req["model"] == f"{out}/hf" and req["include_path"] == f"{out}/tasks" and req["tasks"] == NAMES
+    # One export of the step (lm-eval's, copied to {out}/hf for the hand-off) and one of the base.
+    assert len(exported) == 2 and f"{run}/base" in exported, exported
+    hf = manifest.require(f"{out}/hf")
+    assert manifest.verify(f"{out}/hf") == [] and hf.lineage["stages"][-1]["uri"] == f"{out}/hf"
     theirs = lm_eval_cli(req["model"], req["include_path"], str(tmp_path))
     for task in NAMES:
         row = {k.replace(",none", ""): v for k, v in theirs["results"][task].items() if k.endswith(",none")}

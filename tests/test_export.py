@@ -289,3 +289,36 @@ def test_a_fused_phi3_peft_adapter_exports_as_itself(tmp_path):
     with torch.no_grad():
         want_logits = pm.eval()(x).logits
     torch.testing.assert_close(hf_logits(str(tmp_path / "hf"), x), want_logits, atol=1e-5, rtol=0)
+
+
+def test_a_damaged_committed_model_is_not_exported(tmp_path):
+    r = make_run(str(tmp_path / "run"))
+    base = manifest.require(os.path.join(r, "base"))
+    shard = next(n for n in base.files if n.endswith(".safetensors"))
+    with open(os.path.join(base.uri, shard), "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
+    with pytest.raises(CkptError, match=rf"{shard}: sha256 mismatch: the source does not match"):
+        export.run(base.uri, str(tmp_path / "hf"), format="hf")
+    assert not os.path.exists(tmp_path / "hf")
+
+
+def test_a_runs_damaged_newest_step_is_skipped_for_the_one_before(tmp_path, caplog):
+    r = make_run(str(tmp_path / "run"))
+    lora_step(r, 10, LORA, seed=1)
+    lora_step(r, 20, LORA, seed=2)
+    newest = manifest.require(os.path.join(r, "train", "step-000020"))
+    name = next(n for n in newest.files if n.endswith(".safetensors"))
+    with open(os.path.join(newest.uri, name), "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
+    m = export.run(r, str(tmp_path / "hf"), format="hf")
+    assert m.step == 10
+    assert "step-000020: skipping a damaged checkpoint" in caplog.text
+    with pytest.raises(CkptError, match="sha256 mismatch"):      # asked for by number: no substitute
+        export.run(r, str(tmp_path / "hf20"), format="hf", step=20)
+    assert not os.path.exists(tmp_path / "hf20")

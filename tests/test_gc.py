@@ -123,6 +123,10 @@ def test_gc_refuses_a_run_that_a_live_process_is_writing(tmp_path):
         assert r.returncode == 2
         line, = r.stderr.strip().splitlines()
         assert "another process is writing this run: trainer" in line and f"pid {writer.pid}" in line
+        below = cli("gc", f"{run}/train")            # a directory of the run: the lease above it counts
+        assert below.returncode == 2
+        line, = below.stderr.strip().splitlines()
+        assert f"{run}: another process is writing this run: trainer" in line and f"pid {writer.pid}" in line
         assert storage.isdir(f"{run}/train/step-000020")
     finally:
         release.set()

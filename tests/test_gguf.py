@@ -50,6 +50,12 @@ CASES = {
     # mixtures of experts (each layer's experts stacked into one tensor), as llama.cpp computes them
     "mixtral": ("mixtral", "gpt2", {"sliding_window": None}),
     "qwen3_moe": ("qwen3_moe", "qwen2", {"mlp_only_layers": [], "norm_topk_prob": True}),
+    # post-norms and q/k norms over the whole projection (olmo2); the every-4th layer without RoPE
+    # that llama.cpp's smollm3 hard-codes (4 layers: layer 3 has none), q/k rows permuted, tied
+    "olmo2": ("olmo2", "gpt2", {}),
+    "smollm3": ("smollm3", "llama3", {"num_hidden_layers": 4, "no_rope_layer_interval": 4}),
+    "smollm3-linear": ("smollm3", "llama3", {"num_hidden_layers": 4, "no_rope_layer_interval": 4, "rope_parameters": {
+        "rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}}),
 }
 # Mixtral's q8_0 logits are 0.05 off except at one position (0.17), whatever the router's scale:
 # rounding there moves a top-2 expert's weight, not a mapping error (its f32 file is exact).
@@ -244,15 +250,16 @@ def test_llama_cpp_tokenizes_and_computes_like_transformers(tmp_path, models, ca
           f"equal ({k} tie-free)")
 
 
+@pytest.mark.parametrize("case", ["llama", "olmo2", "smollm3"])
 @pytest.mark.parametrize("dtype,tol", [("f16", 0.03), ("bf16", 0.15)])
-def test_half_precision_files_stay_close(tmp_path, models, dtype, tol):
-    _, logits, gen = hf_side(models["llama"])
-    path = export_gguf(models["llama"], str(tmp_path / dtype), dtype)
+def test_half_precision_files_stay_close(tmp_path, models, dtype, tol, case):
+    _, logits, gen = hf_side(models[case])
+    path = export_gguf(models[case], str(tmp_path / dtype), dtype)
     _, c_logits, c_gen = cpp_side(path)
     diff = float(np.abs(c_logits - logits).max())
     k = settled(hf_side.margins, diff)
-    assert diff < tol and same_top(c_logits[-1], logits[-1], diff) and c_gen[:k] == gen[:k], f"{dtype}: {diff}"
-    print(f"\nllama {dtype}: {diff:.2e} ({os.path.getsize(path)} B)")
+    assert diff < tol and same_top(c_logits[-1], logits[-1], diff) and c_gen[:k] == gen[:k], f"{case} {dtype}: {diff}"
+    print(f"\n{case} {dtype}: {diff:.2e} ({os.path.getsize(path)} B), continuation {k} tie-free steps equal")
 
 
 def test_metadata_reads_back(tmp_path, models):
@@ -400,3 +407,76 @@ def test_a_phi3_name_over_a_vocabulary_without_phi3_tokens_loads(tmp_path):
     ids, logits, _ = hf_side(src)
     c_ids, c_logits, _ = cpp_side(path)
     assert c_ids == ids and float(np.abs(c_logits - logits).max()) < 5e-3
+
+
+def test_olmo2_and_smollm3_metadata_and_modelfile(tmp_path, models):
+    """The tensors llama.cpp's olmo2 / smollm3 load, by the names the upstream converter gives them;
+    smollm3's chat template without the `[:]` llama.cpp's template engine rejects; the Modelfile."""
+    import shutil
+
+    from gguf import GGUFReader
+
+    r = GGUFReader(export_gguf(models["olmo2"], str(tmp_path / "olmo2"), "f32"))
+    types = {t.name: [int(n) for n in t.shape] for t in r.tensors}
+    assert r.fields["general.architecture"].contents() == "olmo2"
+    assert types["blk.1.attn_q_norm.weight"] == [64] and types["blk.1.attn_k_norm.weight"] == [32]   # whole projection
+    assert {"blk.0.post_attention_norm.weight", "blk.0.post_ffw_norm.weight", "output.weight"} <= set(types)
+    assert not any(n.endswith(("attn_norm.weight", "ffn_norm.weight")) for n in types)             # no pre-norms
+    assert len(types) == 3 + 2 * 11
+    src = str(tmp_path / "smollm3-src")
+    shutil.copytree(models["smollm3"], src)
+    cfg = json.load(open(os.path.join(src, "tokenizer_config.json")))
+    cfg["chat_template"] = CHATML.replace("in messages", "in messages[:]")
+    json.dump(cfg, open(os.path.join(src, "tokenizer_config.json"), "w"))
+    path = export_gguf(src, str(tmp_path / "smollm3"), "q8_0")
+    r = GGUFReader(path)
+    kv = {k: f.contents() for k, f in r.fields.items() if not k.startswith("GGUF.")}
+    got = (kv["general.architecture"], kv["smollm3.block_count"], kv["tokenizer.ggml.pre"])
+    assert got == ("smollm3", 4, "llama-bpe")
+    assert kv["tokenizer.chat_template"] == CHATML
+    names = {t.name for t in r.tensors}
+    assert "output.weight" not in names and len(names) == 2 + 4 * 9     # tied: llama.cpp uses token_embd
+    modelfile = open(os.path.join(os.path.dirname(path), "Modelfile")).read()
+    assert modelfile.startswith("FROM ./model.gguf\nTEMPLATE \"\"\"{{- range .Messages }}<|im_start|>")
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile and 'PARAMETER stop "<|eot_id|>"' in modelfile
+
+
+@pytest.mark.parametrize("family,over,says", [
+    # llama.cpp hard-codes RoPE off on every 4th layer (no GGUF key): any other pattern would run wrong
+    ("smollm3", {"num_hidden_layers": 4, "no_rope_layer_interval": 2}, "skips it on layers [1, 3]"),
+    ("smollm3", {"num_hidden_layers": 4, "no_rope_layer_interval": 5}, "skips it on layers []"),
+    ("smollm3", {"num_hidden_layers": 4, "no_rope_layer_interval": 4, "attention_bias": True}, "o_proj"),
+    ("olmo2", {"tie_word_embeddings": True}, "tie_word_embeddings=true"),
+    ("olmo2", {"attention_bias": True}, "attention_bias=true"),
+    # llama3 RoPE scaling is a rope_freqs tensor, which neither architecture loads
+    ("olmo2", {"rope_parameters": dict(CASES["llama3"][2]["rope_parameters"])}, "RoPE scaling 'llama3'"),
+    ("smollm3", {"num_hidden_layers": 4, "no_rope_layer_interval": 4,
+                 "rope_parameters": dict(CASES["llama3"][2]["rope_parameters"])}, "RoPE scaling 'llama3'"),
+])
+def test_what_llama_cpp_olmo2_smollm3_cannot_run_is_one_line(tmp_path, capsys, family, over, says):
+    tj = train_tokenizer("gpt2")
+    src = hfmodels.save(family, str(tmp_path / "src"), vocab_size=len(tj["model"]["vocab"]), **over)
+    with open(os.path.join(src, "tokenizer.json"), "w") as f:
+        json.dump(tj, f)
+    dst = str(tmp_path / "out")
+    capsys.readouterr()                     # transformers' progress bars
+    assert cli.main(["export", src, dst, "--format", "gguf"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{family} GGUF" in err[0] and says in err[0], err
+    assert not os.path.exists(dst)
+
+
+@pytest.mark.parametrize("case", ["olmo2", "smollm3"])
+def test_a_converted_tune_checkpoint_exports_the_same_tensors(tmp_path, models, case):
+    """HF -> tune (convert) -> GGUF writes the tensors HF -> GGUF does, bit for bit (the proof above
+    then covers a converted or trained checkpoint too)."""
+    from gguf import GGUFReader
+
+    from ckptflow.stages import convert
+
+    tune = convert.run(models[case], str(tmp_path / "tune")).uri
+    direct = GGUFReader(export_gguf(models[case], str(tmp_path / "direct"), "f32"))
+    via = GGUFReader(export_gguf(tune, str(tmp_path / "via"), "f32"))
+    assert [t.name for t in via.tensors] == [t.name for t in direct.tensors]
+    for a, b in zip(direct.tensors, via.tensors):
+        assert np.array_equal(np.asarray(a.data), np.asarray(b.data)), a.name

@@ -251,7 +251,7 @@ def test_a_launched_group_dies_with_its_sigkilled_parent(tmp_path):
 
 
 def test_sigkill_of_ckptflow_run_leaves_no_embedded_server(tmp_path):
-    """`ckptflow run` without PREFECT_API_URL starts its own API server (ckptflow.settings.
+    """`ckptflow run` without PREFECT_API_URL starts its own API server (ckptflow.api_server.
     EmbeddedServer): SIGKILL the run alone, as the OOM killer would, and it is gone too."""
     config = write_config(tmp_path, tmp_path / "runs", "lonely")
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}

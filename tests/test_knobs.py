@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from ckptflow import config, seed
 from ckptflow.lora import LoraConfig, apply_lora
-from ckptflow.model import IGNORE, Transformer
+from ckptflow.loss import IGNORE
+from ckptflow.model import Transformer
 from ckptflow.stages import train as stage
 from ckptflow.trainer import apply_knobs
 from tests.test_train import CHILD, ROOT, base, final_hashes, make_cfg  # noqa: F401 - base is a fixture

@@ -283,15 +283,17 @@ def test_each_new_feature_moves_the_logits(family, base, change):
 def test_router_aux_loss_is_transformers_load_balancing_loss():
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-    from ckptflow.model import aux_loss
+    from ckptflow.model import aux_loss, moe_blocks
     from tests import hfmodels
 
     hf = hfmodels.model("mixtral")
     ours = from_hf(hf).train()
+    blocks = moe_blocks(ours)
+    assert len(blocks) == hf.config.num_hidden_layers
     x = tokens(length=17)
     ours(x)
-    got, coef = aux_loss(ours)
+    got, coef = aux_loss(blocks)
     out = hf.train()(x, output_router_logits=True)
     want = load_balancing_loss_func(out.router_logits, 4, 2)
     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
-    assert coef == hf.config.router_aux_loss_coef and aux_loss(ours) is None   # taken once per forward
+    assert coef == hf.config.router_aux_loss_coef and aux_loss(blocks) is None   # taken once per forward

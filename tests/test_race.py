@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from ckptflow import lease, manifest, storage
+from ckptflow import identity, lease, manifest, storage
 from tests import hfmodels, procs
 
 DTYPES = (None, "float16")
@@ -152,8 +152,8 @@ def test_a_dead_writers_marker_is_cleared_a_live_ones_never(src, tmp_path):
     dst = str(tmp_path / "dst")
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        ident = {**lease.identity(), "pid": sleeper.pid, "pid_start": lease.identity()["pid_start"]}
-        st = lease._stat(sleeper.pid)
+        ident = {**identity.current(), "pid": sleeper.pid}
+        st = identity.stat(sleeper.pid)
         for start, live in ((int(st[19]), True), (int(st[19]) - 1, False)):
             rec = {"holder": {"id": "x", "owner": "ckptflow convert", **ident, "pid_start": start},
                    "acquired_at": time.time(), "heartbeat_at": time.time(), "expires_at": time.time() + 60}

@@ -1,7 +1,9 @@
 """The fsspec seam: fresh listings on object stores, whole-file remote writes, atomic puts,
 faults never read as "missing", names that escape their directory."""
+import errno
 import hashlib
 import os
+import signal
 
 import pytest
 
@@ -124,3 +126,78 @@ def test_options_go_to_the_longest_matching_prefix():
         storage.set_options("s3://", None)
         storage.set_options("s3://bucket/run", None)
     assert storage.options_for("s3://bucket/run/base") == {}
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_copied_ranges_land_in_order_and_are_hashed_with_the_written_bytes(tmp_path, monkeypatch, kernel):
+    if not kernel:      # a kernel or file system without copy_file_range: the same bytes through memory
+        def refuse(*a, **k):
+            raise OSError(errno.EXDEV, "cross-device")
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    src = tmp_path / "src.bin"
+    data = os.urandom(3 * storage.CHUNK // 2 + 13)
+    src.write_bytes(data)
+    w = storage.HashingWriter(str(tmp_path / "out.bin"))
+    w.write(b"head")
+    w.copy_range(str(src), 5, len(data) - 7)
+    w.write(memoryview(b"--middle--"))
+    w.copy_range(str(src), 0, 5)
+    want = b"head" + data[5:-7] + b"--middle--" + data[:5]
+    got = w.close_later().result()
+    assert (tmp_path / "out.bin").read_bytes() == want
+    assert got == {"size": len(want), "sha256": hashlib.sha256(want).hexdigest()}
+    assert storage._AHEAD._value == storage.HASH_AHEAD
+
+
+def test_a_copy_past_the_end_of_its_source_names_the_file(tmp_path):
+    src = tmp_path / "short.bin"
+    src.write_bytes(b"x" * 100)
+    with pytest.raises(CkptError, match="short.bin: truncated"):
+        with storage.HashingWriter(str(tmp_path / "out.bin")) as w:
+            w.copy_range(str(src), 50, 200)
+
+
+def test_files_finish_in_the_background_a_bounded_number_at_a_time(tmp_path):
+    futures = []
+    for i in range(2 * storage.HASH_AHEAD + 1):
+        w = storage.HashingWriter(str(tmp_path / f"f{i}"))
+        w.write(bytes([i]) * (1 << 20))
+        futures.append(w.close_later())
+        assert storage._AHEAD._value >= 0
+    for i, fut in enumerate(futures):
+        assert fut.result()["sha256"] == hashlib.sha256(bytes([i]) * (1 << 20)).hexdigest()
+    assert storage._AHEAD._value == storage.HASH_AHEAD
+
+
+def test_file_digest_reads_local_and_names_a_missing_file(tmp_path):
+    p = tmp_path / "f.bin"
+    data = os.urandom(storage.CHUNK + 5)
+    p.write_bytes(data)
+    assert storage.file_digest(str(p)) == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    with pytest.raises(CkptError, match="nope.bin: no such file"):
+        storage.file_digest(str(tmp_path / "nope.bin"))
+
+
+def test_a_forked_child_gets_its_own_slots_for_background_files(tmp_path):
+    w = storage.HashingWriter(str(tmp_path / "held"))
+    w.write(b"x")
+    w.close_later().result()            # the parent's pool exists, with its threads
+    storage._AHEAD.acquire()            # as if a parent's file were still finishing when it forked
+    try:
+        pid = os.fork()
+        if pid == 0:                    # the child writes HASH_AHEAD + 1 files without waiting forever
+            signal.alarm(30)            # (on the old code it hung: a stale pool with no threads)
+            ok = False
+            try:
+                futs = []
+                for i in range(storage.HASH_AHEAD + 1):
+                    c = storage.HashingWriter(str(tmp_path / f"child{i}"))
+                    c.write(b"y")
+                    futs.append(c.close_later())
+                ok = all(f.result(timeout=30)["size"] == 1 for f in futs)
+            finally:
+                os._exit(0 if ok else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        storage._AHEAD.release()

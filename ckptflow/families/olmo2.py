@@ -62,3 +62,44 @@ def hf_config(args: ModelArgs, like: dict | None = None, dtype: str | None = Non
         return _hf.update_config(like, args_from_hf(like), args, dtype=dtype, fields=fields)
     return _hf.new_config(args, model_type="olmo2", architecture="Olmo2ForCausalLM", dtype=dtype, fields=fields,
                           head_dim=False)
+
+
+# --- GGUF (llama.cpp), written by ckptflow/formats/gguf.py -----------------------------------
+
+GGUF_ARCH = "olmo2"
+# As llama.cpp's converter (Olmo2Model) writes it: HF's rotate-half q/k rows (llama.cpp rotates
+# olmo2 NEOX-style), the projection-wide q/k norms, and the two post-norms under gemma2's names.
+TUNE_TO_GGUF = {
+    "tok_embeddings.weight": "token_embd.weight",
+    "layers.{}.attn.q_proj.weight": "blk.{}.attn_q.weight",
+    "layers.{}.attn.k_proj.weight": "blk.{}.attn_k.weight",
+    "layers.{}.attn.v_proj.weight": "blk.{}.attn_v.weight",
+    "layers.{}.attn.output_proj.weight": "blk.{}.attn_output.weight",
+    "layers.{}.attn.q_norm.scale": "blk.{}.attn_q_norm.weight",
+    "layers.{}.attn.k_norm.scale": "blk.{}.attn_k_norm.weight",
+    "layers.{}.sa_scale.scale": "blk.{}.post_attention_norm.weight",
+    "layers.{}.mlp.w1.weight": "blk.{}.ffn_gate.weight",
+    "layers.{}.mlp.w2.weight": "blk.{}.ffn_down.weight",
+    "layers.{}.mlp.w3.weight": "blk.{}.ffn_up.weight",
+    "layers.{}.mlp_scale.scale": "blk.{}.post_ffw_norm.weight",
+    "norm.scale": "output_norm.weight",
+    "output.weight": "output.weight",
+}
+
+
+def gguf_metadata(args: ModelArgs) -> list:
+    """Nothing beyond the common keys; refuses what llama.cpp's olmo2 cannot load or compute: it
+    requires an `output` tensor (no tied head), adds no q/k/v/o bias, sizes the q norm by the
+    hidden size (head_dim = hidden / heads) and loads no rope_freqs tensor (no llama3 scaling)."""
+    rope = (args.rope_scaling or {}).get("rope_type")
+    if rope not in (None, "default", "linear"):
+        raise CkptError(f"olmo2 GGUF: RoPE scaling {rope!r}: llama.cpp's olmo2 loads no rope_freqs tensor "
+                        "(default and linear scaling export)")
+    if args.tie_embeddings:
+        raise CkptError("olmo2 GGUF: tie_word_embeddings=true: llama.cpp's olmo2 needs its own output (lm_head) tensor")
+    if args.qkv_bias or args.attn_out_bias:
+        raise CkptError("olmo2 GGUF: attention_bias=true: llama.cpp's olmo2 adds no q/k/v/o bias")
+    if args.hd * args.n_heads != args.dim:
+        raise CkptError(f"olmo2 GGUF: head_dim {args.hd} is not hidden_size / num_attention_heads, "
+                        "as llama.cpp's olmo2 needs")
+    return []

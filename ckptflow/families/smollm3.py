@@ -87,3 +87,57 @@ def hf_config(args: ModelArgs, like: dict | None = None, dtype: str | None = Non
         return _hf.update_config(like, old, args, dtype=dtype, fields=fields(args), old_fields=fields(old))
     return _hf.new_config(args, model_type="smollm3", architecture="SmolLM3ForCausalLM", dtype=dtype,
                           fields={**fields(args), "use_sliding_window": False}, head_dim=False)
+
+
+# --- GGUF (llama.cpp), written by ckptflow/formats/gguf.py -----------------------------------
+
+GGUF_ARCH = "smollm3"
+# Llama's tensor names. llama.cpp rotates smollm3 in the Meta (interleaved) order: its converter
+# (SmolLM3Model, a LlamaModel) permutes HF's q/k rows, and so does GGUF_RULES here (tune keeps the
+# rotate-half rows). A tied model has no output tensor: llama.cpp then uses token_embd.
+TUNE_TO_GGUF = {
+    "tok_embeddings.weight": "token_embd.weight",
+    "layers.{}.sa_norm.scale": "blk.{}.attn_norm.weight",
+    "layers.{}.attn.q_proj.weight": "blk.{}.attn_q.weight",
+    "layers.{}.attn.k_proj.weight": "blk.{}.attn_k.weight",
+    "layers.{}.attn.v_proj.weight": "blk.{}.attn_v.weight",
+    "layers.{}.attn.output_proj.weight": "blk.{}.attn_output.weight",
+    "layers.{}.mlp_norm.scale": "blk.{}.ffn_norm.weight",
+    "layers.{}.mlp.w1.weight": "blk.{}.ffn_gate.weight",
+    "layers.{}.mlp.w2.weight": "blk.{}.ffn_down.weight",
+    "layers.{}.mlp.w3.weight": "blk.{}.ffn_up.weight",
+    "norm.scale": "output_norm.weight",
+    "output.weight": "output.weight",
+}
+GGUF_RULES = {"layers.{}.attn.q_proj.weight": "meta_rows_q", "layers.{}.attn.k_proj.weight": "meta_rows_k"}
+# llama.cpp has no GGUF key for the layers without RoPE: it skips RoPE on every 4th layer
+# (hparams.n_no_rope_layer_step = 4: layer i when (i + 1) % 4 == 0), SmolLM3-3B's pattern.
+GGUF_NO_ROPE_INTERVAL = 4
+
+
+def gguf_metadata(args: ModelArgs) -> list:
+    """No extra keys. Refused: layers without RoPE other than llama.cpp's fixed every-4th, llama3
+    RoPE scaling (llama.cpp's smollm3 loads no rope_freqs tensor) and biases (it loads no o_proj or
+    MLP bias; attention_bias puts one on o_proj)."""
+    want = no_rope(args.n_layers, GGUF_NO_ROPE_INTERVAL)
+    have = list(args.no_rope_layers or [])
+    if have != want:
+        raise CkptError(f"smollm3 GGUF: no_rope_layers: llama.cpp skips RoPE on every {GGUF_NO_ROPE_INTERVAL}th "
+                        f"layer exactly (layers {want}); this model skips it on layers {have}")
+    rope = (args.rope_scaling or {}).get("rope_type")
+    if rope not in (None, "default", "linear"):
+        raise CkptError(f"smollm3 GGUF: RoPE scaling {rope!r}: llama.cpp's smollm3 loads no rope_freqs tensor "
+                        "(default and linear scaling export)")
+    if args.qkv_bias or args.attn_out_bias or args.mlp_bias:
+        raise CkptError("smollm3 GGUF: attention_bias / mlp_bias = true: llama.cpp's smollm3 loads no o_proj "
+                        "or MLP bias")
+    if args.hd * args.n_heads != args.dim:
+        raise CkptError(f"smollm3 GGUF: head_dim {args.hd} is not hidden_size / num_attention_heads, "
+                        "as llama.cpp's smollm3 needs")
+    return []
+
+
+def gguf_chat_template(template: str) -> str:
+    """SmolLM3's chat template copies lists with `[:]`, a slice llama.cpp's template engine rejects:
+    the upstream converter removes it (a copy of the list or the list itself render the same)."""
+    return template.replace("[:]", "")

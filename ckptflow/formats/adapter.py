@@ -93,7 +93,7 @@ def scale(rank: int, alpha: float, use_rslora: bool) -> float:
 
 def base_shape(args, tune_weight_key: str) -> list[int]:
     """[out, in] of the base weight a LoRA module adapts (the tied output head included)."""
-    from ckptflow.formats.tune import expected_shapes
+    from ckptflow.model_args import expected_shapes
 
     if tune_weight_key == "output.weight":
         return [args.vocab_size, args.dim]

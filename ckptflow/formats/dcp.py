@@ -153,7 +153,7 @@ def _root(fqn: str) -> str:
 
 def classify(family, args, tensors: dict, others: list[str], where: str) -> tuple[dict[str, str], list[str]]:
     """({tune key: fqn}, notes): the model's weights, and what was left out."""
-    from ckptflow.formats.tune import expected_shapes
+    from ckptflow.model_args import expected_shapes
 
     known = set(expected_shapes(args))
     weights, left, dropped = {}, {}, []

@@ -309,7 +309,10 @@ def prepare(view, dtype: str | None) -> Prepared:
         raise CkptError(f"{view.uri}: family {view.family.NAME!r} has no GGUF table yet")
     dtype = dtype_name(dtype, view)
     vocab = gguf_vocab.read(view)
-    return Prepared(dtype, plan(view, dtype), vocab, hparams(view, loadable_name(model_name(view), view, vocab), dtype))
+    if vocab.chat_template and hasattr(view.family, "gguf_chat_template"):
+        vocab.chat_template = view.family.gguf_chat_template(vocab.chat_template)
+    kv = hparams(view, loadable_name(model_name(view), view, vocab), dtype)   # the family's refusals first
+    return Prepared(dtype, plan(view, dtype), vocab, kv)
 
 
 # llama.cpp sets attributes of these tokens (token_to_id.at: it fails to load the file without

@@ -77,14 +77,6 @@ def read_model(uri: str) -> tuple[list[tuple[str, float, int]], dict, dict]:
     return pieces, trainer, norm
 
 
-def is_spm(uri: str) -> bool:
-    try:
-        read_model(uri)
-    except CkptError:
-        return False
-    return True
-
-
 def check(trainer: dict, norm: dict, where: str) -> bool:
     """What llama.cpp's SPM tokenizer cannot do is refused; returns add_dummy_prefix."""
     kind = MODEL_TYPES.get(trainer.get(TRAINER_MODEL_TYPE, 1), "?")
@@ -103,10 +95,11 @@ def looks_special(text: str) -> bool:
     return (text.startswith("<|") and text.endswith("|>")) or text in ("<pad>", "<mask>")
 
 
-def read(uri: str, n_vocab: int, tokenizer_config: dict) -> tuple[list[str], list[float], list[int], bool]:
-    """(tokens, scores, types, add_space_prefix) of a SentencePiece tokenizer.model, padded to
-    n_vocab, with the added tokens of tokenizer_config.json (as the upstream converter reads them)."""
-    pieces, trainer, norm = read_model(uri)
+def read(model: tuple, uri: str, n_vocab: int, tokenizer_config: dict) -> tuple[list[str], list[float], list[int], bool]:
+    """(tokens, scores, types, add_space_prefix) of a SentencePiece tokenizer.model (`model`: what
+    read_model returned for `uri`), padded to n_vocab, with the added tokens of
+    tokenizer_config.json (as the upstream converter reads them)."""
+    pieces, trainer, norm = model
     prefix = check(trainer, norm, uri)
     if len(pieces) > n_vocab:
         raise CkptError(f"{uri}: {len(pieces)} pieces do not fit the model's vocab_size {n_vocab}")

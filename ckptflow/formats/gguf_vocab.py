@@ -87,8 +87,9 @@ def read(view) -> Vocab:
     # tokenizer.json parsed at most once, and only when used (a SentencePiece model may not need it)
     tj = functools.cache(lambda: json.loads(storage.read_text(assets["tokenizer.json"]))) \
         if "tokenizer.json" in assets else None
-    if "tokenizer.model" in assets and (tj is None or gguf_spm.is_spm(assets["tokenizer.model"])):
-        tokens, scores, types, prefix = gguf_spm.read(assets["tokenizer.model"], n, configs[0])
+    spm = _sentencepiece(assets, fallback=tj is not None)
+    if spm is not None:
+        tokens, scores, types, prefix = gguf_spm.read(spm, assets["tokenizer.model"], n, configs[0])
         vocab = Vocab("llama", "default", tokens, types, scores=scores, add_space_prefix=prefix)
     elif tj is not None:
         vocab = read_bpe(tj(), assets["tokenizer.json"], n)
@@ -96,6 +97,21 @@ def read(view) -> Vocab:
         raise CkptError(f"{view.uri}: no tokenizer.json or tokenizer.model to put into the GGUF file")
     specials(vocab, assets, configs, tj)
     return vocab
+
+
+def _sentencepiece(assets: dict, *, fallback: bool):
+    """tokenizer.model parsed (once: gguf_spm.read takes the result), or None when there is none,
+    or when it is not SentencePiece (Llama 3's tiktoken file) and tokenizer.json can stand in."""
+    from ckptflow.formats import gguf_spm
+
+    if "tokenizer.model" not in assets:
+        return None
+    try:
+        return gguf_spm.read_model(assets["tokenizer.model"])
+    except CkptError:
+        if fallback:
+            return None
+        raise
 
 
 # --- byte-level BPE -------------------------------------------------------------------------

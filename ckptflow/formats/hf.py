@@ -220,7 +220,8 @@ def tune_plan(src: Source, out_dtype: str | None = None, max_shard: int | None =
 def _check_shapes(src: Source, per_file: list[list[Item]]) -> None:
     """A config field that disagrees with a tensor (hidden_size 96 against 64-wide tensors): one error
     naming the file, the HF and tune keys and the field, before any format is written (GGUF, HF too)."""
-    from ckptflow.formats.tune import _blame, expected_shapes
+    from ckptflow.formats.tune import _blame
+    from ckptflow.model_args import expected_shapes
 
     want = expected_shapes(src.args)
     for f, items in zip(src.files, per_file):
@@ -235,7 +236,7 @@ def _check_shapes(src: Source, per_file: list[list[Item]]) -> None:
 
 def _check_complete(src: Source, have: set[str]) -> None:
     """A tensor the config implies but no file holds (an expert, a layer): one error naming its HF key."""
-    from ckptflow.formats.tune import expected_shapes
+    from ckptflow.model_args import expected_shapes
 
     missing = [k for k in expected_shapes(src.args) if k not in have]
     if not missing:

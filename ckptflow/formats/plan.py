@@ -34,32 +34,46 @@ def parse_size(text: str | int | None) -> int | None:
 
 
 def write_file(out, plan: FilePlan, progress=None) -> None:
-    """Stream one planned safetensors file into Output `out`."""
+    """Stream one planned safetensors file into Output `out`. Tensors copied unchanged go as
+    byte ranges of their source file (runs of neighbours as one range): inside the kernel when
+    both files are local, hashed on another thread either way."""
     entries = [(it.name, it.final_dtype, it.shape, it.out_nbytes) for it in plan.items]
     handles: dict[str, object] = {}
     try:
         with out.open(plan.name) as f:
             f.write(st.header_bytes(entries, plan.metadata))
+            run = None      # [file, start, end] of raw bytes not yet copied
             for it in plan.items:
-                _write_item(f, it, handles)
+                run = _write_item(f, it, handles, run)
                 if progress is not None:
                     progress(it.out_nbytes)
+            _flush(f, run)
     finally:
         for h in handles.values():
             h.close()
 
 
-def _write_item(f, it: Item, handles: dict) -> None:
+def _write_item(f, it: Item, handles: dict, run: list | None) -> list | None:
+    """Write `it` after the pending raw `run`; returns the run still pending."""
     if it.parts is not None:    # rows on dim 0 are contiguous: a fused tensor is its parts' bytes in turn
         for part in it.parts:
-            _write_item(f, part, handles)
-        return
+            run = _write_item(f, part, handles, run)
+        return run
     if it.is_raw_copy:
-        src = handles.get(it.info.file) or handles.setdefault(it.info.file, storage.open_read(it.info.file))
-        for chunk in st.iter_tensor_chunks(it.info, src):
-            f.write(chunk)
-        return
+        i = it.info
+        if run is not None and run[0] == i.file and run[2] == i.start:
+            run[2] = i.end
+            return run
+        _flush(f, run)
+        return [i.file, i.start, i.end]
+    _flush(f, run)
     data = tensor_bytes(it, handles)
     if len(data) != it.out_nbytes:
         raise CkptError(f"tensor {it.name!r}: produced {len(data)} bytes, expected {it.out_nbytes}")
     f.write(data)
+    return None
+
+
+def _flush(f, run: list | None) -> None:
+    if run is not None and run[2] > run[1]:
+        f.copy_range(*run)

@@ -194,7 +194,7 @@ def _raw_items(path: str) -> list[Item]:
 def key_style(family, args, keys: list[str], where: str) -> str:
     """"hf", "meta" or "tune": the naming whose table maps every key. Otherwise an error naming
     the first key that the closest naming cannot place."""
-    from ckptflow.formats.tune import expected_shapes
+    from ckptflow.model_args import expected_shapes
 
     known = expected_shapes(args)
     unmapped = {"tune": [k for k in keys if k not in known]}

@@ -17,7 +17,7 @@ from ckptflow.formats import st
 from ckptflow.formats.plan import write_file
 from ckptflow.formats.view import FilePlan, Item
 from ckptflow.manifest import Manifest
-from ckptflow.model_args import ModelArgs, expected_shapes  # noqa: F401 (importers use tune.expected_shapes)
+from ckptflow.model_args import ModelArgs, expected_shapes
 
 log = logging.getLogger(__name__)
 

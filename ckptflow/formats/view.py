@@ -194,6 +194,21 @@ class View:
                 h.close()
         return sd
 
+    def read_uris(self) -> set[str] | None:
+        """The files its tensors and assets are read from; None when a tensor comes from a loader
+        (.bin/.pth/DCP), whose files a View does not name."""
+        uris = {a for a in self.assets.values() if isinstance(a, str)}
+        todo = list(self.items.values())
+        while todo:
+            it = todo.pop()
+            if it.parts is not None:
+                todo.extend(it.parts)
+            elif it.info is None:
+                return None
+            else:
+                uris.add(it.info.file)
+        return uris
+
     def plans(self, max_shard: int | None = None, out_dtype: str | None = None) -> list[FilePlan]:
         """The tune shards of copies of the items cast to out_dtype: the source's own grouping, or
         shards of at most max_shard bytes. The view's own items are left as they are."""

@@ -16,17 +16,20 @@ DST then holds only ckptflow.json (no files) with `extra.location` naming the so
 `location(DST)` is where readers find the model.
 
 The result is committed with a manifest; a second download of the same source into the same
-place does nothing (for a pinned hf:// revision, not even a request to the Hub).
+place does nothing (for a pinned hf:// revision, not even a request to the Hub). A committed DST
+that another request made is refused, naming what differs, unless --overwrite (commit.reusable,
+the rule of every stage); --overwrite downloads again even for the same request.
 """
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import logging
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
-from ckptflow import hub, manifest, progress, retry, seed, storage
+from ckptflow import commit, hub, manifest, progress, retry, seed, storage
 from ckptflow.commit import MARKER, Output
 from ckptflow.errors import CkptError, TransientError
 from ckptflow.manifest import Manifest
@@ -55,19 +58,19 @@ def run(source: str, dst: str, *, format: str = "hf", endpoint: str | None = Non
     existing = manifest.read(dst)
     hub_source = source.startswith(hub.SCHEME)
     params = {"source": source} if not in_place else {"source": source, "in_place": True}
-    if existing is not None and not overwrite:
-        # The same request again may update it (a branch that moved); anything else is refused.
-        refuse_other(dst, existing, {"source": source, "format": format} if hub_source else params)
+    # The same request again is no work (a hub branch that moved is fetched again); anything else
+    # is refused without --overwrite. --overwrite always downloads again: nothing fingerprints
+    # the source's content, so "the same request" cannot say that the bytes are the same.
+    same = None if overwrite else reusable(dst, existing, {"source": source, "format": format} if hub_source else params)
     replace = overwrite or existing is not None
     if hub_source:
         if in_place:
             raise CkptError(f"{source}: --in-place is for storage URIs; hf:// is always downloaded into DST")
         client = hub.Client(endpoint, token, cache_dir)
-        return from_hub(source, dst, client, format=format, existing=None if overwrite else existing, replace=replace,
-                        wait=wait)
-    if existing is not None and not overwrite and manifest.canonical(existing.params) == manifest.canonical(params):
+        return from_hub(source, dst, client, format=format, existing=same, replace=replace, wait=wait)
+    if same is not None:
         log.info("%s: %s already downloaded", dst, source)
-        return existing
+        return same
     if source.startswith("seed://"):
         if in_place:
             raise CkptError(f"{source}: --in-place is for storage URIs; a seed model is written into DST")
@@ -78,15 +81,17 @@ def run(source: str, dst: str, *, format: str = "hf", endpoint: str | None = Non
     return copy_tree(source, dst, params, overwrite=replace, wait=wait)
 
 
-def refuse_other(dst: str, existing: Manifest, want: dict) -> None:
-    """A committed directory that came from another source (or another way) is never replaced
-    without --overwrite."""
-    diff = [f"{k}={existing.params.get(k)!r}, not {k}={v!r}" for k, v in want.items() if existing.params.get(k) != v]
-    if existing.kind == "source" and not diff:
-        return
-    how = f"downloaded with {'; '.join(diff)}" if existing.kind == "source" else "that no download wrote"
-    raise CkptError(f"{dst}: already holds a committed {existing.kind} ({existing.format}) {how}; "
-                    "pass --overwrite to replace it, or choose another destination")
+def reusable(dst: str, existing: Manifest | None, request: dict) -> Manifest | None:
+    """commit.reusable's rule for a download, which has no inputs, only the request's params:
+    `existing` when it was made by the same request, None when there is nothing, else the
+    CkptError naming what differs. A hub download's params also hold the commit its revision
+    resolved to, which the request does not know yet: from_hub compares that after resolving."""
+    if existing is None:
+        return None
+    made_with = {k: v for k, v in existing.params.items() if k != "revision"} \
+        if existing.kind == "source" and "format" in request else existing.params
+    asked = dataclasses.replace(existing, params=made_with)
+    return existing if commit.reusable(dst, asked, {}, request, overwrite=False) is not None else None
 
 
 def location(uri_or_manifest) -> str:
@@ -108,8 +113,8 @@ def _source_files(source: str) -> tuple[str, list[str]]:
 def _source_manifest(source: str, src: str, params: dict) -> Manifest:
     from ckptflow.formats import registry
 
-    fmt = registry.sniff(src)
-    prior = manifest.read(src)
+    prior = manifest.read(src)       # read once: sniff would read it again for the format
+    fmt = prior.format if prior is not None else registry.sniff(src)
     lineage = dict(prior.lineage) if prior else {"source": source, "revision": None, "stages": []}
     return Manifest(kind="source", format=fmt, family=prior.family if prior else None,
                     model_args=prior.model_args if prior else None, dtype=prior.dtype if prior else None,
@@ -154,8 +159,10 @@ class _Resumable(Output):
 
 def from_hub(source: str, dst: str, client: hub.Client, *, format: str, existing: Manifest | None,
              replace: bool, wait: float = 0.0) -> Manifest:
+    """Download `source` into dst; `existing`: dst's committed download of the same request (kept
+    for a pinned sha, or when the Hub is unreachable), or None."""
     repo_id, revision = hub.parse(source)
-    same = existing is not None and existing.params.get("source") == source and existing.params.get("format") == format
+    same = existing is not None
     if same and hub.is_commit(revision):
         log.info("%s: %s already downloaded", dst, source)
         return existing

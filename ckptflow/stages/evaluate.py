@@ -19,7 +19,8 @@ settings evaluated again return it without work):
   torch), and `base` / `change` with --base.
 - `request.json`, what another evaluator needs: the model as a directory that transformers loads
   (SRC itself when it is an HF directory, `{run}/export` when that is HF and of the same step, else
-  an HF export written to `{out}/hf`), its format, dtype, tokenizer, step and lineage, and the
+  an HF export written to `{out}/hf`: with --tasks, a copy of the one lm-eval ran on, so the model
+  is exported once), its format, dtype, tokenizer, step and lineage, and the
   lm-evaluation-harness command line that evaluates it (local tasks: their resolved YAMLs are
   written to `{out}/tasks/`, which the command includes).
 
@@ -31,6 +32,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import shlex
+import shutil
+import tempfile
 
 from ckptflow import commit, manifest, storage
 from ckptflow.benchmarks import is_stderr
@@ -60,26 +63,30 @@ def run(src: str, *, data: str | None = None, tasks: list[str] | tuple[str, ...]
         log.info("%s: already evaluated %s; nothing to do", out, src)
         return existing
     # Everything is computed before DIR is touched: bad data or a failed load leave it as it was.
-    results = compute(job)
-    with Output(out, overwrite=overwrite, wait=wait, expect=(job.inputs, job.settings)) as output:
-        if output.done is not None:     # another writer committed the same while we waited
-            return output.done
-        request = hand_off(job.source, results["model"]["tokenizer"], out, tasks=job.tasks,
-                           batch_size=lm_eval_batch_size)
-        for rel, text in (job.tasks.texts() if job.tasks is not None else {}).items():
-            output.put(f"{TASKS_DIR}/{rel}", text.encode())
-        output.put(RESULTS, _json(results))
-        output.put(REQUEST, _json(request))
-        m = Manifest(kind="eval", format="eval", family=job.source.view.family.NAME,
-                     model_args=job.source.view.args.to_dict(), dtype=request["dtype"], step=job.source.step,
-                     inputs=job.inputs, params=job.settings, lineage=request["lineage"],
-                     extra={**headline(results), "model": request["model"]})
-        return output.commit(m)
+    # The scratch folder outlives the commit: the HF export lm-eval ran on, if one was made, is
+    # the hand-off's {out}/hf too (copied, not exported again).
+    with tempfile.TemporaryDirectory(prefix="ckptflow-lm-eval-") as scratch:
+        results = compute(job, scratch)
+        with Output(out, overwrite=overwrite, wait=wait, expect=(job.inputs, job.settings)) as output:
+            if output.done is not None:     # another writer committed the same while we waited
+                return output.done
+            request = hand_off(job.source, results["model"]["tokenizer"], out, tasks=job.tasks,
+                               batch_size=lm_eval_batch_size, exported=manifest.read(storage.join(scratch, HF_DIR)))
+            for rel, text in (job.tasks.texts() if job.tasks is not None else {}).items():
+                output.put(f"{TASKS_DIR}/{rel}", text.encode())
+            output.put(RESULTS, _json(results))
+            output.put(REQUEST, _json(request))
+            m = Manifest(kind="eval", format="eval", family=job.source.view.family.NAME,
+                         model_args=job.source.view.args.to_dict(), dtype=request["dtype"], step=job.source.step,
+                         inputs=job.inputs, params=job.settings, lineage=request["lineage"],
+                         extra={**headline(results), "model": request["model"]})
+            return output.commit(m)
 
 
 def measure(src: str, **kw) -> dict:
     """The numbers of `run`, computed the same way, with nothing written anywhere."""
-    return compute(plan(src, **kw))
+    with tempfile.TemporaryDirectory(prefix="ckptflow-lm-eval-") as scratch:
+        return compute(plan(src, **kw), scratch)
 
 
 def destination(src: str, out: str | None = None, step: int | None = None) -> str | None:
@@ -140,26 +147,29 @@ def plan(src: str, *, data: str | None = None, tasks=(), limit: int | None = Non
     return Job(source, base_source, data, bench, settings, inputs, device)
 
 
-def compute(job: Job) -> dict:
-    """results.json's content. One model in memory at a time; lm-eval set up once for both."""
-    import tempfile
-
+def compute(job: Job, scratch: str) -> dict:
+    """results.json's content. One model in memory at a time; lm-eval set up once for both. An
+    HF export that lm-eval needed of the model is left in {scratch}/hf (the base's is removed)."""
     from ckptflow import benchmarks
 
-    with tempfile.TemporaryDirectory(prefix="ckptflow-lm-eval-") as scratch:
-        harness = benchmarks.Harness(job.tasks, scratch) if job.tasks is not None else None
-        results = {**one(job, job.source, harness, scratch), "data": job.data}
-        if job.base_source is not None:
-            results["base"] = one(job, job.base_source, harness, scratch)
-            results["change"] = change(results["base"], results)
+    harness = benchmarks.Harness(job.tasks, scratch) if job.tasks is not None else None
+    results = {**one(job, job.source, harness, storage.join(scratch, HF_DIR)), "data": job.data}
+    if job.base_source is not None:
+        base_hf = storage.join(scratch, f"{HF_DIR}-base")
+        try:
+            results["base"] = one(job, job.base_source, harness, base_hf)
+        finally:
+            shutil.rmtree(base_hf, ignore_errors=True)
+        results["change"] = change(results["base"], results)
     if harness is not None:
         results["versions"] = benchmarks.versions()
     results["settings"] = job.settings
     return results
 
 
-def one(job: Job, source, harness, scratch: str) -> dict:
-    """describe, metrics and samples (with data), lm_eval scores (with tasks) of one model."""
+def one(job: Job, source, harness, scratch_hf: str) -> dict:
+    """describe, metrics and samples (with data), lm_eval scores (with tasks) of one model;
+    scratch_hf: where an HF export for lm-eval goes when the model has no local HF directory."""
     from ckptflow import generate
 
     s = job.settings
@@ -172,25 +182,19 @@ def one(job: Job, source, harness, scratch: str) -> dict:
         out["samples"] = samples(loaded, s["prompts"], s["max_new_tokens"])
         del loaded
     if harness is not None:
-        out["lm_eval"], out["lm_eval_details"] = benchmark(job, source, harness, scratch)
+        out["lm_eval"], out["lm_eval_details"] = benchmark(job, source, harness, scratch_hf)
     return out
 
 
-def benchmark(job: Job, source, harness, scratch: str) -> tuple[dict, dict]:
-    """lm-eval's scores and details for SOURCE, on an HF directory (a temporary export if need be)."""
-    import shutil
-
+def benchmark(job: Job, source, harness, tmp_hf: str) -> tuple[dict, dict]:
+    """lm-eval's scores and details for SOURCE, on an HF directory (an export to tmp_hf if need be)."""
     from ckptflow import benchmarks
     from ckptflow.trainer import pick_device
 
     s = job.settings
     device = str(pick_device(job.device, "--device"))
-    tmp_hf = storage.join(scratch, HF_DIR)
-    try:
-        hf_dir = lm_eval_dir(source, tmp_hf)
-        raw = harness.run(hf_dir, limit=s["limit"], device=device, batch_size=_batch(s["lm_eval_batch_size"], device))
-    finally:
-        shutil.rmtree(tmp_hf, ignore_errors=True)    # the next model's export goes there
+    hf_dir = lm_eval_dir(source, tmp_hf)
+    raw = harness.run(hf_dir, limit=s["limit"], device=device, batch_size=_batch(s["lm_eval_batch_size"], device))
     details = benchmarks.details(raw, job.tasks, s["limit"])
     details["model"] = hf_dir if hf_dir != tmp_hf else "a temporary HF export of " + source.uri
     return benchmarks.scores(raw), details
@@ -307,10 +311,12 @@ def _delta(before, after):
 
 # --- the hand-off ---------------------------------------------------------------------------
 
-def hand_off(source, tokenizer_uri: str | None, out: str, *, tasks, batch_size: str) -> dict:
+def hand_off(source, tokenizer_uri: str | None, out: str, *, tasks, batch_size: str,
+             exported: Manifest | None = None) -> dict:
     """request.json: an HF directory of the evaluated weights and the lm_eval command for it
-    (the tasks that ran, their resolved YAMLs in {out}/tasks; else TASKS)."""
-    model_uri, export_m = hf_model(source, storage.join(out, HF_DIR))
+    (the tasks that ran, their resolved YAMLs in {out}/tasks; else TASKS). `exported`: the HF
+    export of SOURCE that lm-eval ran on, if one was made."""
+    model_uri, export_m = hf_model(source, storage.join(out, HF_DIR), exported)
     dtype = export_m.dtype if export_m is not None and export_m.dtype else _view_dtype(source.view)
     lineage = dict((export_m.lineage if export_m is not None else None) or _lineage(source))
     include = storage.join(out, TASKS_DIR) if tasks is not None and tasks.files else None
@@ -322,18 +328,39 @@ def hand_off(source, tokenizer_uri: str | None, out: str, *, tasks, batch_size: 
             "argv": argv, "command": shlex.join(argv)}
 
 
-def hf_model(s, dst: str):
-    """(URI of an HF directory holding exactly the evaluated weights, its manifest or None)."""
+def hf_model(s, dst: str, exported: Manifest | None = None):
+    """(URI of an HF directory holding exactly the evaluated weights, its manifest or None): S
+    itself, the run's HF export of the same step, or an HF export at dst (a copy of `exported`,
+    an export of S already made elsewhere, when there is one)."""
     from ckptflow.stages import export
 
     if s.view.format == "hf" and s.view.adapter is None:
         return s.uri, s.manifest
     if s.run:
-        exported = manifest.read(storage.join(s.run, "export"))
-        if exported is not None and exported.format == "hf" and exported.step == s.step and s.step is not None:
-            return exported.uri, exported
-    m = export.run(s.uri, dst, format="hf", step=None, base=s.base.uri if s.base is not None else None)
+        run_export = manifest.read(storage.join(s.run, "export"))
+        if run_export is not None and run_export.format == "hf" and run_export.step == s.step and s.step is not None:
+            return run_export.uri, run_export
+    if exported is not None:
+        m = copy_export(exported, dst)
+    else:
+        m = export.run(s.uri, dst, format="hf", step=None, base=s.base.uri if s.base is not None else None)
     return m.uri, m
+
+
+def copy_export(m: Manifest, dst: str) -> Manifest:
+    """Committed export `m` copied file by file to dst, each file's hash checked against m's, with
+    the same manifest but for its export stage naming dst: the export is made once."""
+    copy = Manifest.from_dict(m.to_dict())
+    stages = list(m.lineage.get("stages") or [])
+    if stages and stages[-1].get("stage") == "export":
+        stages[-1] = {**stages[-1], "uri": dst}
+    copy.lineage = {**m.lineage, "stages": stages}
+    with Output(dst) as out:
+        out.reserve(sum(f["size"] for f in m.files.values()))
+        for name, want in m.files.items():
+            if out.copy(storage.join(m.uri, name), name)["sha256"] != want["sha256"]:
+                raise CkptError(f"{storage.join(m.uri, name)}: changed while copied to {dst}")
+        return out.commit(copy)
 
 
 def lm_eval_argv(model_uri: str, dtype: str | None, tasks, batch_size: str, output_path: str,

@@ -51,15 +51,23 @@ def run(src: str, dst: str, *, format: str = "original", step: int | None = None
     src, dst = storage.normalize(src), storage.normalize(dst)
     if src == dst:
         raise CkptError(f"{dst}: source and destination are the same directory")
+    damaged: set[str] = set()
     try:
-        return _run(src, dst, format, step, dtype, base, overwrite, wait)
+        while True:
+            try:
+                return _run(src, dst, format, step, dtype, base, overwrite, wait, damaged)
+            except manifest.Damaged as e:   # a run's newest step: the next older one, as resume would
+                if step is not None or e.uri in damaged or not is_run(src):
+                    raise
+                log.warning("%s: skipping a damaged checkpoint (%s)", e.uri, e.problems[0])
+                damaged.add(e.uri)
     finally:
         hf.drop_copies()     # local copies of remote .bin/.pth files: fetched once, freed here
 
 
 def _run(src: str, dst: str, format: str, step: int | None, dtype: str | None, base: str | None,
-         overwrite: bool, wait: float) -> Manifest:
-    source = resolve(src, step=step, base=base, adapter=format == "peft")
+         overwrite: bool, wait: float, damaged: set[str] = frozenset()) -> Manifest:
+    source = resolve(src, step=step, base=base, adapter=format == "peft", damaged=damaged)
     fmt = target_format(format, source)
     out_dtype, prepared = (None, _gguf(source.view, dtype)) if fmt == "gguf" else (dtype_code(dtype), None)
     if prepared is not None:
@@ -78,13 +86,21 @@ def _run(src: str, dst: str, format: str, step: int | None, dtype: str | None, b
         if out.done is not None:     # another writer committed the same while we waited
             return out.done
         out.reserve(total)
-        with progress.bar(total, f"export -> {fmt}") as bar:
-            if prepared is not None:
-                from ckptflow.formats import gguf
+        check = manifest.checking(source.manifest, source.view.read_uris())
+        try:
+            with progress.bar(total, f"export -> {fmt}") as bar:
+                if prepared is not None:
+                    from ckptflow.formats import gguf
 
-                m = gguf.write_view(source.view, out, progress=bar, prepared=prepared)
-            else:
-                m = registry.write(fmt, source.view, out, out_dtype=out_dtype, progress=bar)
+                    m = gguf.write_view(source.view, out, progress=bar, prepared=prepared)
+                else:
+                    m = registry.write(fmt, source.view, out, out_dtype=out_dtype, progress=bar)
+        except BaseException:
+            if check is not None:
+                check.cancel()
+            raise
+        if check is not None:
+            check.require()
         m.kind, m.inputs, m.params, m.step = "export", inputs, params, source.step
         m.lineage = lineage(source, fmt, dst, m.dtype)
         return out.commit(m)
@@ -104,15 +120,22 @@ def _nbytes(it: Item, out_dtype: str | None) -> int:
 
 # --- what SRC is ----------------------------------------------------------------------------
 
-def resolve(src: str, *, step: int | None = None, base: str | None = None, adapter: bool = False) -> Source:
+def resolve(src: str, *, step: int | None = None, base: str | None = None, adapter: bool = False,
+            damaged: set[str] = frozenset()) -> Source:
     """What SRC is. `adapter`: prefer the LoRA adapter where a directory holds a model and its
-    adapter both (torchtune's LoRA outputs), as a PEFT export wants."""
+    adapter both (torchtune's LoRA outputs), as a PEFT export wants. A run resolves to its newest
+    committed step not in `damaged` (or `step`); its files are checked while they are exported
+    (the files the export reads, not the optimizer state), a damaged one fails that write."""
     m = manifest.read(src)
     if m is None and is_run(src):
         from ckptflow import checkpointer
 
         train = storage.join(src, "train")
-        sm = checkpointer.find(train, step) if step is not None else checkpointer.latest(train)
+        if step is not None:
+            sm = checkpointer.find(train, step, verify=False)
+        else:
+            newest = [uri for _, uri in reversed(checkpointer.list_steps(train)) if uri not in damaged]
+            sm = manifest.require(newest[0]) if newest else None
         if sm is None:
             raise CkptError(f"{src}: no committed, verified step checkpoint under train/")
         return from_step(sm.uri, sm, base, run=src)
@@ -158,7 +181,7 @@ def from_step(uri: str, m: Manifest, base: str | None, run: str | None) -> Sourc
 def full_step_view(uri: str, m: Manifest, bv: View) -> View:
     """A full fine-tune step (one process's or several processes' DCP): its weights, with the
     base's family, config, tokenizer and layout."""
-    from ckptflow.formats.tune import expected_shapes
+    from ckptflow.model_args import expected_shapes
 
     from ckptflow.formats import step
 
