@@ -228,3 +228,24 @@ def test_a_background_save_hashes_in_its_writer_thread(tmp_path, monkeypatch, us
     ck.close()
     assert {seen["model.safetensors"], seen["optimizer.safetensors"]} == {not use_async}
     assert manifest.verify(str(tmp_path / "step-000001")) == []
+
+
+@pytest.mark.parametrize("threaded", [True, False])
+def test_hashing_writer_digest_is_the_same_hashed_inline(tmp_path, threaded):
+    """storage.HashingWriter(threaded=False), which background saves use: same size and sha256 as
+    the hasher thread gives, for written chunks and for ranges copied from another file."""
+    import hashlib
+
+    from ckptflow import storage
+
+    src = tmp_path / "src.bin"
+    src.write_bytes(os.urandom(3 * 1024 * 1024 + 17))
+    body = os.urandom(1024 * 1024 + 5)
+    w = storage.HashingWriter(str(tmp_path / "out.bin"), threaded=threaded)
+    w.write(body)
+    w.copy_range(str(src), 5, 3 * 1024 * 1024)
+    w.write(memoryview(body)[:100])
+    got = w.close()
+    data = (tmp_path / "out.bin").read_bytes()
+    assert data == body + src.read_bytes()[5:3 * 1024 * 1024] + body[:100]
+    assert got == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
