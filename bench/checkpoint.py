@@ -107,6 +107,8 @@ def wait_quiet(limit: float, window: float = 0.5, share: float = 0.1) -> None:
             return
 
 
+QUIET = 0.1     # a round is quiet when other processes took under this many cores in it and its baseline
+
 PHASES = {"baseline": (False, True, True), "async": (True, True, True),   # saves, async, yield threads
           "async-noyield": (True, True, False), "sync": (True, False, True)}
 
@@ -183,8 +185,11 @@ def report(a, n_params: int, phases: dict, load: tuple, threads: int, yielding: 
         p = phases[n]
         key = n.replace("-", "_")
         rel = [x / b - 1 for x, b in zip(p["rounds"], base["rounds"])]
+        quiet = [r for r, o, bo in zip(rel, p["round_others"], base["round_others"]) if max(o, bo) < QUIET]
         out.update({f"{key}_s": p["seconds"], f"{key}_slowdown": p["seconds"] / base["seconds"] - 1,
                     f"{key}_slowdown_best": min(rel), f"{key}_slowdown_median": statistics.median(rel),
+                    f"{key}_quiet_rounds": len(quiet),
+                    f"{key}_slowdown_quiet_median": statistics.median(quiet) if quiet else None,
                     f"{key}_blocked_per_save_s": mean(p["blocked_s"]), f"{key}_write_s": mean(p["write_s"]),
                     f"{key}_snapshot_s": mean(p["snapshot_s"]), f"{key}_wait_prev_s": mean(p["wait_s"]),
                     f"{key}_settle_s": mean(p["settle_s"]), f"{key}_copy_in_writer_s": mean(p["copy_s"]),
@@ -215,7 +220,7 @@ def report(a, n_params: int, phases: dict, load: tuple, threads: int, yielding: 
             if n != "sync" else None, "{:.1%}")
     row("snapshot copy in the writer (s)", lambda n, p: mean(p["copy_s"]) if n != "sync" else None)
     row("full write of one save (s)", lambda n, p: mean(p["write_s"]))
-    row("  until the last byte was written (s)", lambda n, p: mean(p["data_s"]))
+    row("  copy, hash and write (s)", lambda n, p: mean(p["data_s"]))
     row("  fsync and commit (s)", lambda n, p: mean(p["write_s"]) - mean(p["data_s"]))
     row("write throughput (MB/s)", lambda n, p: gb * 1e3 / mean(p["write_s"]), "{:.0f}")
     row("median step while phase ran (s)", lambda n, p: p["step_s_median"], "{:.3f}")
@@ -225,6 +230,8 @@ def report(a, n_params: int, phases: dict, load: tuple, threads: int, yielding: 
     row("slowdown vs no saves (summed)", lambda n, p: p["seconds"] / base["seconds"] - 1, "{:.1%}")
     row("  per round: best", lambda n, p: out[f"{n.replace('-', '_')}_slowdown_best"], "{:.1%}")
     row("  per round: median", lambda n, p: out[f"{n.replace('-', '_')}_slowdown_median"], "{:.1%}")
+    row(f"  quiet rounds (others < {QUIET} core)", lambda n, p: out[f"{n.replace('-', '_')}_quiet_rounds"], "{:d}")
+    row("  quiet rounds: median", lambda n, p: out[f"{n.replace('-', '_')}_slowdown_quiet_median"], "{:.1%}")
     return out
 
 

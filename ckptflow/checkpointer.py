@@ -23,7 +23,8 @@ What a background save costs the training thread, and why (bench/checkpoint.py, 
   are still copied in the caller (non-blocking into pinned memory, then one synchronize).
 - The writer hashes in its own thread (storage.HashingWriter threaded=False) rather than in a
   hasher thread beside it, so a background save takes one core, not two. A synchronous save
-  keeps the hasher thread: training is waiting and both cores are free.
+  keeps the hasher thread: training is waiting and both cores are free; so does a background
+  save's next file once training waits for it (a save due before the previous one is written).
 - On CPU the writer competes with torch's intra-op threads, which use every core. A writer
   that preempts one of them makes every parallel region wait for that straggler: training
   steps ran up to 4x slower while a save was written, and async saves cost more than
@@ -197,6 +198,7 @@ class Checkpointer:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckptflow-save") if cfg.async_ else None
         self._future: Future | None = None
         self._copied: threading.Event | None = None   # set once the save in flight holds its copy
+        self._waited_on = threading.Event()            # training is blocked until the save in flight ends
         self._buffers: dict[tuple[str, str], object] = {}
         self._last_save = time.monotonic()
         self.saved_steps: set[int] = set()
@@ -259,7 +261,11 @@ class Checkpointer:
         if self._future is not None:
             fut, self._future = self._future, None
             self._copied = None    # a finished write has its copy, whatever became of it
-            fut.result()
+            self._waited_on.set()  # the writer may take the cores training leaves idle meanwhile
+            try:
+                fut.result()
+            finally:
+                self._waited_on.clear()
         return self.last
 
     def close(self) -> Manifest | None:
@@ -320,8 +326,9 @@ class Checkpointer:
         with Output(uri, overwrite=True) as out:   # a same-numbered step of an abandoned branch is replaced
             for name, sd in snap.items():
                 # In the background the hashing stays in this thread: one core, not two (a hasher
-                # thread beside the writer would take the core training keeps, see _pace_threads).
-                write_tensors(out, name, sd, threaded=self._pool is None)
+                # thread beside the writer would take the core training keeps, see _pace_threads),
+                # unless training is already waiting for this save: then its files hash beside it.
+                write_tensors(out, name, sd, threaded=self._pool is None or self._waited_on.is_set())
             for name, body in bodies.items():
                 out.put(name, body)
             rec["data_s"] = time.perf_counter() - t0    # every byte handed to storage; then fsyncs and commit

@@ -209,24 +209,36 @@ def test_copy_later_is_ignored_by_synchronous_saves(tmp_path):
     assert torch.equal(read_tensors(str(tmp_path / "step-000001"), "model.safetensors")["w"], state(1)["model.safetensors"]["w"])
 
 
-@pytest.mark.parametrize("use_async", [True, False])
-def test_a_background_save_hashes_in_its_writer_thread(tmp_path, monkeypatch, use_async):
+@pytest.mark.parametrize("mode", ["async", "async, waited on", "sync"])
+def test_a_background_save_hashes_in_its_writer_thread(tmp_path, monkeypatch, mode):
     """An asynchronous save keeps to one thread (no hasher thread beside the writer, which would
-    take a second core from training); a synchronous one hashes beside the writing thread."""
+    take a second core from training); a synchronous one hashes beside the writing thread, and so
+    does a background one once training is blocked waiting for it (both cores are free then)."""
     from ckptflow import storage
 
     seen = {}
-    real = storage.HashingWriter.__init__
+    real_init, real_write = storage.HashingWriter.__init__, checkpointer.write_tensors
 
     def spy(self, uri, *, threaded=True):
         seen[uri.rsplit("/", 1)[-1]] = threaded
-        real(self, uri, threaded=threaded)
+        real_init(self, uri, threaded=threaded)
+
+    def after_wait(out, name, tensors, **kw):
+        deadline = time.monotonic() + 10
+        while not ck._waited_on.is_set() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return real_write(out, name, tensors, **kw)
 
     monkeypatch.setattr(storage.HashingWriter, "__init__", spy)
-    ck = Checkpointer(str(tmp_path), cfg(async_=use_async, keep_last=None))
+    if mode == "async, waited on":
+        monkeypatch.setattr(checkpointer, "write_tensors", after_wait)
+    ck = Checkpointer(str(tmp_path), cfg(async_=mode != "sync", keep_last=None))
     save(ck, 1)
+    if mode == "async":
+        while ck.busy():
+            time.sleep(0.005)
     ck.close()
-    assert {seen["model.safetensors"], seen["optimizer.safetensors"]} == {not use_async}
+    assert {seen["model.safetensors"], seen["optimizer.safetensors"]} == {mode != "async"}
     assert manifest.verify(str(tmp_path / "step-000001")) == []
 
 
