@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import io
 import logging
 import os
 import queue
@@ -241,6 +242,10 @@ def open_read(uri: str):
         f = _call(uri, "open", fs.open, path, "rb")
     except (FileNotFoundError, IsADirectoryError) as e:
         raise CkptError(f"{uri}: no such file") from e
+    if protocol(uri) == "memory":
+        # fsspec's memory store hands every reader the same file object, one position for all:
+        # a stage reading a file while its source check hashes it would read the other's bytes.
+        return io.BytesIO(f.getvalue())
     return f if is_local(uri) else _Reader(uri, fs, path, f)
 
 

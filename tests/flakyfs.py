@@ -10,6 +10,7 @@ With rate=0 it is a recorder: `FlakyFileSystem.log` lists (operation, path) in c
 from __future__ import annotations
 
 import errno
+import io
 import random
 from collections import Counter
 
@@ -90,7 +91,10 @@ class FlakyFileSystem(AbstractFileSystem):
 
     def _open(self, path, mode="rb", **kw):
         self._fault("open", path)
-        return _FlakyFile(self, self.target._open(path, mode, **kw), path)
+        f = self.target._open(path, mode, **kw)
+        if mode == "rb":    # memory:// hands every reader one shared file object; a store gives each its own
+            f = io.BytesIO(f.getvalue())
+        return _FlakyFile(self, f, path)
 
 
 class _FlakyFile:
