@@ -28,8 +28,9 @@ What a background save costs the training thread, and why (bench/checkpoint.py, 
 - On CPU the writer competes with torch's intra-op threads, which use every core. A writer
   that preempts one of them makes every parallel region wait for that straggler: training
   steps ran up to 4x slower while a save was written, and async saves cost more than
-  synchronous ones. So the trainer runs one thread fewer while busy() (trainer._pace_threads,
-  checkpoint.yield_threads). Running the writer at idle priority instead (SCHED_IDLE, or the
+  synchronous ones. So the trainer runs one thread fewer while busy(), that is while the writer
+  copies, hashes and writes, not while it waits for fsyncs, uploads or the commit
+  (trainer._pace_threads, checkpoint.yield_threads). Running the writer at idle priority instead (SCHED_IDLE, or the
   nice 10 this module once used) starves it whenever the cores are busy, including with other
   processes, and training then waits for it at the next save.
 """
@@ -199,13 +200,16 @@ class Checkpointer:
         self._future: Future | None = None
         self._copied: threading.Event | None = None   # set once the save in flight holds its copy
         self._waited_on = threading.Event()            # training is blocked until the save in flight ends
+        self._hot = threading.Event()                  # see busy()
         self._buffers: dict[tuple[str, str], object] = {}
         self._last_save = time.monotonic()
         self.saved_steps: set[int] = set()
 
     def busy(self) -> bool:
-        """A background save is being written (not yet committed, nor failed)."""
-        return self._future is not None and not self._future.done()
+        """A background save is taking a core: copying, hashing and writing its bytes. Not while
+        it only waits for fsyncs, uploads or the commit (an upload to an object store may last
+        long and takes little CPU)."""
+        return self._hot.is_set()
 
     def due(self, step: int) -> bool:
         every, secs = self.cfg.every_steps, self.cfg.every_seconds
@@ -239,6 +243,7 @@ class Checkpointer:
         self._last_save = time.monotonic()
         if self._pool is not None:
             self._copied = threading.Event() if later else None
+            self._hot.set()
             self._future = self._pool.submit(self._write, uri, step, snap, bodies, m, rec, self._copied)
         else:
             self._write(uri, step, snap, bodies, m, rec)
@@ -316,23 +321,27 @@ class Checkpointer:
     def _write(self, uri: str, step: int, snap: dict, bodies: dict, m: Manifest, rec: dict,
                copied: threading.Event | None = None) -> Manifest:
         t0 = time.perf_counter()
-        if copied is not None:      # save(copy_later=True): the snapshot is taken here, then training may go on
-            try:
-                snap = self._snapshot(snap, self._copy_in_writer)
-            finally:
-                copied.set()
-            rec["copy_s"] = time.perf_counter() - t0
-        clear_our_leftovers(uri, set(snap) | set(bodies))
-        with Output(uri, overwrite=True) as out:   # a same-numbered step of an abandoned branch is replaced
-            for name, sd in snap.items():
-                # In the background the hashing stays in this thread: one core, not two (a hasher
-                # thread beside the writer would take the core training keeps, see _pace_threads),
-                # unless training is already waiting for this save: then its files hash beside it.
-                write_tensors(out, name, sd, threaded=self._pool is None or self._waited_on.is_set())
-            for name, body in bodies.items():
-                out.put(name, body)
-            rec["data_s"] = time.perf_counter() - t0    # every byte handed to storage; then fsyncs and commit
-            committed = out.commit(m)
+        try:
+            if copied is not None:      # save(copy_later=True): the snapshot is taken here, then training may go on
+                try:
+                    snap = self._snapshot(snap, self._copy_in_writer)
+                finally:
+                    copied.set()
+                rec["copy_s"] = time.perf_counter() - t0
+            clear_our_leftovers(uri, set(snap) | set(bodies))
+            with Output(uri, overwrite=True) as out:   # a same-numbered step of an abandoned branch is replaced
+                for name, sd in snap.items():
+                    # In the background the hashing stays in this thread: one core, not two (a hasher
+                    # thread beside the writer would take the core training keeps, see _pace_threads),
+                    # unless training is already waiting for this save: then its files hash beside it.
+                    write_tensors(out, name, sd, threaded=self._pool is None or self._waited_on.is_set())
+                for name, body in bodies.items():
+                    out.put(name, body)
+                rec["data_s"] = time.perf_counter() - t0
+                self._hot.clear()       # every byte handed to storage: what is left waits for the disk or network
+                committed = out.commit(m)
+        finally:
+            self._hot.clear()
         self.last = committed
         rec["write_s"] = time.perf_counter() - t0
         log.info("%s: committed step %d in %.2fs", uri, step, rec["write_s"])
@@ -350,13 +359,17 @@ class Checkpointer:
         self.saved_steps.add(step)
         self._last_save = time.monotonic()
         if self._pool is not None:
+            self._hot.set()     # DCP's writer thread takes a core until the commit
             self._future = self._pool.submit(self._finish, finish, rec)
         else:
             self._finish(finish, rec)
 
     def _finish(self, finish, rec: dict) -> Manifest | None:
         t0 = time.perf_counter()
-        m = finish()
+        try:
+            m = finish()
+        finally:
+            self._hot.clear()
         rec["write_s"] = time.perf_counter() - t0 + rec.get("write_s", 0.0)
         if m is not None:
             self.last = m

@@ -333,7 +333,8 @@ class Trainer:
         """CPU training while an asynchronous save is written: one intra-op thread fewer, so the
         writer has a core of its own instead of preempting one of torch's threads (every parallel
         region would then wait for that straggler: steps ran up to 4x slower, bench/checkpoint.py).
-        The count comes back at the first step boundary after the write ends. Only ever called
+        The count comes back at the first step boundary after the writer has handed its bytes
+        to storage (Checkpointer.busy: fsyncs, uploads and the commit take no core). Only ever called
         between steps: set_num_threads is process-wide, and results of the training step do not
         depend on it (tests/test_train.py), so resume stays bit-identical."""
         import torch

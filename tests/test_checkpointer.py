@@ -261,3 +261,32 @@ def test_hashing_writer_digest_is_the_same_hashed_inline(tmp_path, threaded):
     data = (tmp_path / "out.bin").read_bytes()
     assert data == body + src.read_bytes()[5:3 * 1024 * 1024] + body[:100]
     assert got == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def test_busy_while_bytes_are_written_not_while_the_commit_waits(tmp_path, monkeypatch):
+    """busy() (training yields a thread while it holds) covers the copy, hashing and writing, not
+    the wait for fsyncs, uploads and the commit, which take no core (an upload may take long)."""
+    from ckptflow import commit
+
+    writing, committing, release = threading.Event(), threading.Event(), threading.Event()
+    real_write, real_commit = checkpointer.write_tensors, commit.Output.commit
+
+    def held_write(out, name, tensors, **kw):
+        writing.wait(5)
+        return real_write(out, name, tensors, **kw)
+
+    def held_commit(self, m):
+        committing.set()
+        release.wait(5)
+        return real_commit(self, m)
+
+    monkeypatch.setattr(checkpointer, "write_tensors", held_write)
+    monkeypatch.setattr(commit.Output, "commit", held_commit)
+    ck = Checkpointer(str(tmp_path), cfg(keep_last=None))
+    save(ck, 1)
+    assert ck.busy()
+    writing.set()
+    assert committing.wait(5)
+    assert not ck.busy() and not ck._future.done()      # still in flight, but only waiting
+    release.set()
+    assert ck.close().step == 1
