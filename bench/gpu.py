@@ -3,6 +3,7 @@
     .venv/bin/python bench/gpu.py                        # CUDA: Llama-3.2-1B shape, bf16, LoRA and full
     .venv/bin/python bench/gpu.py --knobs                # also ckptflow with activation checkpointing + chunked loss
     .venv/bin/python bench/gpu.py --tiny --device cpu    # smoke test in seconds: CPU figures mean nothing
+    .venv/bin/python bench/gpu.py --shape cpu --device cpu   # ~60M float32: CPU throughput beside transformers + peft
 
 The model is seed://llama with the shape of Llama-3.2-1B (dim 2048, 16 layers, 32 heads, 8 KV heads,
 FFN 8192, a 128,256-row tied embedding, llama3 RoPE, bf16): random weights, the real compute. For
@@ -41,6 +42,9 @@ DATA = os.path.join(ROOT, "deployments", "data", "demo.jsonl")
 SHAPES = {
     "1b": "seed://llama?dim=2048&n_layers=16&n_heads=32&n_kv_heads=8&hidden_dim=8192&pad_vocab=128256"
           "&rope=llama3&rope_factor=32&rope_theta=500000&tie=true&dtype=bfloat16&max_seq_len=4096",
+    # ~60M parameters, float32: the CPU parity check (ckptflow vs transformers + peft tokens/s on CPU)
+    "cpu": "seed://llama?dim=512&n_layers=8&n_heads=8&n_kv_heads=8&hidden_dim=1536&pad_vocab=32000"
+           "&tie=false&dtype=float32&max_seq_len=1024",
     "tiny": "seed://llama?dim=64&n_layers=2&n_heads=4&n_kv_heads=2&hidden_dim=128&pad_vocab=512"
             "&rope=llama3&rope_factor=32&rope_theta=500000&tie=true&dtype=float32&max_seq_len=512",
 }
@@ -54,7 +58,9 @@ LORA_HF = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tiny", action="store_true", help="a tiny shape (the tests' smoke run)")
+    p.add_argument("--tiny", action="store_true", help="a tiny shape (the tests' smoke run): --shape tiny")
+    p.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                   help="1b (default), cpu (~60M, float32: throughput parity on a CPU host), tiny")
     p.add_argument("--device", default=None, help="cuda (default when present) or cpu")
     p.add_argument("--methods", default="lora,full")
     p.add_argument("--batch-size", type=int, default=None, help="default 4 (tiny: 2)")
@@ -68,11 +74,13 @@ def parse_args(argv=None):
     p.add_argument("--dir", default=None, help="where the model and checkpoints go (default: a temp dir)")
     p.add_argument("--json", dest="json_out", default=None)
     a = p.parse_args(argv)
-    small = a.tiny
-    a.batch_size = a.batch_size or (2 if small else 4)
-    a.seq_len = a.seq_len or (32 if small else 2048)
-    a.warmup = a.warmup if a.warmup is not None else (1 if small else 3)
-    a.steps = a.steps or (2 if small else 10)
+    a.shape = a.shape or ("tiny" if a.tiny else "1b")
+    a.tiny = a.shape == "tiny"
+    batch, seq, warmup, steps = {"tiny": (2, 32, 1, 2), "cpu": (4, 256, 2, 6)}.get(a.shape, (4, 2048, 3, 10))
+    a.batch_size = a.batch_size or batch
+    a.seq_len = a.seq_len or seq
+    a.warmup = a.warmup if a.warmup is not None else warmup
+    a.steps = a.steps or steps
     return a
 
 
@@ -154,7 +162,7 @@ def make_model(a, root: str) -> tuple[str, str]:
     """(the HF source directory, the ckptflow base) of the seed model."""
     from ckptflow.stages import convert, download
 
-    src = download.run(SHAPES["tiny" if a.tiny else "1b"], os.path.join(root, "source"))
+    src = download.run(SHAPES[a.shape], os.path.join(root, "source"))
     return src.uri, convert.run(src.uri, os.path.join(root, "base")).uri
 
 
@@ -249,10 +257,13 @@ def hf_run(a, device, src: str, root: str, method: str) -> dict:
 
 def report(a, device, n_params: int, peak: tuple, rows: list[dict]) -> None:
     tflops, where = peak
-    if device.type != "cuda":
+    if device.type != "cuda" and a.shape == "cpu":
+        print("\nCPU parity check: both frameworks on this host's cores, same run; nothing here says how a GPU "
+              "would do. Run it on a CUDA machine for the GPU numbers.")
+    elif device.type != "cuda":
         print("\nCPU SMOKE TEST ONLY: these figures check that the script runs; they say nothing about a GPU. "
               "Run it on a CUDA machine for the real numbers.")
-    print(f"\nmodel: {SHAPES['tiny' if a.tiny else '1b']}\n{n_params / 1e6:.1f}M parameters; {a.batch_size} x "
+    print(f"\nmodel: {SHAPES[a.shape]}\n{n_params / 1e6:.1f}M parameters; {a.batch_size} x "
           f"{a.seq_len} tokens per step; {a.warmup} warm-up + {a.steps} timed steps; device {device}"
           f"{' ' + _device_name(device) if device.type == 'cuda' else ''}; peak bf16 {tflops or '-'} TFLOP/s ({where})\n")
     head = f"{'method':8}{'framework':22}{'tokens/s':>10}{'MFU':>8}{'peak mem (GB)':>15}{'save blocked (s)':>18}" \

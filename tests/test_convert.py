@@ -133,14 +133,28 @@ def test_load_gives_transformers_logits(tmp_path, family):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
-def test_convert_path_imports_neither_torch_nor_prefect(tmp_path):
+@pytest.mark.parametrize("to", ["tune", "hf"])
+def test_convert_path_imports_neither_torch_nor_prefect(tmp_path, to):
+    """Nor numpy, whose BLAS threads spin on the cores the hashers need."""
     src = hfmodels.save("llama", str(tmp_path / "src"), shard="40KB")
-    code = ("import sys; from ckptflow.cli import main; rc = main(['convert', sys.argv[1], sys.argv[2]]);"
-            "heavy = [m for m in ('torch', 'prefect', 'transformers') if m in sys.modules];"
+    if to == "hf":
+        src = convert.run(src, str(tmp_path / "tune0")).uri
+    code = ("import sys; from ckptflow.cli import main; rc = main(['convert', sys.argv[1], sys.argv[2], '--to', sys.argv[3]]);"
+            "heavy = [m for m in ('torch', 'prefect', 'transformers', 'numpy') if m in sys.modules];"
             "print(heavy); sys.exit(rc)")
-    out = subprocess.run([sys.executable, "-c", code, src, str(tmp_path / "tune")], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code, src, str(tmp_path / "out"), to], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("forward", [True, False])
+def test_the_byte_row_order_is_the_tensor_permutation(forward):
+    from ckptflow.families import _base
+
+    x = torch.arange(24 * 3).reshape(24, 3)
+    for heads in (1, 2, 3, 6):
+        want = _base._permute(x, heads, forward=forward)
+        assert torch.equal(x[_base.row_order(24, heads, forward)], want)
 
 
 @pytest.mark.parametrize("to", ["tune", "meta", "dcp"])

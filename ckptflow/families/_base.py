@@ -91,6 +91,16 @@ def _permute(x, n_heads: int, forward: bool):
     return np.ascontiguousarray(y)
 
 
+def row_order(rows: int, n_heads: int, forward: bool) -> list[int]:
+    """The source row of every output row of `_permute` (for raw bytes, without numpy)."""
+    if n_heads <= 0 or rows % n_heads or (rows // n_heads) % 2:
+        raise CkptError(f"cannot permute {rows} rows into {n_heads} heads of even size")
+    half = rows // n_heads // 2
+    if forward:
+        return [h * 2 * half + j * half + i for h in range(n_heads) for i in range(half) for j in range(2)]
+    return [h * 2 * half + i * 2 + j for h in range(n_heads) for j in range(2) for i in range(half)]
+
+
 def permute_hf_to_tune(x, n_heads: int):
     """Rows of q/k (or their bias, or a raw byte view [rows, row_bytes]): HF rotate-half -> Meta interleaved.
 

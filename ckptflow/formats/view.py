@@ -147,13 +147,16 @@ def _source_tensor(it: Item, handles: dict):
 
 
 def _permute_bytes(data: bytes, it: Item) -> bytes:
+    """Rows of raw bytes in the order `it.permute` asks (no numpy: conversion imports none)."""
     if it.permute is None:
         return data
-    import numpy as np
+    from ckptflow.families import _base
 
+    direction, n_heads = it.permute
     rows = it.shape[0]
-    arr = np.frombuffer(data, dtype=np.uint8).reshape(rows, len(data) // max(rows, 1))
-    return _permute(arr, it.permute).tobytes()
+    width = len(data) // max(rows, 1)
+    view = memoryview(data)
+    return b"".join(view[r * width:(r + 1) * width] for r in _base.row_order(rows, n_heads, direction == "to_tune"))
 
 
 def _permute(x, permute: tuple):
