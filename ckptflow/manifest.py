@@ -6,6 +6,7 @@ Readers ignore directories without it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import hashlib
@@ -188,6 +189,21 @@ def checking(m: Manifest | None, only: set[str] | None = None) -> Check | None:
     if m is None or not m.uri or not m.files:
         return None
     return Check(m.uri, m, only=only)
+
+
+@contextlib.contextmanager
+def checked_while(m: Manifest | None, only: set[str] | None = None):
+    """Re-hash committed `m`'s files (those in `only`) while the body writes; after it, raise
+    Damaged if one differs. A body that fails cancels the check and keeps its own error."""
+    check = checking(m, only)
+    try:
+        yield
+    except BaseException:
+        if check is not None:
+            check.cancel()
+        raise
+    if check is not None:
+        check.require()
 
 
 def _digest_or_none(path: str) -> dict | None:

@@ -221,7 +221,7 @@ def test_multimodal_gemma3_reads_its_text_model(tmp_path):
     assert not (tmp_path / "back" / "ckptflow.json").exists()
 
 
-def _flip_a_byte(path, at=-1):
+def flip_a_byte(path, at=-1):
     with open(path, "r+b") as f:
         f.seek(at, os.SEEK_END)
         b = f.read(1)
@@ -235,7 +235,7 @@ def test_a_damaged_committed_source_fails_the_conversion_and_nothing_is_committe
     tune = str(tmp_path / "tune")
     m = convert.run(src, tune)
     shard = sorted(n for n in m.files if n.endswith(".safetensors"))[-1]
-    _flip_a_byte(os.path.join(tune, shard))       # same size: only the hash can tell
+    flip_a_byte(os.path.join(tune, shard))       # same size: only the hash can tell
     dst = str(tmp_path / "out")
     with pytest.raises(CkptError, match=rf"{shard}: sha256 mismatch: the source does not match its ckptflow.json"):
         convert.run(tune, dst, to=to)
@@ -247,7 +247,7 @@ def test_a_check_limited_to_what_a_stage_reads_passes_over_other_damage(tmp_path
     tune = str(tmp_path / "tune")
     m = convert.run(src, tune)
     asset = next(n for n in m.files if not n.endswith(".safetensors"))
-    _flip_a_byte(os.path.join(tune, asset))
+    flip_a_byte(os.path.join(tune, asset))
     weights = {os.path.join(tune, n) for n in m.files if n.endswith(".safetensors")}
     assert manifest.Check(tune, m, only=weights).problems() == []
     assert manifest.Check(tune, m).problems() == [f"{os.path.join(tune, asset)}: sha256 mismatch"]

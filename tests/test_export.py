@@ -12,6 +12,7 @@ from safetensors import safe_open
 from ckptflow import api, cli, families, manifest
 from ckptflow.errors import CkptError
 from ckptflow.stages import download, export, merge
+from tests.test_convert import flip_a_byte
 from tests.test_peft import lora_step, make_run, own_model, tokens
 
 
@@ -295,11 +296,7 @@ def test_a_damaged_committed_model_is_not_exported(tmp_path):
     r = make_run(str(tmp_path / "run"))
     base = manifest.require(os.path.join(r, "base"))
     shard = next(n for n in base.files if n.endswith(".safetensors"))
-    with open(os.path.join(base.uri, shard), "r+b") as f:
-        f.seek(-1, os.SEEK_END)
-        last = f.read(1)
-        f.seek(-1, os.SEEK_END)
-        f.write(bytes([last[0] ^ 1]))
+    flip_a_byte(os.path.join(base.uri, shard))
     with pytest.raises(CkptError, match=rf"{shard}: sha256 mismatch: the source does not match"):
         export.run(base.uri, str(tmp_path / "hf"), format="hf")
     assert not os.path.exists(tmp_path / "hf")
@@ -311,11 +308,7 @@ def test_a_runs_damaged_newest_step_is_skipped_for_the_one_before(tmp_path, capl
     lora_step(r, 20, LORA, seed=2)
     newest = manifest.require(os.path.join(r, "train", "step-000020"))
     name = next(n for n in newest.files if n.endswith(".safetensors"))
-    with open(os.path.join(newest.uri, name), "r+b") as f:
-        f.seek(-1, os.SEEK_END)
-        last = f.read(1)
-        f.seek(-1, os.SEEK_END)
-        f.write(bytes([last[0] ^ 1]))
+    flip_a_byte(os.path.join(newest.uri, name))
     m = export.run(r, str(tmp_path / "hf"), format="hf")
     assert m.step == 10
     assert "step-000020: skipping a damaged checkpoint" in caplog.text

@@ -53,16 +53,8 @@ def write(view: View, dst: str, *, to: str, out_dtype: str | None, max_shard: in
         if out.done is not None:     # another writer committed the same while we waited
             return out.done
         out.reserve(total + sum(_size(a) for a in view.assets.values()))
-        check = manifest.checking(view.manifest, view.read_uris())
-        try:
-            with progress.bar(total, f"{stage} -> {to}") as bar:
-                m = registry.write(to, view, out, out_dtype=out_dtype, max_shard=max_shard, progress=bar)
-        except BaseException:
-            if check is not None:
-                check.cancel()
-            raise
-        if check is not None:
-            check.require()
+        with manifest.checked_while(view.manifest, view.read_uris()), progress.bar(total, f"{stage} -> {to}") as bar:
+            m = registry.write(to, view, out, out_dtype=out_dtype, max_shard=max_shard, progress=bar)
         m.kind, m.inputs, m.params = kind, inputs, params
         m.lineage = with_stage(view, stage, dst, to)
         if view.manifest is not None and view.manifest.step is not None:

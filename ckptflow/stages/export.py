@@ -86,21 +86,14 @@ def _run(src: str, dst: str, format: str, step: int | None, dtype: str | None, b
         if out.done is not None:     # another writer committed the same while we waited
             return out.done
         out.reserve(total)
-        check = manifest.checking(source.manifest, source.view.read_uris())
-        try:
-            with progress.bar(total, f"export -> {fmt}") as bar:
-                if prepared is not None:
-                    from ckptflow.formats import gguf
+        with manifest.checked_while(source.manifest, source.view.read_uris()), \
+                progress.bar(total, f"export -> {fmt}") as bar:
+            if prepared is not None:
+                from ckptflow.formats import gguf
 
-                    m = gguf.write_view(source.view, out, progress=bar, prepared=prepared)
-                else:
-                    m = registry.write(fmt, source.view, out, out_dtype=out_dtype, progress=bar)
-        except BaseException:
-            if check is not None:
-                check.cancel()
-            raise
-        if check is not None:
-            check.require()
+                m = gguf.write_view(source.view, out, progress=bar, prepared=prepared)
+            else:
+                m = registry.write(fmt, source.view, out, out_dtype=out_dtype, progress=bar)
         m.kind, m.inputs, m.params, m.step = "export", inputs, params, source.step
         m.lineage = lineage(source, fmt, dst, m.dtype)
         return out.commit(m)
