@@ -224,9 +224,9 @@ def test_dcp_steps_go_straight_to_s3_and_commit_last(tmp_path, base, s3, full_ru
     writes = []
     real_writer, real_put = storage.HashingWriter.__init__, storage.put_atomic
 
-    def hashing_writer(self, uri):
+    def hashing_writer(self, uri, **kw):
         writes.append(uri)
-        real_writer(self, uri)
+        real_writer(self, uri, **kw)
 
     def put_atomic(uri, data, **kw):
         writes.append(uri)
