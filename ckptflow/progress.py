@@ -35,9 +35,11 @@ class _Bar:
 
     def __call__(self, n: float = 1, **postfix) -> None:
         self.done += n
-        self._tqdm.update(n)
         if postfix:
             self._tqdm.set_postfix(postfix, refresh=False)
+        self._tqdm.update(n)
+        if self.done >= self.total:
+            self._tqdm.refresh()    # the last state is drawn, however soon after the one before it came
         now = time.monotonic()
         if _LISTENERS and (now - self._last > 0.5 or self.done >= self.total):
             self._last = now
