@@ -147,14 +147,14 @@ class Check:
     the GIL), several files at once: `verify`, and a stage that reads a committed source checks
     it while it converts it instead of before. `problems()` waits for the answer."""
 
-    def __init__(self, uri: str, m: Manifest, workers: int | None = None, only: set[str] | None = None):
+    def __init__(self, uri: str, m: Manifest, only: set[str] | None = None):
         """`only`: the URIs to check (of those listed); default every listed file."""
         from concurrent.futures import ThreadPoolExecutor
 
         self.uri = storage.normalize(uri)
         self._want = {name: d for name, d in sorted(m.files.items())
                       if only is None or storage.join(self.uri, name) in only}
-        n = workers or max(1, min(len(self._want), os.cpu_count() or 1, 4))
+        n = max(1, min(len(self._want), os.cpu_count() or 1, 4))
         self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="ckptflow-verify")
         self._got = {name: self._pool.submit(_digest_or_none, storage.join(self.uri, name)) for name in self._want}
         self._pool.shutdown(wait=False)
@@ -182,20 +182,13 @@ class Check:
             fut.cancel()
 
 
-def checking(m: Manifest | None, only: set[str] | None = None) -> Check | None:
-    """A committed source is re-hashed against its manifest while a stage converts it (on other
-    cores), so a damaged source fails the write instead of being copied into a new commit.
-    `only`: the URIs the stage reads (an export of a step reads no optimizer state)."""
-    if m is None or not m.uri or not m.files:
-        return None
-    return Check(m.uri, m, only=only)
-
-
 @contextlib.contextmanager
 def checked_while(m: Manifest | None, only: set[str] | None = None):
-    """Re-hash committed `m`'s files (those in `only`) while the body writes; after it, raise
-    Damaged if one differs. A body that fails cancels the check and keeps its own error."""
-    check = checking(m, only)
+    """A committed source is re-hashed against its manifest while a stage's body converts it (on
+    other cores), so a damaged source fails the write instead of being copied into a new commit:
+    after the body, Damaged if a file differs. `only`: the URIs the stage reads (an export of a
+    step reads no optimizer state). A body that fails cancels the check and keeps its own error."""
+    check = Check(m.uri, m, only=only) if m is not None and m.uri and m.files else None
     try:
         yield
     except BaseException:

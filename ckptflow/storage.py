@@ -423,12 +423,13 @@ _BUFFERS_LOCK = threading.Lock()
 COPY_ERRORS = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
 
 
-def _fsync_pool():
+def _finish_pool():
+    """The threads that finish closed files: their hash, fsync or upload (HashingWriter.close_later)."""
     global _POOL
     if _POOL is None:
         from concurrent.futures import ThreadPoolExecutor
 
-        _POOL = ThreadPoolExecutor(max_workers=HASH_AHEAD + 1, thread_name_prefix="ckptflow-fsync")
+        _POOL = ThreadPoolExecutor(max_workers=HASH_AHEAD, thread_name_prefix="ckptflow-finish")
     return _POOL
 
 
@@ -455,13 +456,6 @@ def _buffer():
         with _BUFFERS_LOCK:
             if len(_BUFFERS) < 2 * HASH_AHEAD:
                 _BUFFERS.append(buf)
-
-
-def _fsync_fd(fd: int) -> None:
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Hasher:
@@ -615,13 +609,12 @@ class HashingWriter:
         """Finish the file; {size, sha256}. Locally the data is fsynced before this returns
         (durable=False leaves that to the caller's commit). On object stores the upload is
         done (and the object's size checked) when this returns."""
+        digest = self._digest()
         if self._local:
-            digest = self._digest()
             if durable:
                 os.fsync(self._f.fileno())
             self._f.close()
             return digest
-        digest = self._digest()
         try:
             upload(self._f, self.uri, digest["size"])
         finally:
@@ -637,11 +630,11 @@ class HashingWriter:
         _AHEAD.acquire()
         try:
             if not self._local:     # the upload of file N overlaps the writing of N+1
-                return _fsync_pool().submit(self._finish_remote)
+                return _finish_pool().submit(self._finish_remote)
             fd = os.dup(self._f.fileno())
             self._f.close()
             try:
-                return _fsync_pool().submit(self._finish, fd)
+                return _finish_pool().submit(self._finish, fd)
             except BaseException:
                 os.close(fd)
                 raise
