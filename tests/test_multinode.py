@@ -11,14 +11,14 @@ import sys
 import time
 
 import pytest
-import torch
 import yaml
 
 from ckptflow import config, lease, manifest, storage
-from ckptflow.checkpointer import read_dcp_step, read_tensors
+from ckptflow.checkpointer import read_tensors
 from ckptflow.errors import CkptError
 from ckptflow.launch import rendezvous_args, torchrun_command
 from ckptflow.stages import train as stage
+from tests import tinyrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED = "seed://llama?dim=64&n_layers=2"
@@ -182,12 +182,7 @@ def test_two_nodes_on_loopback_then_one_process_resumes(tmp_path):
     # Two nodes of one process each do the same sums as one node of two processes: bit for bit.
     ref = manifest.require(storage.join(str(tmp_path), "node", "train", "step-000004"))
     like = read_tensors(storage.join(str(tmp_path), "node", "base"), "model.safetensors")
-    got, got_opt = read_dcp_step(m.uri, like, with_optimizer=True)
-    want, want_opt = read_dcp_step(ref.uri, like, with_optimizer=True)
-    for k in want:
-        assert torch.equal(got[k], want[k]), k
-    for k in want_opt:
-        assert torch.equal(got_opt[k], want_opt[k]), k
+    tinyrun.assert_same_dcp_steps(m.uri, ref.uri, like)
     for r, w in zip(rows, [json.loads(line) for line in open(os.path.join(ref.uri, "..", "metrics.jsonl"))]):
         assert r["loss"] == w["loss"]
 

@@ -94,3 +94,17 @@ def lora_run(storage: str, run_id: str = "run", steps: int = 12) -> str:
 def tiny_lora_run(tmp_path_factory) -> str:
     """A run directory with base/ and one LoRA step checkpoint, train/step-000012."""
     return lora_run(str(tmp_path_factory.mktemp("tiny-lora-run")))
+
+
+def assert_same_dcp_steps(a_uri: str, b_uri: str, like: dict) -> None:
+    """Two DCP step checkpoints hold the same weights and optimizer state, bit for bit."""
+    import torch
+
+    from ckptflow.checkpointer import read_dcp_step
+
+    a, oa = read_dcp_step(a_uri, like, with_optimizer=True)
+    b, ob = read_dcp_step(b_uri, like, with_optimizer=True)
+    for k in like:
+        assert torch.equal(a[k], b[k]), k
+    for k in ob:
+        assert torch.equal(oa[k], ob[k]), k
